@@ -1,0 +1,1 @@
+"""Pure tensor functions: KL estimators, advantage estimators, policy losses and their aggregation."""

@@ -1,0 +1,194 @@
+"""Prompt data from a JSONL file: validated up front, grouped, shuffled per epoch, resumable."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+from rl_core.sample import Sample
+
+
+class PromptTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the data source uses."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any: ...
+
+
+class DataError(ValueError):
+    """A row of the prompt data is unusable; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt: str | list[dict[str, Any]]
+    text: str
+    """The prompt as the engine sees it: the chat template applied if asked for."""
+    token_ids: list[int]
+    label: Any
+    metadata: dict[str, Any]
+
+
+def _render(prompt: str | list[dict[str, Any]], tokenizer: PromptTokenizer | None, apply_chat_template: bool) -> str:
+    if apply_chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[union-attr]
+    if not isinstance(prompt, str):
+        raise TypeError("chat messages need --apply-chat-template")
+    return prompt
+
+
+def load_prompt_rows(
+    path: str | Path,
+    *,
+    input_key: str = "prompt",
+    label_key: str | None = "label",
+    metadata_key: str = "metadata",
+    tokenizer: PromptTokenizer | None = None,
+    apply_chat_template: bool = False,
+    max_prompt_len: int | None = None,
+) -> list[PromptRow]:
+    """Read and check every row; the first bad one raises a DataError naming `path:line`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompt data file not found")
+    if (apply_chat_template or max_prompt_len is not None) and tokenizer is None:
+        raise DataError(f"{path}: apply_chat_template and rollout_max_prompt_len need a tokenizer")
+    rows: list[PromptRow] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if input_key not in record:
+                raise DataError(f"{where}: no key {input_key!r} (--input-key); keys are {sorted(record)}")
+            prompt = record[input_key]
+            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt)):
+                raise DataError(f"{where}: {input_key!r} must be a string or a list of chat messages")
+            if label_key is not None and label_key not in record:
+                raise DataError(f"{where}: no key {label_key!r} (--label-key); keys are {sorted(record)}")
+            try:
+                text = _render(prompt, tokenizer, apply_chat_template)
+            except TypeError as e:
+                raise DataError(f"{where}: {e}") from None
+            token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
+            if max_prompt_len is not None and len(token_ids) > max_prompt_len:
+                raise DataError(
+                    f"{where}: prompt is {len(token_ids)} tokens, longer than rollout_max_prompt_len ({max_prompt_len})"
+                )
+            metadata = record.get(metadata_key) or {}
+            if not isinstance(metadata, dict):
+                raise DataError(f"{where}: {metadata_key!r} must be an object")
+            label = record.get(label_key) if label_key is not None else None
+            rows.append(PromptRow(prompt, text, list(token_ids), label, dict(metadata)))
+    if not rows:
+        raise DataError(f"{path}: no prompts in file")
+    return rows
+
+
+def _fresh(sample: Sample) -> Sample:
+    """The sample as it was before generation: prompt tokens only, nothing sampled or scored."""
+    return Sample(
+        group_index=sample.group_index,
+        index=sample.index,
+        prompt=sample.prompt,
+        label=sample.label,
+        tokens=sample.tokens[: sample.prompt_length],
+        metadata=sample.metadata,
+    )
+
+
+class JsonlDataSource:
+    """Serves `n_samples_per_prompt` copies of each prompt as one group, epoch after epoch.
+
+    Groups handed back with `add_samples` (aborted or filtered out) are served again first.
+    """
+
+    def __init__(
+        self,
+        rows: list[PromptRow],
+        *,
+        n_samples_per_prompt: int,
+        shuffle: bool = False,
+        seed: int = 42,
+    ) -> None:
+        self.rows = rows
+        self.n_samples_per_prompt = n_samples_per_prompt
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.offset = 0
+        self.next_group_index = 0
+        self.next_sample_index = 0
+        self._order = self._epoch_order(0)
+        self._returned: list[list[Sample]] = []
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def _next_row(self) -> PromptRow:
+        if self.offset == len(self._order):
+            self.epoch += 1
+            self.offset = 0
+            self._order = self._epoch_order(self.epoch)
+        row = self.rows[self._order[self.offset]]
+        self.offset += 1
+        return row
+
+    def _group(self, row: PromptRow) -> list[Sample]:
+        group = []
+        for _ in range(self.n_samples_per_prompt):
+            group.append(
+                Sample(
+                    group_index=self.next_group_index,
+                    index=self.next_sample_index,
+                    prompt=row.text,
+                    label=row.label,
+                    tokens=list(row.token_ids),
+                    metadata=dict(row.metadata),
+                )
+            )
+            self.next_sample_index += 1
+        self.next_group_index += 1
+        return group
+
+    def get_samples(self, num_prompts: int) -> list[list[Sample]]:
+        groups = self._returned[:num_prompts]
+        del self._returned[:num_prompts]
+        while len(groups) < num_prompts:
+            groups.append(self._group(self._next_row()))
+        return groups
+
+    def add_samples(self, groups: list[list[Sample]]) -> None:
+        for group in groups:
+            self._returned.append([_fresh(s) for s in group])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "next_group_index": self.next_group_index,
+            "next_sample_index": self.next_sample_index,
+            "returned": [[s.model_dump(mode="json") for s in g] for g in self._returned],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])
+        self.next_group_index = int(state["next_group_index"])
+        self.next_sample_index = int(state["next_sample_index"])
+        self._order = self._epoch_order(self.epoch)
+        self._returned = [[Sample.model_validate(s) for s in g] for g in state.get("returned", [])]

@@ -1,0 +1,172 @@
+"""Hugging Face <-> Megatron-Core (GPTModel, local layer spec) state dicts for Llama/Qwen2-family models.
+
+SGLang engines load Hugging Face names and layouts, while Megatron-Core fuses Q/K/V into one
+`linear_qkv` (interleaved per query group: [q heads of group g, k_g, v_g] for g in groups, see
+`SelfAttention.get_query_key_value_tensors`) and gate/up into one `linear_fc1` ([gate; up], see the
+`glu` in `MLP`). Megatron may pad the vocabulary to a multiple of its TP-friendly size; the padding
+rows are added on the way in (`padded_vocab_size`) and dropped on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from rl_megatron.transformer_shape import TransformerShape
+
+__all__ = ["TransformerShape", "hf_to_megatron", "megatron_to_hf", "fuse_qkv", "unfuse_qkv"]
+
+# Buffers that some checkpoints carry but that are recomputed from the config, never weights.
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MCORE_IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq")
+
+
+def _expect(name: str, tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+class _Reader:
+    """Pops tensors from a state dict by name so that leftovers can be reported at the end."""
+
+    def __init__(self, state: Mapping[str, Tensor], ignored_suffixes: tuple[str, ...], side: str) -> None:
+        self._left = {k: v for k, v in state.items() if not k.endswith(ignored_suffixes)}
+        self._side = side
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+        if name not in self._left:
+            raise KeyError(f"{self._side} state dict has no tensor {name!r}")
+        tensor = self._left.pop(name)
+        return tensor if shape is None else _expect(name, tensor, shape)
+
+    def discard(self, name: str) -> None:
+        self._left.pop(name, None)
+
+    def finish(self) -> None:
+        if self._left:
+            shown = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(self._left.items())[:5])
+            raise ValueError(f"{self._side} state dict has {len(self._left)} unmapped tensor(s): {shown}")
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, config: TransformerShape) -> Tensor:
+    """Stack HF q/k/v (weights or biases) into Megatron's per-query-group interleaved `linear_qkv`."""
+    groups = config.num_key_value_heads
+    rest = q.shape[1:]
+    return torch.cat(
+        [q.reshape(groups, -1, *rest), k.reshape(groups, -1, *rest), v.reshape(groups, -1, *rest)], dim=1
+    ).reshape(config.qkv_rows, *rest)
+
+
+def unfuse_qkv(qkv: Tensor, config: TransformerShape) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `fuse_qkv`: Megatron `linear_qkv` rows back to HF q, k, v."""
+    groups, hd = config.num_key_value_heads, config.head_dim
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(groups, -1, *rest).split([config.heads_per_group * hd, hd, hd], dim=1)
+    return (
+        q.reshape(config.num_attention_heads * hd, *rest),
+        k.reshape(config.num_key_value_heads * hd, *rest),
+        v.reshape(config.num_key_value_heads * hd, *rest),
+    )
+
+
+def _pad_vocab(name: str, tensor: Tensor, padded_vocab_size: int | None) -> Tensor:
+    if padded_vocab_size is None or padded_vocab_size == tensor.shape[0]:
+        return tensor
+    if padded_vocab_size < tensor.shape[0]:
+        raise ValueError(f"padded_vocab_size={padded_vocab_size} is smaller than {name!r} {tuple(tensor.shape)}")
+    pad = tensor.new_zeros(padded_vocab_size - tensor.shape[0], *tensor.shape[1:])
+    return torch.cat([tensor, pad], dim=0)
+
+
+def _trim_vocab(name: str, tensor: Tensor, config: TransformerShape) -> Tensor:
+    if tensor.ndim != 2 or tensor.shape[0] < config.vocab_size or tensor.shape[1] != config.hidden_size:
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+            f"(>= {config.vocab_size}, {config.hidden_size})"
+        )
+    return tensor[: config.vocab_size]
+
+
+def hf_to_megatron(
+    hf_state: Mapping[str, Tensor], config: TransformerShape, padded_vocab_size: int | None = None
+) -> dict[str, Tensor]:
+    """Rename and fuse a HF Llama/Qwen2 state dict into Megatron-Core GPTModel names (TP size 1).
+
+    A tied model's `lm_head.weight` (present in `model.state_dict()`, absent from safetensors) is
+    accepted and dropped: Megatron then shares `embedding.word_embeddings.weight` with the output layer.
+    """
+    c = config
+    h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
+    src = _Reader(hf_state, _HF_IGNORED_SUFFIXES, "HF")
+    out: dict[str, Tensor] = {}
+
+    embed = src.take("model.embed_tokens.weight", (c.vocab_size, h))
+    out["embedding.word_embeddings.weight"] = _pad_vocab("model.embed_tokens.weight", embed, padded_vocab_size)
+    for i in range(c.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = src.take(hf + "self_attn.q_proj.weight", (c.num_attention_heads * hd, h))
+        k = src.take(hf + "self_attn.k_proj.weight", (c.num_key_value_heads * hd, h))
+        v = src.take(hf + "self_attn.v_proj.weight", (c.num_key_value_heads * hd, h))
+        out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, c)
+        if c.qkv_bias:
+            qb = src.take(hf + "self_attn.q_proj.bias", (c.num_attention_heads * hd,))
+            kb = src.take(hf + "self_attn.k_proj.bias", (c.num_key_value_heads * hd,))
+            vb = src.take(hf + "self_attn.v_proj.bias", (c.num_key_value_heads * hd,))
+            out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, c)
+        out[mc + "self_attention.linear_proj.weight"] = src.take(
+            hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * hd)
+        )
+        out[mc + "input_layernorm.weight"] = src.take(hf + "input_layernorm.weight", (h,))
+        out[mc + "pre_mlp_layernorm.weight"] = src.take(hf + "post_attention_layernorm.weight", (h,))
+        gate = src.take(hf + "mlp.gate_proj.weight", (ffn, h))
+        up = src.take(hf + "mlp.up_proj.weight", (ffn, h))
+        out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+        out[mc + "mlp.linear_fc2.weight"] = src.take(hf + "mlp.down_proj.weight", (h, ffn))
+    out["decoder.final_layernorm.weight"] = src.take("model.norm.weight", (h,))
+    if c.tie_word_embeddings:
+        src.discard("lm_head.weight")
+    else:
+        head = src.take("lm_head.weight", (c.vocab_size, h))
+        out["output_layer.weight"] = _pad_vocab("lm_head.weight", head, padded_vocab_size)
+    src.finish()
+    return out
+
+
+def megatron_to_hf(mcore_state: Mapping[str, Tensor], config: TransformerShape) -> dict[str, Tensor]:
+    """Split and rename a full (TP-merged) Megatron-Core GPTModel state dict into HF names.
+
+    Vocabulary padding rows are dropped; a tied model yields no `lm_head.weight`.
+    """
+    c = config
+    h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
+    src = _Reader(mcore_state, _MCORE_IGNORED_SUFFIXES, "Megatron")
+    out: dict[str, Tensor] = {}
+
+    name = "embedding.word_embeddings.weight"
+    out["model.embed_tokens.weight"] = _trim_vocab(name, src.take(name), c)
+    for i in range(c.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = src.take(mc + "self_attention.linear_qkv.weight", (c.qkv_rows, h))
+        for proj, tensor in zip(("q", "k", "v"), unfuse_qkv(qkv, c)):
+            out[hf + f"self_attn.{proj}_proj.weight"] = tensor
+        if c.qkv_bias:
+            qkv_bias = src.take(mc + "self_attention.linear_qkv.bias", (c.qkv_rows,))
+            for proj, tensor in zip(("q", "k", "v"), unfuse_qkv(qkv_bias, c)):
+                out[hf + f"self_attn.{proj}_proj.bias"] = tensor
+        out[hf + "self_attn.o_proj.weight"] = src.take(
+            mc + "self_attention.linear_proj.weight", (h, c.num_attention_heads * hd)
+        )
+        out[hf + "input_layernorm.weight"] = src.take(mc + "input_layernorm.weight", (h,))
+        out[hf + "post_attention_layernorm.weight"] = src.take(mc + "pre_mlp_layernorm.weight", (h,))
+        gate, up = src.take(mc + "mlp.linear_fc1.weight", (2 * ffn, h)).chunk(2, dim=0)
+        out[hf + "mlp.gate_proj.weight"] = gate
+        out[hf + "mlp.up_proj.weight"] = up
+        out[hf + "mlp.down_proj.weight"] = src.take(mc + "mlp.linear_fc2.weight", (h, ffn))
+    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (h,))
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = _trim_vocab("output_layer.weight", src.take("output_layer.weight"), c)
+    src.finish()
+    return out

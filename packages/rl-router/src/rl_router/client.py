@@ -1,0 +1,121 @@
+"""`RouterClient`: the rollout side's asyncio handle on a `Router` (and itself an engine adapter).
+
+One DEALER socket carries every request; a reader task resolves each caller's future by message
+id, so any number of `generate` calls may be in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from rl_router import wire
+from rl_router.errors import RouterError
+
+logger = logging.getLogger(__name__)
+
+
+class RouterClient:
+    """Talks to the router at `address`; use from one event loop, and `close()` when done."""
+
+    def __init__(self, address: str, *, health_timeout_s: float = 5.0):
+        self.address = address
+        self._health_timeout_s = health_timeout_s
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one SGLang `/generate` payload; returns the engine's response dict."""
+        return await self._request("generate", payload)
+
+    async def abort(self, rid: str | None = None) -> None:
+        """Abort `rid` (or everything when None) on every engine behind the router."""
+        await self._request("abort", {"rid": rid})
+
+    async def health(self) -> dict[str, bool]:
+        """Engine name -> healthy, as the router sees it."""
+        return await self._request("health", None)
+
+    async def metrics(self) -> dict[str, float]:
+        return await self._request("metrics", None)
+
+    async def is_healthy(self) -> bool:
+        """True when the router answers within the health timeout and at least one engine is healthy."""
+        try:
+            return any((await asyncio.wait_for(self.health(), self._health_timeout_s)).values())
+        except (RouterError, zmq.ZMQError, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        """Close the socket; requests still waiting fail with `RouterError`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+        self._fail_pending(RouterError("router client closed"))
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._context.term()
+
+    async def __aenter__(self) -> RouterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        if self._closed:
+            raise RouterError("router client is closed")
+        if self._socket is None:
+            self._context = zmq.asyncio.Context()
+            self._socket = self._context.socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(self.address)
+            self._reader = asyncio.create_task(self._read_replies(), name="rl-router-client-reader")
+        return self._socket
+
+    async def _request(self, op: str, body: Any) -> Any:
+        socket = self._connect()
+        msg_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        try:
+            await socket.send(wire.encode_request(msg_id, op, body))
+            reply = await future
+        finally:
+            self._pending.pop(msg_id, None)
+        if not reply.get("ok"):
+            raise RouterError(str(reply.get("error", "router replied with an error and no message")))
+        return reply.get("body")
+
+    async def _read_replies(self) -> None:
+        assert self._socket is not None
+        try:
+            while True:
+                data = await self._socket.recv()
+                try:
+                    reply = wire.decode(data)
+                    future = self._pending.get(reply["id"])
+                except Exception:
+                    logger.warning("dropped an unreadable reply of %d bytes from the router", len(data))
+                    continue
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except zmq.ZMQError as exc:
+            self._fail_pending(RouterError(f"router connection failed: {exc}"))
+
+    def _fail_pending(self, error: RouterError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
