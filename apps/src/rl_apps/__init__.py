@@ -1,0 +1,1 @@
+"""Entry points that assemble the framework's packages into training programs."""

@@ -1,0 +1,152 @@
+"""The Ray actors `rl-train` places: engine servers, trainer ranks, and the rollout manager."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+
+from rl_apps.train_config import TrainConfig
+
+
+@ray.remote
+class EngineActor:
+    """Owns one engine server process (SGLang or the embedded engine) on the actor's devices."""
+
+    def __init__(self, config: TrainConfig, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.process = None
+
+    def start(self, timeout_s: float = 600.0) -> str:
+        from rl_sglang.launcher import launch_engine
+
+        args = dict(self.config.sglang_args)
+        if self.config.engine_type == "embedded":
+            args.setdefault("device", self.config.rollout_device)
+            args.setdefault("seed", self.config.rollout_seed + self.index)
+        self.process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args)
+        self.process.wait_until_healthy(timeout_s)
+        return self.process.url
+
+    def shutdown(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process = None
+
+
+@ray.remote
+class TrainerActor:
+    """One rank of the FSDP trainer; rank 0 also pushes weights to the engines."""
+
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          LOCAL_RANK="0")
+        from rl_fsdp import FSDPBackend, FSDPConfig
+
+        self.config = config
+        self.rank = rank
+        self.backend = FSDPBackend(
+            FSDPConfig(
+                model_path=str(config.hf_checkpoint),
+                lr=config.lr,
+                weight_decay=config.weight_decay,
+                clip_grad=config.clip_grad,
+                micro_batch_size=config.micro_batch_size,
+                loss=config.policy_loss_config(),
+                rollout_temperature=config.rollout_temperature or 1.0,
+                use_rollout_logprobs=config.use_rollout_logprobs,
+                ref_model=config.use_kl_loss,
+                device=config.train_device,
+                param_dtype=config.param_dtype,
+                seed=config.seed,
+            )
+        )
+        self.transport = None
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        return self.backend.train_step(batch)
+
+    def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
+        """Gather full weights (all ranks take part) and push them from rank 0; returns seconds spent."""
+        start = time.perf_counter()
+        weights = self.backend.named_weights()
+        if self.rank != 0:
+            for _ in weights:
+                pass
+            return time.perf_counter() - start
+        if self.transport is None:
+            self.transport = self._make_transport(engine_urls)
+        self.transport.update(weights, weight_version)
+        return time.perf_counter() - start
+
+    def _make_transport(self, engine_urls: list[str]) -> Any:
+        from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
+
+        if self.config.update_weight_transport == "disk":
+            return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
+        backend = "nccl" if self.backend.device.type == "cuda" else "gloo"
+        return BroadcastWeightTransport(engine_urls, backend=backend)
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.backend.close()
+
+
+@ray.remote
+class RolloutManager:
+    """Data source, router and reward hub in one place: hands back scored samples for a rollout."""
+
+    def __init__(self, config: TrainConfig, engine_urls: list[str]) -> None:
+        from rl_rewards import build_reward
+        from rl_router import MetricsMiddleware, Router, RouterThread
+        from rl_sglang.client import SGLangClient
+
+        from rl_apps.data import build_data_source
+
+        self.config = config
+        self.data_source = build_data_source(config)
+        self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
+                                   timeout_s=config.reward_timeout)
+        self.metrics = MetricsMiddleware()
+        self.router = RouterThread(
+            Router({f"engine{i}": SGLangClient(url) for i, url in enumerate(engine_urls)},
+                   policy=config.router_policy, middleware=[self.metrics])
+        )
+        self.router_address = self.router.start()
+        self._client = None
+
+    async def generate(self, rollout_id: int) -> dict[str, Any]:
+        from rl_core.metrics import rollout_metrics
+        from rl_core.rollout import generate_samples, score_samples
+        from rl_router import RouterClient
+
+        if self._client is None:
+            self._client = RouterClient(self.router_address)
+        groups = self.data_source.get_samples(self.config.rollout_batch_size)
+        samples = [s for g in groups for s in g]
+        start = time.perf_counter()
+        await generate_samples(self._client, samples, self.config.sampling_params())
+        generated = time.perf_counter()
+        await score_samples(self.reward, samples)
+        scored = time.perf_counter()
+        metrics = rollout_metrics(samples)
+        metrics.update({f"router/{k}": float(v) for k, v in self.metrics.snapshot().items() if isinstance(v, (int, float))})
+        metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
+        return {
+            "samples": samples,
+            "metrics": metrics,
+            "timing": {"generate": generated - start, "reward": scored - generated},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.data_source.state_dict()
+
+    def shutdown(self) -> None:
+        self.router.stop()
+        if self._client is not None:
+            self._client.close()
+

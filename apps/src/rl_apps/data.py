@@ -1,0 +1,30 @@
+"""Builds the tokenizer and the prompt data source from the config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rl_core.data_source import JsonlDataSource, load_prompt_rows
+
+from rl_apps.train_config import TrainConfig
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(config.hf_checkpoint))
+
+
+def build_data_source(config: TrainConfig, tokenizer: Any | None = None) -> JsonlDataSource:
+    rows = load_prompt_rows(
+        config.prompt_data,
+        input_key=config.input_key,
+        label_key=config.label_key,
+        metadata_key=config.metadata_key,
+        tokenizer=tokenizer or load_tokenizer(config),
+        apply_chat_template=config.apply_chat_template,
+        max_prompt_len=config.rollout_max_prompt_len,
+    )
+    return JsonlDataSource(
+        rows, n_samples_per_prompt=config.n_samples_per_prompt, shuffle=config.rollout_shuffle, seed=config.rollout_seed
+    )

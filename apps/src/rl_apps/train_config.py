@@ -1,0 +1,88 @@
+"""The full configuration of `rl-train`: rl-core's sections plus the parts the app assembles.
+
+Every field is a command-line flag of the same name with dashes (`hf_checkpoint` is `--hf-checkpoint`),
+slime's name wherever slime has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from rl_core.config import AlgorithmConfig, BatchConfig, DataConfig, SamplingConfig, Section
+
+
+class ModelConfig(Section):
+    hf_checkpoint: Path | None = None
+    """Hugging Face model folder (config, tokenizer, weights) that both trainer and engines load."""
+
+
+class TrainerConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip_grad: float = Field(1.0, gt=0.0)
+    """Gradient norm clipping threshold."""
+    seed: int = 1234
+    actor_num_gpus_per_node: int = Field(1, gt=0)
+    """Trainer ranks (one per GPU on CUDA machines, one process each on CPU)."""
+    train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class RolloutEngineConfig(Section):
+    engine_type: Literal["embedded", "sglang"] = "embedded"
+    """`sglang` launches sglang.launch_server; `embedded` the built-in engine with the same HTTP API."""
+    rollout_num_engines: int = Field(1, gt=0)
+    """Engine servers behind the router."""
+    rollout_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the embedded engine."""
+    colocate: bool = False
+    """Trainer and engines share GPUs (half a GPU each to Ray)."""
+    router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
+    update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
+    """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
+    sglang_args: dict[str, Any] = Field(default_factory=dict)
+    """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
+
+
+class RewardConfig(Section):
+    rm_type: str | None = None
+    """Built-in grader by name (math, exact_match, f1, multiple_choice)."""
+    custom_rm_path: str | None = None
+    """Custom reward function as `module:function` or `path/to/file.py:function`."""
+    reward_key: str | None = None
+    """Key of the reward to train on when the reward function returns a dict."""
+    reward_timeout: float = Field(10.0, gt=0.0)
+    """Seconds one sample may take to grade before it gets the error reward."""
+
+    @model_validator(mode="after")
+    def _one_reward_source(self) -> RewardConfig:
+        if (self.rm_type is None) == (self.custom_rm_path is None):
+            raise ValueError("give exactly one of --rm-type and --custom-rm-path")
+        return self
+
+
+class LoggingConfig(Section):
+    output_dir: Path = Path("outputs/run")
+    """Where metrics.jsonl, TensorBoard logs, the reward curve and weight-sync files go."""
+    use_tensorboard: bool = True
+    save_reward_curve: bool = True
+    """Write reward_curve.png into output_dir at the end."""
+
+
+class TrainConfig(
+    DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig, LoggingConfig
+):
+    @model_validator(mode="after")
+    def _required(self) -> TrainConfig:
+        missing = [f"--{name.replace('_', '-')}" for name in ("prompt_data", "hf_checkpoint") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"missing required flag(s): {' '.join(missing)}")
+        if self.global_batch_size % self.actor_num_gpus_per_node:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) does not split over actor_num_gpus_per_node"
+                f" ({self.actor_num_gpus_per_node}) trainer ranks"
+            )
+        return self

@@ -1,0 +1,65 @@
+"""Bad input to rl-train answers with the file, line or flag, before Ray or any engine starts."""
+
+import json
+import subprocess
+import sys
+import time
+
+
+def base_args(task, data=None):
+    return ["--hf-checkpoint", str(task / "model"), "--prompt-data", str(data or task / "train.jsonl"), "--rm-type", "math",
+            "--output-dir", str(task / "out")]
+
+
+def test_help_answers_fast_without_importing_torch():
+    code = "import sys, runpy; sys.argv=['rl-train','--help']\ntry:\n runpy.run_module('rl_apps.train', run_name='__main__')\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "--rollout-batch-size" in out.stdout and "--sglang-" in out.stdout
+    assert out.stdout.strip().endswith("False")
+    assert time.perf_counter() - start < 10
+
+
+def test_batch_arithmetic_error_names_the_flags(tiny_task, run_cli):
+    code, err = run_cli(base_args(tiny_task) + ["--rollout-batch-size", "3", "--n-samples-per-prompt", "4", "--global-batch-size", "5"])
+    assert code == 2
+    assert "rollout_batch_size (3) x n_samples_per_prompt (4)" in err and "global_batch_size (5)" in err
+
+
+def test_malformed_jsonl_line_names_file_and_line(tiny_task, run_cli, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "label": "2"}) + "\n" + '{"prompt": "2+2=", "label": \n')
+    code, err = run_cli(base_args(tiny_task, data))
+    assert code == 1 and f"{data}:2: invalid JSON" in err
+
+
+def test_missing_key_names_the_key_and_flag(tiny_task, run_cli, tmp_path):
+    data = tmp_path / "nokey.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "label": "2"}) + "\n")
+    code, err = run_cli(base_args(tiny_task, data))
+    assert code == 1 and f"{data}:1: no key 'prompt' (--input-key)" in err
+
+
+def test_too_long_prompt_names_line_and_limit(tiny_task, run_cli, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "label": "2"}) + "\n" + json.dumps({"prompt": "1" * 50, "label": "2"}) + "\n")
+    code, err = run_cli(base_args(tiny_task, data) + ["--rollout-max-prompt-len", "10"])
+    assert code == 1 and f"{data}:2: prompt is 50 tokens, longer than rollout_max_prompt_len (10)" in err
+
+
+def test_missing_custom_reward_file_is_named(tiny_task, run_cli, tmp_path):
+    args = [a for a in base_args(tiny_task) if a not in ("--rm-type", "math")]
+    code, err = run_cli(args + ["--custom-rm-path", str(tmp_path / "nope.py") + ":score"])
+    assert code == 1 and "nope.py" in err
+
+
+def test_both_reward_flags_are_refused(tiny_task, run_cli):
+    code, err = run_cli(base_args(tiny_task) + ["--custom-rm-path", "x.py:f"])
+    assert code == 2 and "--rm-type" in err and "--custom-rm-path" in err
+
+
+def test_missing_model_folder_is_named(tiny_task, run_cli, tmp_path):
+    args = base_args(tiny_task)
+    args[1] = str(tmp_path / "no-model")
+    code, err = run_cli(args)
+    assert code == 1 and "no-model" in err and "config.json" in err
