@@ -1,0 +1,173 @@
+"""`FSDPBackend`: rl-core's TrainingBackend on FSDP2, one optimizer step per global batch."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from rl_core.algorithms.policy_loss import LossDenominators, policy_loss
+from rl_core.train_batch import TrainBatch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from rl_fsdp.config import FSDPConfig
+from rl_fsdp.distributed import init_process_group_from_env, resolve_device
+from rl_fsdp.log_probs import response_log_probs
+from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
+from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
+from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class FSDPBackend:
+    """A Hugging Face causal LM sharded over every rank of the default process group.
+
+    Every rank is handed the same global batch and trains on samples rank::world_size; all public
+    methods are collective.
+    """
+
+    def __init__(self, config: FSDPConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._owns_process_group = init_process_group_from_env(self.device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+        model = load_hf_model(config.model_path, config.seed)
+        model.config.use_cache = False
+        self.hf_config = model.config
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.tied_aliases = tied_aliases(model)
+        reference = copy.deepcopy(model).requires_grad_(False).eval() if config.keeps_reference else None
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        param_dtype = _DTYPES[config.param_dtype]
+        self.model = shard_model(model, mesh, param_dtype)
+        self.reference = shard_model(reference, mesh, param_dtype) if reference is not None else None
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+
+    def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
+        validate_batch(batch, self.vocab_size)
+        return rank_micro_batches(batch, self.rank, self.world_size, self.config.micro_batch_size, self.device)
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """Current-policy log-probs of every sample's response tokens (float32, CPU), on every rank."""
+        offsets = [0]
+        for length in batch.response_lengths:
+            offsets.append(offsets[-1] + length)
+        flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
+        self.model.eval()
+        for mb in self._micro_batches(batch):
+            log_probs, _ = response_log_probs(self.model, mb, self.config.rollout_temperature, with_entropy=False)
+            for row, i in enumerate(mb.sample_indices):
+                flat[offsets[i] : offsets[i + 1]] = log_probs[row, : batch.response_lengths[i]]
+        if self.world_size > 1:
+            dist.all_reduce(flat)
+        flat = flat.cpu()
+        return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on the global batch; returns global-batch means of the loss terms."""
+        if self.config.use_rollout_logprobs and batch.rollout_log_probs is None:
+            raise ValueError("use_rollout_logprobs is set but the TrainBatch has no rollout_log_probs")
+        micro_batches = self._micro_batches(batch)
+        denominators = LossDenominators(
+            num_tokens=float(sum(sum(mask) for mask in batch.loss_masks)), num_samples=float(len(batch))
+        )
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        self.model.train()
+        for mb in micro_batches:
+            metrics = self._backward_micro_batch(mb, denominators)
+            for key, value in metrics.items():
+                sums[key] += value.float()
+        names = sorted(sums)
+        totals = torch.stack([sums[name] for name in names])
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        result = {name: float(value) for name, value in zip(names, totals.tolist())}
+        if "train_rollout_logprob_abs_diff" in result:
+            result["train_rollout_logprob_abs_diff"] /= max(denominators.num_tokens, 1.0)
+
+        max_norm = self.config.clip_grad if self.config.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result["grad_norm"] = float(grad_norm)
+        result["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return result
+
+    def _backward_micro_batch(self, mb: MicroBatch, denominators: LossDenominators) -> dict[str, torch.Tensor]:
+        """Forward, loss (this micro-batch's share of the global loss), backward; returns summable metrics."""
+        temperature = self.config.rollout_temperature
+        log_probs, entropy = response_log_probs(
+            self.model, mb, temperature, with_entropy=True, entropy_grad=self.config.loss.entropy_coef != 0
+        )
+        # The weights do not change inside train_step, so this forward's log-probs are the pre-update
+        # ("recomputed") old policy unless the engine's rollout log-probs stand in for it.
+        old_log_probs = mb.rollout_log_probs if self.config.use_rollout_logprobs else log_probs.detach()
+        ref_log_probs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_log_probs, _ = response_log_probs(self.reference, mb, temperature, with_entropy=False)
+        # Tokens outside the loss mask carry 0 in every log-prob, so no exp() there can overflow into NaN.
+        on = mb.loss_mask > 0
+        zero = lambda t: torch.where(on, t, torch.zeros_like(t))  # noqa: E731
+        loss, metrics = policy_loss(
+            self.config.loss,
+            log_probs=zero(log_probs),
+            old_log_probs=zero(old_log_probs),
+            advantages=mb.advantages,
+            mask=mb.loss_mask,
+            denominators=denominators,
+            ref_log_probs=None if ref_log_probs is None else zero(ref_log_probs),
+            entropy=entropy,
+        )
+        # The loss is this rank's share of the global-batch loss, so the single-process gradient is the
+        # sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which gloo
+        # lacks), so scale by the world size.
+        (loss * self.world_size).backward()
+        if mb.rollout_log_probs is not None:
+            diff = (log_probs.detach() - mb.rollout_log_probs).abs()
+            metrics["train_rollout_logprob_abs_diff"] = (diff * mb.loss_mask).sum()
+        return metrics
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, full tensor) for every state-dict entry, on this rank's device (collective).
+
+        Tied weights appear under both names (e.g. `model.embed_tokens.weight` and `lm_head.weight`),
+        exactly as the unwrapped model's `state_dict()` lists them.
+        """
+        return gather_named_weights(self.model)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a Hugging Face checkpoint (config, float32 safetensors, tokenizer files) from rank 0 (collective)."""
+        directory = Path(directory)
+        state = {}
+        for name, tensor in self.named_weights():
+            if self.rank == 0 and name not in self.tied_aliases:
+                state[name] = tensor.cpu().contiguous()
+        if self.rank == 0:
+            write_hf_checkpoint(directory, state, self.hf_config, self.config.model_path)
+        dist.barrier()
+
+    def close(self) -> None:
+        """Free the model and optimizer; destroy the process group if this backend created it."""
+        del self.model, self.reference, self.optimizer
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False

@@ -1,0 +1,65 @@
+"""Building the Hugging Face model (from weights or a seeded random init) and sharding it with FSDP2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def has_weights(model_path: Path) -> bool:
+    return any(p.name.endswith(".safetensors") for p in model_path.iterdir())
+
+
+def load_hf_model(model_path: Path, seed: int) -> PreTrainedModel:
+    """The float32 model on CPU: loaded from safetensors, or randomly initialised with `seed` (same on every rank)."""
+    if not (model_path / "config.json").is_file():
+        raise ValueError(f"model_path {model_path}: no config.json there")
+    if has_weights(model_path):
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(model_path)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share storage with an earlier name (tied embeddings): alias -> first name."""
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases[name] = first_name[id(param)]
+        else:
+            first_name[id(param)] = name
+    return aliases
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant per-layer checkpointing (the reentrant kind breaks under FSDP2's hooks).
+
+    Newer transformers renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def shard_model(model: PreTrainedModel, mesh: DeviceMesh, param_dtype: torch.dtype) -> PreTrainedModel:
+    """`fully_shard` each decoder layer, then the root (embeddings, final norm, head); float32 master
+    weights and gradient reduction, `param_dtype` compute."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layer_classes = set(model._no_split_modules or ())
+    if not layer_classes:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
