@@ -1,0 +1,168 @@
+"""`SGLangClient`: async calls to SGLang's native HTTP routes (or the embedded engine's, which match).
+
+It is the engine adapter the router drives (`generate`, `abort`, `is_healthy`), so it imports neither
+torch nor transformers: the router process stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from rl_sglang.errors import EngineError
+
+
+class SGLangClient:
+    """One SGLang server. The aiohttp session is made lazily inside the running loop (and remade if
+    a different loop calls), so the client may be built outside any loop."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 600, health_timeout_s: float = 30):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.health_timeout_s = health_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"SGLangClient({self.base_url!r})"
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session_loop = loop
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+        self._session_loop = None
+
+    async def _request(self, method: str, route: str, payload: dict[str, Any] | None = None) -> Any:
+        session = await self._get_session()
+        async with session.request(method, self.base_url + route, json=payload) as response:
+            text = await response.text()
+            body = _parse_body(text)
+            if response.status != 200:
+                raise EngineError(route, response.status, body)
+            if isinstance(body, dict) and body.get("success") is False:
+                raise EngineError(route, response.status, body)
+            return body
+
+    # ---- rollout ----------------------------------------------------------------------------
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /generate with an SGLang payload; the answer as SGLang gives it."""
+        return await self._request("POST", "/generate", payload)
+
+    async def abort(self, rid: str | None = None) -> None:
+        """Abort one request by `rid`, or every request when `rid` is None."""
+        payload = {"rid": rid} if rid is not None else {"abort_all": True}
+        await self._request("POST", "/abort_request", payload)
+
+    async def is_healthy(self) -> bool:
+        """GET /health_generate (a one-token generation); False on any error or timeout."""
+        try:
+            session = await self._get_session()
+            timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
+            async with session.get(self.base_url + "/health_generate", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    # ---- control ----------------------------------------------------------------------------
+
+    async def flush_cache(self) -> None:
+        await self._request("POST", "/flush_cache")
+
+    async def get_model_info(self) -> dict[str, Any]:
+        return await self._request("GET", "/get_model_info")
+
+    async def get_server_info(self) -> dict[str, Any]:
+        return await self._request("GET", "/get_server_info")
+
+    async def pause_generation(self, mode: str = "abort") -> Any:
+        """Hold the scheduler. SGLang's modes: "abort" (default) returns running requests aborted,
+        "in_place"/"retract" keep them and resume on `continue_generation`."""
+        return await self._request("POST", "/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> Any:
+        return await self._request("POST", "/continue_generation", {})
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    async def update_weights_from_disk(
+        self, model_path: str, *, weight_version: str | None = None, load_format: str | None = None
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model_path": model_path}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        if load_format is not None:
+            payload["load_format"] = load_format
+        return await self._request("POST", "/update_weights_from_disk", payload)
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> dict[str, Any]:
+        payload = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+        return await self._request("POST", "/init_weights_update_group", payload)
+
+    async def destroy_weights_update_group(self, group_name: str) -> dict[str, Any]:
+        return await self._request("POST", "/destroy_weights_update_group", {"group_name": group_name})
+
+    async def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        *,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "names": names,
+            "dtypes": dtypes,
+            "shapes": shapes,
+            "group_name": group_name,
+            "flush_cache": flush_cache,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return await self._request("POST", "/update_weights_from_distributed", payload)
+
+    async def release_memory_occupation(self, tags: list[str] | None = None) -> Any:
+        return await self._request("POST", "/release_memory_occupation", _tags_payload(tags))
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None) -> Any:
+        return await self._request("POST", "/resume_memory_occupation", _tags_payload(tags))
+
+
+def _tags_payload(tags: list[str] | None) -> dict[str, Any]:
+    return {} if tags is None else {"tags": list(tags)}
+
+
+def _parse_body(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,0 +1,165 @@
+"""Start a rollout engine as a subprocess: real SGLang (`sglang.launch_server`) or the embedded one.
+
+Imports neither torch nor SGLang: SGLang is only probed (`importlib.util.find_spec`) when asked for,
+because it pins its own torch and is not a dependency of this package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal
+
+from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
+
+logger = logging.getLogger(__name__)
+
+# The embedded engine's own flags; other `--sglang-*` settings have no meaning there.
+EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "seed")
+_STDERR_TAIL_CHARS = 4000
+
+
+def _flag_args(args: dict[str, Any]) -> list[str]:
+    """{"mem_fraction_static": 0.8, "enable_memory_saver": True} → ["--mem-fraction-static", "0.8",
+    "--enable-memory-saver"]; False and None are dropped, lists become several values."""
+    argv: list[str] = []
+    for key, value in args.items():
+        if not key or not key.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"engine argument name {key!r} is not a flag name")
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv.extend([flag, *(str(v) for v in value)])
+        else:
+            argv.extend([flag, str(value)])
+    return argv
+
+
+def build_sglang_argv(model_path: str, host: str, port: int, sglang_args: dict[str, Any] | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
+    argv += ["--host", host, "--port", str(port)]
+    return argv + _flag_args(sglang_args or {})
+
+
+def build_embedded_argv(model_path: str, host: str, port: int, embedded_args: dict[str, Any] | None = None) -> list[str]:
+    """argv for `python -m rl_sglang.embedded`; `embedded_args` may hold device, dtype,
+    max_running_requests, seed (anything else raises ValueError naming it)."""
+    embedded_args = dict(embedded_args or {})
+    unknown = sorted(set(embedded_args) - set(EMBEDDED_FLAGS))
+    if unknown:
+        raise ValueError(f"embedded engine has no flag --{unknown[0].replace('_', '-')}")
+    argv = [sys.executable, "-m", "rl_sglang.embedded", "--model-path", str(model_path)]
+    argv += ["--host", host, "--port", str(port)]
+    return argv + _flag_args(embedded_args)
+
+
+def sglang_available() -> bool:
+    return importlib.util.find_spec("sglang") is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EngineProcess:
+    """A launched engine subprocess (its own session, so terminate() reaches SGLang's children)."""
+
+    def __init__(self, argv: list[str], url: str, env: dict[str, str]):
+        self.argv = argv
+        self.url = url
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True
+        )
+
+    def stderr_tail(self, chars: int = _STDERR_TAIL_CHARS) -> str:
+        self._stderr.seek(0, os.SEEK_END)
+        size = self._stderr.tell()
+        self._stderr.seek(max(0, size - chars))
+        return self._stderr.read().decode("utf-8", errors="replace")
+
+    def wait_until_healthy(self, timeout_s: float = 600.0, poll_s: float = 0.25) -> None:
+        """Poll GET /health until 200; raise if the process dies (with its stderr tail) or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"engine {self.argv[2]} exited with code {code} before becoming healthy; stderr tail:\n"
+                    f"{self.stderr_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(poll_s)
+        raise TimeoutError(f"engine at {self.url} not healthy after {timeout_s}s; stderr tail:\n{self.stderr_tail()}")
+
+    def terminate(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the engine's process group, SIGKILL it if it lingers."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout_s)
+        self._stderr.close()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+def launch_engine(
+    kind: Literal["sglang", "embedded"],
+    model_path: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    sglang_args: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> EngineProcess:
+    """Start an engine. For kind "embedded", `sglang_args` keys it understands (device, dtype,
+    max_running_requests, seed) are passed on and the SGLang-only rest is logged and skipped, so
+    one set of `--sglang-*` flags serves both kinds."""
+    port = free_port(host) if port is None else port
+    child_env = dict(os.environ if env is None else env)
+    if kind == "sglang":
+        if not sglang_available():
+            raise ImportError(
+                f"kind='sglang' needs SGLang (coded against sglang=={SGLANG_VERSION_CODED_AGAINST}), which is "
+                "not importable here; install it or use kind='embedded'"
+            )
+        argv = build_sglang_argv(model_path, host, port, sglang_args)
+    elif kind == "embedded":
+        args = dict(sglang_args or {})
+        skipped = sorted(set(args) - set(EMBEDDED_FLAGS))
+        if skipped:
+            logger.warning("embedded engine ignores SGLang-only settings: %s", ", ".join(skipped))
+        argv = build_embedded_argv(model_path, host, port, {k: v for k, v in args.items() if k in EMBEDDED_FLAGS})
+        # The child imports the same rl_sglang as this process, installed or not.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH")) if p)
+    else:
+        raise ValueError(f"kind must be 'sglang' or 'embedded', got {kind!r}")
+    return EngineProcess(argv, f"http://{host}:{port}", child_env)

@@ -1,0 +1,81 @@
+"""The embedded engine on CUDA: generation, real release of GPU memory, weight sync into GPU params."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from rl_sglang.client import SGLangClient
+from rl_sglang.embedded import EmbeddedEngine
+from rl_sglang.weight_sync import BroadcastWeightTransport
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPT = [5, 9, 14, 3]
+PAYLOAD = {"input_ids": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}, "return_logprob": True}
+
+
+@pytest.fixture
+async def cuda_engine(model_dir):
+    engine = EmbeddedEngine(str(model_dir), device="cuda", dtype="float32", seed=0)
+    await asyncio.wait_for(engine.start(), 120)
+    client = SGLangClient(engine.url, timeout_s=60)
+    try:
+        yield engine, client
+    finally:
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)
+
+
+async def test_cuda_generation_matches_the_reference_model(cuda_engine, model_dir, ref):
+    engine, client = cuda_engine
+    answer = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    assert answer["output_ids"] == ref.greedy(model_dir, PROMPT, 8)
+    served = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
+    assert served == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPT, answer["output_ids"]), abs=1e-3)
+
+
+async def test_releasing_weights_frees_gpu_memory_and_resume_restores_them(cuda_engine):
+    engine, client = cuda_engine
+    before = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    held = torch.cuda.memory_allocated()
+    await asyncio.wait_for(client.release_memory_occupation(), 60)
+    assert torch.cuda.memory_allocated() < held
+    assert all(p.device.type == "cpu" for p in engine.runner.model.parameters())
+    await asyncio.wait_for(client.resume_memory_occupation(), 60)
+    assert all(p.device.type == "cuda" for p in engine.runner.model.parameters())
+    after = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    assert after["output_ids"] == before["output_ids"]
+
+
+async def test_gloo_broadcast_lands_in_gpu_parameters(cuda_engine, other_weights_dir, ref):
+    engine, client = cuda_engine
+    transport = BroadcastWeightTransport([engine.url], backend="gloo", timeout_s=60)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, ref.make_model(seed=1).named_parameters(), "g1"), 120)
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
+    answer = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    assert answer["output_ids"] == ref.greedy(other_weights_dir, PROMPT, 8)
+    assert answer["meta_info"]["weight_version"] == "g1"
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the trainer and the engine on different GPUs")
+async def test_nccl_broadcast_from_gpu0_updates_an_engine_on_gpu1(model_dir, other_weights_dir, ref):
+    engine = EmbeddedEngine(str(model_dir), device="cuda:1", dtype="float32")
+    await asyncio.wait_for(engine.start(), 120)
+    client = SGLangClient(engine.url, timeout_s=60)
+    transport = BroadcastWeightTransport([engine.url], backend="nccl", timeout_s=60)
+    try:
+        new_params = [(n, p.cuda(0)) for n, p in ref.make_model(seed=1).named_parameters()]
+        await asyncio.wait_for(asyncio.to_thread(transport.update, new_params, "n1"), 180)
+        answer = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+        assert answer["output_ids"] == ref.greedy(other_weights_dir, PROMPT, 8)
+        assert answer["meta_info"]["weight_version"] == "n1"
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)

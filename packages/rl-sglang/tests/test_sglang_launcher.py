@@ -1,0 +1,98 @@
+"""Launcher argv, subprocess engines, and the light-import promise of the client module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_sglang.client import SGLangClient
+from rl_sglang.launcher import build_embedded_argv, build_sglang_argv, launch_engine, sglang_available
+from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_sglang_argv_turns_a_settings_dict_into_launch_server_flags():
+    argv = build_sglang_argv(
+        "/models/qwen",
+        "127.0.0.1",
+        30000,
+        {"mem_fraction_static": 0.8, "tp_size": 2, "enable_memory_saver": True, "disable_radix_cache": False, "log_level": None},
+    )
+    assert argv == [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", "/models/qwen", "--host", "127.0.0.1", "--port", "30000",
+        "--mem-fraction-static", "0.8", "--tp-size", "2", "--enable-memory-saver",
+    ]  # fmt: skip
+
+
+def test_sglang_argv_repeats_list_values_and_refuses_odd_names():
+    argv = build_sglang_argv("/m", "127.0.0.1", 1, {"cuda_graph_bs": [1, 2, 4]})
+    assert argv[-4:] == ["--cuda-graph-bs", "1", "2", "4"]
+    with pytest.raises(ValueError, match="not a flag name"):
+        build_sglang_argv("/m", "127.0.0.1", 1, {"tp size; rm": 1})
+
+
+def test_embedded_argv_accepts_only_its_own_flags():
+    argv = build_embedded_argv("/m", "127.0.0.1", 8000, {"device": "cpu", "max_running_requests": 4})
+    assert argv == [
+        sys.executable, "-m", "rl_sglang.embedded", "--model-path", "/m", "--host", "127.0.0.1", "--port", "8000",
+        "--device", "cpu", "--max-running-requests", "4",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--tp-size"):
+        build_embedded_argv("/m", "127.0.0.1", 8000, {"tp_size": 2})
+
+
+@pytest.mark.skipif(sglang_available(), reason="SGLang is installed here")
+def test_kind_sglang_without_sglang_raises_an_import_error_naming_the_version():
+    with pytest.raises(ImportError) as caught:
+        launch_engine("sglang", "/models/qwen")
+    assert SGLANG_VERSION_CODED_AGAINST in str(caught.value)
+    assert "embedded" in str(caught.value)
+
+
+@pytest.mark.slow
+async def test_an_embedded_engine_launched_as_a_subprocess_becomes_healthy_and_generates(model_dir):
+    process = launch_engine(
+        "embedded", str(model_dir), sglang_args={"device": "cpu", "dtype": "float32", "mem_fraction_static": 0.8}
+    )
+    client = SGLangClient(process.url, timeout_s=60)
+    try:
+        await asyncio.to_thread(process.wait_until_healthy, 120)
+        assert await asyncio.wait_for(client.is_healthy(), 30)
+        answer = await asyncio.wait_for(
+            client.generate({"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}}),
+            60,
+        )
+        assert answer["meta_info"]["completion_tokens"] == 4
+    finally:
+        await client.close()
+        await asyncio.to_thread(process.terminate)
+    assert process.process.returncode is not None
+
+
+def test_an_engine_that_dies_before_healthy_reports_its_stderr(tmp_path):
+    process = launch_engine("embedded", str(tmp_path / "no-such-model"))
+    try:
+        with pytest.raises(RuntimeError, match="exited with code") as caught:
+            process.wait_until_healthy(120)
+        assert "no-such-model" in str(caught.value)
+    finally:
+        process.terminate()
+
+
+def test_the_client_module_imports_without_torch_or_transformers():
+    code = (
+        "import json, sys; import rl_sglang.client, rl_sglang.launcher; "
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'sglang') if m in sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []

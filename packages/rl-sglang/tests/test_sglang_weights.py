@@ -1,0 +1,111 @@
+"""Weight updates: from disk (route and DiskWeightTransport) and by broadcast (BroadcastWeightTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rl_sglang.errors import EngineError
+from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
+
+PROMPT = [5, 9, 14, 3]
+PAYLOAD = {
+    "input_ids": PROMPT,
+    "sampling_params": {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True},
+    "return_logprob": True,
+}
+
+
+def _logprobs(answer: dict) -> list[float]:
+    return [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
+
+
+async def _assert_serves(client, model_dir: Path, ref, weight_version: str) -> dict:
+    """The served greedy output and its log-probs are those of the model saved at `model_dir`."""
+    answer = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    assert answer["output_ids"] == ref.greedy(model_dir, PROMPT, 10)
+    assert _logprobs(answer) == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPT, answer["output_ids"]), abs=1e-4)
+    assert answer["meta_info"]["weight_version"] == weight_version
+    return answer
+
+
+async def test_update_weights_from_disk_switches_outputs_logprobs_and_weight_version(client, model_dir, other_weights_dir, ref):
+    before = await _assert_serves(client, model_dir, ref, "default")
+    answer = await asyncio.wait_for(client.update_weights_from_disk(str(other_weights_dir), weight_version="step-1"), 60)
+    assert answer["success"] is True
+    after = await _assert_serves(client, other_weights_dir, ref, "step-1")
+    assert _logprobs(after) != pytest.approx(_logprobs(before), abs=1e-3)
+    assert (await asyncio.wait_for(client.get_model_info(), 10))["weight_version"] == "step-1"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "named"),
+    [
+        ({"model.layers.0.not_a_weight": torch.zeros(3)}, "model.layers.0.not_a_weight"),
+        ({"lm_head.weight": torch.zeros(5, 5)}, "lm_head.weight"),
+    ],
+)
+async def test_update_weights_from_disk_with_bad_tensors_answers_failure_naming_the_tensor(client, tmp_path, model_dir, ref, tensors, named):
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(EngineError) as caught:
+        await asyncio.wait_for(client.update_weights_from_disk(str(tmp_path), weight_version="bad"), 60)
+    assert caught.value.body["success"] is False
+    assert named in caught.value.body["message"]
+    await _assert_serves(client, model_dir, ref, "default")  # nothing was applied
+
+
+async def test_update_weights_from_disk_of_an_empty_folder_fails_clearly(client, tmp_path):
+    with pytest.raises(EngineError) as caught:
+        await asyncio.wait_for(client.update_weights_from_disk(str(tmp_path)), 60)
+    assert "no *.safetensors" in caught.value.body["message"]
+
+
+async def test_disk_transport_shards_loads_and_keeps_only_the_newest_version(client, engine, tmp_path, model_dir, other_weights_dir, ref):
+    new_model = ref.make_model(seed=1)  # the weights saved in other_weights_dir
+    transport = DiskWeightTransport([engine.url], tmp_path / "sync", bucket_bytes=16 << 10)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, new_model.named_parameters(), "v1"), 120)
+        folders = sorted(p.name for p in (tmp_path / "sync").iterdir())
+        assert folders == ["weights_v1"]
+        assert len(list((tmp_path / "sync" / "weights_v1").glob("*.safetensors"))) > 1  # bucketed
+        await _assert_serves(client, other_weights_dir, ref, "v1")
+
+        old_model = ref.make_model(seed=0)
+        await asyncio.wait_for(asyncio.to_thread(transport.update, old_model.named_parameters(), "v2"), 120)
+        assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["weights_v2"]
+        await _assert_serves(client, model_dir, ref, "v2")
+    finally:
+        await asyncio.to_thread(transport.close)
+
+
+async def test_broadcast_transport_updates_served_weights(client, engine, model_dir, other_weights_dir, ref):
+    await _assert_serves(client, model_dir, ref, "default")
+    transport = BroadcastWeightTransport([engine.url], backend="gloo", bucket_bytes=16 << 10, timeout_s=60)
+    try:
+        new_model = ref.make_model(seed=1)
+        await asyncio.wait_for(asyncio.to_thread(transport.update, new_model.named_parameters(), "b1"), 120)
+        await _assert_serves(client, other_weights_dir, ref, "b1")
+        old_model = ref.make_model(seed=0)
+        await asyncio.wait_for(asyncio.to_thread(transport.update, old_model.named_parameters(), "b2"), 120)
+        await _assert_serves(client, model_dir, ref, "b2")
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
+    assert engine._groups == {}
+
+
+async def test_broadcast_of_an_unknown_tensor_fails_naming_it_and_leaves_the_group_usable(client, engine, model_dir, other_weights_dir, ref):
+    transport = BroadcastWeightTransport([engine.url], backend="gloo", timeout_s=60)
+    try:
+        bad = [("model.norm.weight", torch.ones(32)), ("not.a.weight", torch.ones(2, 2))]
+        with pytest.raises(EngineError, match="not.a.weight"):
+            await asyncio.wait_for(asyncio.to_thread(transport.update, bad, "bad"), 120)
+        await _assert_serves(client, model_dir, ref, "default")
+        new_model = ref.make_model(seed=1)
+        await asyncio.wait_for(asyncio.to_thread(transport.update, new_model.named_parameters(), "b1"), 120)
+        await _assert_serves(client, other_weights_dir, ref, "b1")
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
