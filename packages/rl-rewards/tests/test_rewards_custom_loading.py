@@ -122,7 +122,7 @@ def test_rewards_build_reward_needs_exactly_one_source_and_names_both_flags(rm_t
 
 
 def test_rewards_build_reward_lists_registered_names_for_an_unknown_type() -> None:
-    with pytest.raises(ValueError, match="'nope'.*exact_match, f1, math, multiple_choice"):
+    with pytest.raises(ValueError, match="'nope'.*code, dapo, deepscaler, exact_match, f1, ifeval, math, multiple_choice, remote"):
         build_reward("nope", None)
 
 

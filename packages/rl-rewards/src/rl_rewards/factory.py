@@ -1,4 +1,4 @@
-"""`build_reward`: what the apps call with `--rm-type` / `--custom-rm-path`."""
+"""`build_reward`: what the apps call with `--rm-type` / `--custom-rm-path` / `--rm-url`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,25 @@ from typing import Any
 
 from rl_rewards.custom_loading import load_custom_reward
 from rl_rewards.hub import RewardHub
+from rl_rewards.isolated_grader import IsolatedGrader
 from rl_rewards.registry import RewardRegistry, default_registry
+
+_CUSTOM_ISOLATION_OPTIONS = {"workers", "memory_mb", "timeout_s", "startup_timeout_s"}
+
+
+def _custom_grader(custom_rm_path: str, options: dict[str, Any]) -> Any:
+    """The custom function itself, or (with `isolate=True`) a worker pool that loads it in each worker."""
+    isolate = options.pop("isolate", False)
+    unknown = set(options) - (_CUSTOM_ISOLATION_OPTIONS if isolate else set())
+    if unknown:
+        raise ValueError(
+            f"--custom-rm-path takes only isolate={{True}} and {sorted(_CUSTOM_ISOLATION_OPTIONS)} as grader "
+            f"options; got {sorted(unknown)}"
+        )
+    if isolate:
+        load_custom_reward(custom_rm_path)  # fail here, naming the spec, rather than in every worker
+        return IsolatedGrader(custom_rm_path, **options)
+    return load_custom_reward(custom_rm_path)
 
 
 def build_reward(
@@ -14,16 +32,27 @@ def build_reward(
     custom_rm_path: str | None,
     *,
     registry: RewardRegistry | None = None,
+    rm_url: str | None = None,
+    grader_options: dict[str, Any] | None = None,
     **hub_kwargs: Any,
 ) -> RewardHub:
-    """A hub around the registered reward `rm_type` or the custom function at `custom_rm_path` (exactly one)."""
+    """A hub around the registered reward `rm_type` or the custom function at `custom_rm_path` (exactly one).
+
+    `grader_options` go to the grader's factory (e.g. `{"isolate": True}` for `math`, sandbox limits for
+    `code`); `rm_url` is the endpoint of `--rm-type remote`. The remaining keywords configure the hub.
+    """
     if (rm_type is None) == (custom_rm_path is None):
         raise ValueError(
             "give exactly one of --rm-type and --custom-rm-path "
             f"(got rm_type={rm_type!r}, custom_rm_path={custom_rm_path!r})"
         )
+    options = dict(grader_options or {})
+    if rm_url is not None:
+        if rm_type != "remote":
+            raise ValueError(f"--rm-url is only used with --rm-type remote (got rm_type={rm_type!r})")
+        options["url"] = rm_url
     if rm_type is not None:
-        grader = (registry or default_registry).create(rm_type)
+        grader = (registry or default_registry).create(rm_type, **options)
     else:
-        grader = load_custom_reward(custom_rm_path)
+        grader = _custom_grader(custom_rm_path, options)
     return RewardHub(grader, **hub_kwargs)

@@ -24,9 +24,20 @@ class RewardValueError(ValueError):
     """A grader returned something that is not a usable scalar reward."""
 
 
-def _run_on_daemon_thread(call: Callable[[], Any]) -> asyncio.Future:
+class _AbandonedThreads:
+    """Counts grader threads still running after their item timed out, so the hub can cap them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+
+def _run_on_daemon_thread(call: Callable[[], Any], abandoned: _AbandonedThreads) -> asyncio.Future:
+    """Run `call` on a daemon thread; if the returned future is cancelled first, count the thread as abandoned
+    until it finishes."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
+    state = {"finished": False, "abandoned": False}
 
     def settle(outcome: Any, error: BaseException | None) -> None:
         if future.done():
@@ -36,16 +47,29 @@ def _run_on_daemon_thread(call: Callable[[], Any]) -> asyncio.Future:
         else:
             future.set_exception(error)
 
+    def on_cancel(done: asyncio.Future) -> None:
+        if not done.cancelled():
+            return
+        with abandoned.lock:
+            if not state["finished"]:
+                state["abandoned"] = True
+                abandoned.count += 1
+
     def worker() -> None:
         try:
             outcome, error = call(), None
         except BaseException as raised:  # handed to the awaiting coroutine, not swallowed
             outcome, error = None, raised
+        with abandoned.lock:
+            state["finished"] = True
+            if state["abandoned"]:
+                abandoned.count -= 1
         try:
             loop.call_soon_threadsafe(settle, outcome, error)
         except RuntimeError:  # the loop closed while this grader was running; nobody is waiting
             pass
 
+    future.add_done_callback(on_cancel)
     threading.Thread(target=worker, name="rl-rewards-grader", daemon=True).start()
     return future
 
@@ -59,7 +83,9 @@ class RewardHub:
 
     A raising grader, a timed-out one, or one whose return value is unusable gives `error_reward`
     and is counted in `stats` (`scored`, `errors`, `timeouts`); `last_errors` describes the latest batch's
-    failures by item index.
+    failures by item index; `last_components` keeps each item's dict when the grader returns named
+    components. Timed-out sync graders keep running on their abandoned threads; once
+    `max_abandoned_threads` of them are still running, new items fail at once instead of starting more.
     """
 
     def __init__(
@@ -70,6 +96,7 @@ class RewardHub:
         timeout_s: float = 10.0,
         error_reward: float = 0.0,
         reward_key: str | None = None,
+        max_abandoned_threads: int = 64,
     ) -> None:
         if not callable(grader):
             raise TypeError(f"grader must be callable, got {type(grader).__name__}")
@@ -77,11 +104,16 @@ class RewardHub:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if max_abandoned_threads < 1:
+            raise ValueError(f"max_abandoned_threads must be at least 1, got {max_abandoned_threads}")
         self.grader = grader
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.error_reward = float(error_reward)
         self.reward_key = reward_key
+        self.max_abandoned_threads = max_abandoned_threads
+        self.last_components: list[dict[str, Any] | None] = []
+        self._abandoned = _AbandonedThreads()
         self.stats: dict[str, int] = {"scored": 0, "errors": 0, "timeouts": 0}
         self.last_errors: list[str] = []
         self._is_async = _is_async_grader(grader)
@@ -113,17 +145,30 @@ class RewardHub:
         }
         if self._is_async:
             return await self.grader(**arguments)
-        outcome = await _run_on_daemon_thread(lambda: self.grader(**arguments))
+        if self._abandoned.count >= self.max_abandoned_threads:
+            raise RuntimeError(
+                f"{self._abandoned.count} timed-out grader threads are still running "
+                f"(max_abandoned_threads={self.max_abandoned_threads}); not starting another"
+            )
+        outcome = await _run_on_daemon_thread(lambda: self.grader(**arguments), self._abandoned)
         return await outcome if inspect.isawaitable(outcome) else outcome
 
     def _record_failure(self, index: int, message: str) -> None:
         if len(self.last_errors) < _MAX_RECORDED_ERRORS:
             self.last_errors.append(f"item {index}: {message}"[:_MAX_MESSAGE_CHARS])
 
+    @property
+    def abandoned_threads(self) -> int:
+        """Grader threads that timed out and are still running."""
+        return self._abandoned.count
+
     async def _score_one(self, index: int, item: RewardInput, semaphore: asyncio.Semaphore) -> float:
         async with semaphore:
             try:
-                reward = self._scalar(await asyncio.wait_for(self._grade(item), self.timeout_s))
+                value = await asyncio.wait_for(self._grade(item), self.timeout_s)
+                if isinstance(value, dict):
+                    self.last_components[index] = dict(value)
+                reward = self._scalar(value)
             except asyncio.TimeoutError:
                 self.stats["timeouts"] += 1
                 self._record_failure(index, f"timed out after {self.timeout_s}s")
@@ -138,6 +183,7 @@ class RewardHub:
     async def score_batch(self, items: Sequence[RewardInput]) -> list[float]:
         """One scalar reward per item, in order."""
         self.last_errors = []
+        self.last_components = [None] * len(items)
         semaphore = asyncio.Semaphore(self.concurrency)
         return list(
             await asyncio.gather(*(self._score_one(index, item, semaphore) for index, item in enumerate(items)))

@@ -4,7 +4,9 @@ symbolically through math-verify.
 math-verify's own timeouts use `signal.alarm`, which only works on the main thread; the hub runs graders in
 worker threads, so they are switched off here (`parsing_timeout=None`, `timeout_seconds=None`) and the hub's
 per-item timeout bounds the time instead. Inputs that make sympy blow up in memory (power towers, deep
-nesting) are refused before they reach it, because a timeout cannot take memory back.
+nesting) are refused before they reach it, because a timeout cannot take memory back; for what the filter
+misses, `--rm-type math` with `isolate=True` runs this grader in memory-limited worker processes
+(`rl_rewards.isolated_grader`).
 """
 
 from __future__ import annotations
@@ -97,10 +99,19 @@ def _gold_answer(label: str) -> str:
     return (last_boxed(label) or label) if ("\\boxed" in label or "\\fbox" in label) else label
 
 
+def gold_answers(label: Any, grader_name: str) -> list[str]:
+    """The label's acceptable answers, boxed solutions reduced to their boxed content."""
+    return [_gold_answer(gold) for gold in label_alternatives(label, grader_name)]
+
+
+def matches_any(predicted: str, golds: list[str]) -> bool:
+    return any(math_answers_equal(predicted, gold) for gold in golds)
+
+
 def math_reward(*, prompt: str, response: str, label: Any, metadata: dict[str, Any]) -> float:
     """1.0 when the response's final answer equals the label (or any of a list of labels), else 0.0."""
-    golds = [_gold_answer(gold) for gold in label_alternatives(label, "math")]
+    golds = gold_answers(label, "math")
     predicted = extract_math_answer(response or "")
     if predicted is None:
         return 0.0
-    return 1.0 if any(math_answers_equal(predicted, gold) for gold in golds) else 0.0
+    return 1.0 if matches_any(predicted, golds) else 0.0

@@ -4,8 +4,10 @@ Imports neither torch nor rl-core: `EngineAdapter` and `RouterClient` meet rl-co
 `RolloutEngine` Protocol by shape.
 """
 
+from rl_router.cache_aware import CacheAwarePolicy
 from rl_router.client import RouterClient
 from rl_router.errors import RouterError
+from rl_router.faults import EngineEjected, EngineFault, EngineTimeout, is_engine_fault
 from rl_router.loading import load_middleware
 from rl_router.metrics import MetricsMiddleware
 from rl_router.policies import LeastOutstandingPolicy, RoundRobinPolicy, RoutingPolicy, make_policy
@@ -13,10 +15,15 @@ from rl_router.protocols import CallNext, EngineAdapter, Middleware, RouterReque
 from rl_router.request_log import RequestLogMiddleware
 from rl_router.router import Router
 from rl_router.thread import RouterThread
+from rl_router.trajectory import Trajectory, TrajectoryMiddleware, TrajectoryTree
 
 __all__ = [
+    "CacheAwarePolicy",
     "CallNext",
     "EngineAdapter",
+    "EngineEjected",
+    "EngineFault",
+    "EngineTimeout",
     "LeastOutstandingPolicy",
     "MetricsMiddleware",
     "Middleware",
@@ -28,6 +35,10 @@ __all__ = [
     "RouterRequest",
     "RouterThread",
     "RoutingPolicy",
+    "Trajectory",
+    "TrajectoryMiddleware",
+    "TrajectoryTree",
+    "is_engine_fault",
     "load_middleware",
     "make_policy",
 ]

@@ -21,10 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 class RouterClient:
-    """Talks to the router at `address`; use from one event loop, and `close()` when done."""
+    """Talks to the router at `address`; use from one event loop, and `close()` when done.
 
-    def __init__(self, address: str, *, health_timeout_s: float = 5.0):
+    `auth_token` must match the router's when it has one (it is sent with every request).
+    """
+
+    def __init__(self, address: str, *, health_timeout_s: float = 5.0, auth_token: str | None = None):
         self.address = address
+        self._auth_token = auth_token
         self._health_timeout_s = health_timeout_s
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -90,7 +94,7 @@ class RouterClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         try:
-            await socket.send(wire.encode_request(msg_id, op, body))
+            await socket.send(wire.encode_request(msg_id, op, body, self._auth_token))
             reply = await future
         finally:
             self._pending.pop(msg_id, None)

@@ -21,8 +21,9 @@ def nearest_rank_percentile(sorted_values: Sequence[float], percent: float) -> f
 class MetricsMiddleware:
     """Counts what passes through the chain; latencies are kept for the last `window` requests.
 
-    Keys of `snapshot()` (all floats, under `prefix`): `requests`, `errors`, `in_flight`,
-    `latency_p50_s`, `latency_p99_s`, and per engine `engine/<name>/requests|errors|in_flight`.
+    Keys of `snapshot()` (all floats, under `prefix`): `requests`, `errors`, `retries` (engine faults
+    the router recovered from by retrying), `in_flight`, `latency_p50_s`, `latency_p99_s`, and per engine
+    `engine/<name>/requests|errors|in_flight`.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class MetricsMiddleware:
         self._clock = clock
         self._requests = 0
         self._errors = 0
+        self._retries = 0
         self._engine_requests: Counter[str] = Counter()
         self._engine_errors: Counter[str] = Counter()
         self._engine_in_flight: Counter[str] = Counter()
@@ -53,6 +55,7 @@ class MetricsMiddleware:
             self._engine_in_flight[engine] -= 1
             final_engine = request.engine or engine
             self._requests += 1
+            self._retries += request.metadata.get("retries", 0)
             self._engine_requests[final_engine] += 1
             if failed:
                 self._errors += 1
@@ -64,6 +67,7 @@ class MetricsMiddleware:
         out = {
             f"{p}requests": float(self._requests),
             f"{p}errors": float(self._errors),
+            f"{p}retries": float(self._retries),
             f"{p}in_flight": float(sum(self._engine_in_flight.values())),
             f"{p}latency_p50_s": nearest_rank_percentile(latencies, 50),
             f"{p}latency_p99_s": nearest_rank_percentile(latencies, 99),

@@ -7,6 +7,9 @@ from typing import Mapping, Protocol, runtime_checkable
 
 @runtime_checkable
 class RoutingPolicy(Protocol):
+    """Optional extras the router uses when present: `choose_for(payload, outstanding)` to route by
+    content, `observe(payload, response, engine)` to learn where a request was served, `snapshot()`."""
+
     def choose(self, outstanding: Mapping[str, int]) -> str:
         """Return one key of `outstanding` (engine name -> in-flight requests); it is never empty."""
         ...
@@ -39,16 +42,22 @@ class LeastOutstandingPolicy:
         return min(rotated, key=lambda name: outstanding[name])
 
 
-POLICIES = {"round_robin": RoundRobinPolicy, "least_outstanding": LeastOutstandingPolicy}
+POLICY_NAMES = ("cache_aware", "least_outstanding", "round_robin")
 
 
 def make_policy(policy: str | RoutingPolicy) -> RoutingPolicy:
-    """A policy by name (`round_robin`, `least_outstanding`), or an instance passed through."""
+    """A policy by name (`round_robin`, `least_outstanding`, `cache_aware` with its defaults), or an
+    instance passed through."""
     if isinstance(policy, str):
-        try:
-            return POLICIES[policy]()
-        except KeyError:
-            raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}") from None
+        if policy == "round_robin":
+            return RoundRobinPolicy()
+        if policy == "least_outstanding":
+            return LeastOutstandingPolicy()
+        if policy == "cache_aware":
+            from rl_router.cache_aware import CacheAwarePolicy  # it builds on this module
+
+            return CacheAwarePolicy()
+        raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICY_NAMES)}")
     if not isinstance(policy, RoutingPolicy):
         raise TypeError(f"policy must be a name or have a choose(outstanding) method, got {policy!r}")
     return policy

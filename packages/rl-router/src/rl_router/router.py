@@ -12,15 +12,18 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import zmq
 import zmq.asyncio
 
 from rl_router import wire
+from rl_router.engine_pool import EnginePool
+from rl_router.faults import is_engine_fault
 from rl_router.loading import load_middleware
 from rl_router.policies import RoutingPolicy, make_policy
 from rl_router.protocols import CallNext, EngineAdapter, Middleware, RouterRequest
+from rl_router.security import check_bind_allowed, token_matches
 
 if TYPE_CHECKING:
     from rl_router.thread import RouterThread
@@ -30,13 +33,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "tcp://127.0.0.1:0"
 
 
-class _EngineSlot:
-    """An engine and its in-flight count; requests hold the slot, so removal and re-adding stay exact."""
+class _Flight:
+    """One caller's request while it is being served; `aborted` stops it from being retried."""
 
-    def __init__(self, name: str, adapter: EngineAdapter):
-        self.name = name
-        self.adapter = adapter
-        self.outstanding = 0
+    __slots__ = ("aborted",)
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+
+def aborted_response(rid: str, message: str) -> dict[str, Any]:
+    """An SGLang-shaped ABORTED answer, for a request aborted while no engine was holding it."""
+    return {
+        "text": "",
+        "output_ids": [],
+        "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}, "completion_tokens": 0},
+    }
 
 
 def _link(middleware: Middleware, call_next: CallNext) -> CallNext:
@@ -53,6 +65,15 @@ class Router:
     Messages over `max_message_bytes` are received whole, counted and answered with an error (no ZMQ
     MAXMSGSIZE: it would drop the sender's connection and strand its other requests in flight).
     The routing step sets `RouterRequest.engine` before the chain; the engine is called at its end.
+
+    Faults: an engine failing at the connection level (`retry_on`, default `is_engine_fault`) or not
+    answering within `engine_timeout_s` leaves rotation, and the request is retried on another engine
+    up to `max_retries` times (inside the chain, so middleware sees one request and one answer).
+    Every `health_interval_s` each engine's `is_healthy()` (bounded by `health_timeout_s`) takes it
+    out or puts it back. Aborted requests are never retried.
+
+    Security: with `auth_token` every request must carry it (`RouterClient(auth_token=...)`); binding
+    an address other than loopback without a token is refused.
     """
 
     def __init__(
@@ -64,47 +85,62 @@ class Router:
         address: str = DEFAULT_ADDRESS,
         max_message_bytes: int = 64 * 1024 * 1024,
         health_timeout_s: float = 5.0,
+        health_interval_s: float | None = 5.0,
+        engine_timeout_s: float | None = None,
+        max_retries: int = 2,
+        retry_on: Callable[[BaseException], bool] = is_engine_fault,
+        auth_token: str | None = None,
     ):
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-        self._slots: dict[str, _EngineSlot] = {}
+        if health_interval_s is not None and health_interval_s <= 0:
+            raise ValueError(f"health_interval_s must be positive or None, got {health_interval_s}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0, got {max_retries}")
+        check_bind_allowed(address, auth_token)
+        self._pool = EnginePool(
+            make_policy(policy), engine_timeout_s=engine_timeout_s, health_timeout_s=health_timeout_s
+        )
         for name, adapter in engines.items():
             self.add_engine(name, adapter)
-        self._policy = make_policy(policy)
         self._middleware: list[Middleware] = [
             load_middleware(item) if isinstance(item, str) else item for item in middleware
         ]
         self.address = address
         self._max_message_bytes = max_message_bytes
-        self._health_timeout_s = health_timeout_s
+        self._health_interval_s = health_interval_s
+        self._max_retries = max_retries
+        self._retry_on = retry_on
+        self._auth_token = auth_token
         self._malformed: Counter[str] = Counter()
+        self._unauthorized = 0
+        self._retries = 0
+        self._aborted_not_retried = 0
+        self._flights: dict[str, list[_Flight]] = {}
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task[None] | None = None
+        self._health_loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- engines -------------------------------------------------------------------------------
 
     @property
     def engines(self) -> list[str]:
-        return list(self._slots)
+        return list(self._pool.slots)
+
+    @property
+    def engines_out(self) -> list[str]:
+        """Engines currently out of rotation (failed, hung or failing their health check)."""
+        return self._pool.out_of_rotation
 
     def add_engine(self, name: str, adapter: EngineAdapter) -> None:
         """Start routing to `adapter` (call on the router's event loop)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"engine name must be a non-empty string, got {name!r}")
-        if name in self._slots:
-            raise ValueError(f"engine {name!r} is already registered")
-        if not isinstance(adapter, EngineAdapter):
-            raise TypeError(f"engine {name!r} lacks generate/abort/is_healthy: {adapter!r}")
-        self._slots[name] = _EngineSlot(name, adapter)
+        self._pool.add(name, adapter)
 
     def remove_engine(self, name: str) -> EngineAdapter:
         """Stop routing new requests to `name`; requests already sent to it finish normally."""
-        try:
-            return self._slots.pop(name).adapter
-        except KeyError:
-            raise KeyError(f"no engine named {name!r}; engines: {sorted(self._slots)}") from None
+        return self._pool.remove(name)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -125,19 +161,22 @@ class Router:
         self._socket = socket
         self.address = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._receiver = asyncio.create_task(self._receive_loop(), name="rl-router-receive")
-        logger.info("router serving %d engine(s) at %s", len(self._slots), self.address)
+        if self._health_interval_s is not None:
+            self._health_loop = asyncio.create_task(self._check_health_forever(), name="rl-router-health")
+        logger.info("router serving %d engine(s) at %s", len(self._pool.slots), self.address)
 
     async def stop(self) -> None:
         """Stop receiving, cancel requests in flight and close the socket."""
         if self._socket is None:
             return
-        tasks = [t for t in (self._receiver, *self._tasks) if t is not None]
+        tasks = [t for t in (self._receiver, self._health_loop, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._pool.close()
         self._socket.close(linger=0)
         self._context.term()
-        self._socket = self._context = self._receiver = None
+        self._socket = self._context = self._receiver = self._health_loop = None
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -159,13 +198,15 @@ class Router:
     def metrics(self) -> dict[str, float]:
         """Router counters plus the `snapshot()` of every middleware that has one."""
         out: dict[str, float] = {
-            "router/engines": float(len(self._slots)),
+            "router/engines": float(len(self._pool.slots)),
             "router/malformed_messages": float(sum(self._malformed.values())),
+            "router/unauthorized": float(self._unauthorized),
+            "router/retries": float(self._retries),
+            "router/aborted_not_retried": float(self._aborted_not_retried),
         }
         for reason, count in sorted(self._malformed.items()):
             out[f"router/malformed/{reason}"] = float(count)
-        for name, slot in self._slots.items():
-            out[f"router/engine/{name}/outstanding"] = float(slot.outstanding)
+        out.update(self._pool.metrics())
         for mw in self._middleware:
             snapshot = getattr(mw, "snapshot", None)
             if callable(snapshot):
@@ -196,6 +237,11 @@ class Router:
             if exc.msg_id is not None:
                 await self._send(envelope, wire.encode_error(exc.msg_id, f"malformed request: {exc}"))
             return
+        if not token_matches(self._auth_token, request.token):
+            self._unauthorized += 1
+            logger.warning("refused a %s request without the right auth token", request.op)
+            await self._send(envelope, wire.encode_error(request.id, "unauthorized: missing or wrong auth token"))
+            return
         try:
             body = await self._dispatch(request)
         except asyncio.CancelledError:
@@ -223,14 +269,11 @@ class Router:
             return await self._health()
         return self.metrics()
 
-    def _route(self) -> _EngineSlot:
-        if not self._slots:
-            raise LookupError("no engines registered with the router")
-        outstanding = {name: slot.outstanding for name, slot in self._slots.items()}
-        name = self._policy.choose(outstanding)
-        if name not in self._slots:
-            raise LookupError(f"routing policy chose unknown engine {name!r}")
-        return self._slots[name]
+    async def _check_health_forever(self) -> None:
+        assert self._health_interval_s is not None
+        while True:
+            await self._pool.check_health()
+            await asyncio.sleep(self._health_interval_s)
 
     async def _generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         rid = payload.get("rid")
@@ -240,27 +283,51 @@ class Router:
         elif not isinstance(rid, str):
             raise ValueError(f"field 'rid' must be a string, got {type(rid).__name__}")
         request = RouterRequest(rid=rid, payload=payload)
-        held = self._route()
+        pool = self._pool
+        held = pool.route(payload)
         held.outstanding += 1
         request.engine = held.name
+        flight = _Flight()
+        self._flights.setdefault(rid, []).append(flight)
 
         async def call_engine(req: RouterRequest) -> dict[str, Any]:
             nonlocal held
-            if req.engine is None:
-                slot = self._route()
-                req.engine = slot.name
-            elif req.engine in self._slots:
-                slot = self._slots[req.engine]
-            else:
-                raise LookupError(f"unknown engine {req.engine!r}; engines: {sorted(self._slots)}")
-            if slot is not held:
-                held.outstanding -= 1
-                slot.outstanding += 1
-                held = slot
-            response = await slot.adapter.generate(req.payload)
-            if not isinstance(response, dict):
-                raise TypeError(f"engine {req.engine!r} returned {type(response).__name__}, expected a dict")
-            return response
+            failed_on: list[str] = []
+            while True:
+                if flight.aborted:
+                    return aborted_response(req.rid, "aborted before an engine answered")
+                if req.engine is None:
+                    slot = pool.route(req.payload, exclude=failed_on)
+                    req.engine = slot.name
+                elif req.engine in pool.slots:
+                    slot = pool.slots[req.engine]
+                else:
+                    raise LookupError(f"unknown engine {req.engine!r}; engines: {sorted(pool.slots)}")
+                if slot is not held:
+                    held.outstanding -= 1
+                    slot.outstanding += 1
+                    held = slot
+                try:
+                    response = await pool.attempt(slot, req.payload)
+                except Exception as exc:
+                    if not self._retry_on(exc):
+                        raise
+                    pool.record_fault(slot, exc)
+                    if flight.aborted:
+                        self._aborted_not_retried += 1
+                        return aborted_response(req.rid, f"aborted; engine {slot.name!r} then failed: {exc}")
+                    failed_on.append(slot.name)
+                    if len(failed_on) > self._max_retries:
+                        raise RuntimeError(
+                            f"engine {slot.name!r} failed ({type(exc).__name__}: {exc}); "
+                            f"gave up after {len(failed_on)} attempt(s) on {failed_on}"
+                        ) from exc
+                    self._retries += 1
+                    req.metadata["retries"] = len(failed_on)
+                    req.engine = None
+                    continue
+                pool.observe(req.payload, response, slot.name)
+                return response
 
         chain: CallNext = call_engine
         for mw in reversed(self._middleware):
@@ -269,23 +336,17 @@ class Router:
             return await chain(request)
         finally:
             held.outstanding -= 1
+            flights = self._flights[rid]
+            flights.remove(flight)
+            if not flights:
+                del self._flights[rid]
 
     async def _abort(self, rid: str | None) -> dict[str, str]:
-        """Forward to every engine; the reply says which ones failed (all are tried)."""
-        names = list(self._slots)
-        results = await asyncio.gather(
-            *(self._slots[name].adapter.abort(rid) for name in names), return_exceptions=True
-        )
-        return {
-            name: "ok" if not isinstance(result, BaseException) else f"{type(result).__name__}: {result}"
-            for name, result in zip(names, results)
-        }
+        """Mark the matching requests aborted (so a fault does not retry them), then tell every engine."""
+        matching = self._flights.get(rid, []) if rid is not None else [f for fs in self._flights.values() for f in fs]
+        for flight in matching:
+            flight.aborted = True
+        return await self._pool.abort(rid)
 
     async def _health(self) -> dict[str, bool]:
-        names = list(self._slots)
-
-        async def check(adapter: EngineAdapter) -> bool:
-            return bool(await asyncio.wait_for(adapter.is_healthy(), self._health_timeout_s))
-
-        results = await asyncio.gather(*(check(self._slots[n].adapter) for n in names), return_exceptions=True)
-        return {name: result is True for name, result in zip(names, results)}
+        return await self._pool.check_health()

@@ -1,6 +1,7 @@
 """The msgpack wire format between `RouterClient` and `Router` (never pickle).
 
-Requests are `{"id": int, "op": str, "body": ...}`; replies are `{"id", "ok": True, "body"}` or
+Requests are `{"id": int, "op": str, "token": str (only when the router wants one), "body": ...}`;
+replies are `{"id", "ok": True, "body"}` or
 `{"id", "ok": False, "error": str}`. Clients write `id` first so that the router can still read it
 from a message it refuses to decode in full (an oversize one) and answer with an error.
 """
@@ -29,6 +30,7 @@ class WireRequest:
     id: int
     op: str
     body: Any
+    token: str | None = None
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -39,8 +41,10 @@ def decode(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
-def encode_request(msg_id: int, op: str, body: Any) -> bytes:
-    return encode({"id": msg_id, "op": op, "body": body})
+def encode_request(msg_id: int, op: str, body: Any, token: str | None = None) -> bytes:
+    if token is None:
+        return encode({"id": msg_id, "op": op, "body": body})
+    return encode({"id": msg_id, "op": op, "token": token, "body": body})
 
 
 def encode_ok(msg_id: int, body: Any) -> bytes:
@@ -95,9 +99,12 @@ def parse_request(data: bytes, max_bytes: int) -> WireRequest:
     op = message.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise MalformedMessage("bad_shape", f"field 'op' must be one of {sorted(OPS)}, got {op!r}", msg_id)
+    token = message.get("token")
+    if token is not None and not isinstance(token, str):
+        raise MalformedMessage("bad_shape", "field 'token' must be a string", msg_id)
     body = message.get("body")
     if op == "generate" and not isinstance(body, dict):
         raise MalformedMessage("bad_shape", "field 'body' of a generate request must be a map", msg_id)
     if op == "abort" and not _is_abort_body(body):
         raise MalformedMessage("bad_shape", "field 'body' of an abort request must be {'rid': str | None}", msg_id)
-    return WireRequest(id=msg_id, op=op, body=body)
+    return WireRequest(id=msg_id, op=op, body=body, token=token)
