@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
+    from rl_core.algorithms.advantages import AdvantageConfig
     from rl_core.algorithms.policy_loss import PolicyLossConfig
 
 
@@ -20,7 +21,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     prompt_data: Path | None = None
-    """JSONL file of prompts, one JSON object per line."""
+    """JSONL (one JSON object per line) or Parquet file of prompts; `path@[start:end]` takes a slice of its rows."""
     input_key: str = "prompt"
     """Key of the prompt (a string, or a list of chat messages) in each row."""
     label_key: str | None = "label"
@@ -35,6 +36,10 @@ class DataConfig(Section):
     """Seed of the prompt shuffle and of sampling."""
     rollout_max_prompt_len: int | None = None
     """Prompts longer than this many tokens are refused with the file and line."""
+    dynamic_sampling_filter_path: str | None = None
+    """Group filter `pkg.module.function(group) -> bool`, e.g. rl_core.dynamic_sampling.check_reward_nonzero_std."""
+    buffer_filter_path: str | None = None
+    """Buffer selection `pkg.module.function(buffer, num_groups) -> indices`; default: oldest groups first."""
 
 
 class BatchConfig(Section):
@@ -48,6 +53,8 @@ class BatchConfig(Section):
     """Optimizer steps per rollout; derived from global_batch_size when not given."""
     micro_batch_size: int = Field(1, gt=0)
     """Samples per forward/backward pass."""
+    over_sampling_batch_size: int | None = Field(None, gt=0)
+    """Prompts generated per dynamic-sampling round; defaults to rollout_batch_size."""
     num_rollout: int = Field(100, gt=0)
     """Rollouts (generate -> train -> sync cycles) to run."""
 
@@ -72,6 +79,11 @@ class BatchConfig(Section):
             raise ValueError(
                 f"{where}, but global_batch_size ({self.global_batch_size}) x num_steps_per_rollout"
                 f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout}"
+            )
+        if self.over_sampling_batch_size is not None and self.over_sampling_batch_size < self.rollout_batch_size:
+            raise ValueError(
+                f"over_sampling_batch_size ({self.over_sampling_batch_size}) is smaller than rollout_batch_size"
+                f" ({self.rollout_batch_size}): each round must be able to fill the rollout"
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
@@ -104,13 +116,28 @@ class SamplingConfig(Section):
 
 class AlgorithmConfig(Section):
     advantage_estimator: str = "grpo"
-    """Advantage estimator by name (grpo)."""
+    """Advantage estimator by name: grpo, gspo, cispo, reinforce_plus_plus, reinforce_plus_plus_baseline, ppo."""
     disable_grpo_std_normalization: bool = False
     """Subtract the group mean only; do not divide by the group std (Dr. GRPO)."""
+    disable_rewards_normalization: bool = False
+    """Use the raw rewards: no group mean subtracted, no std division (grpo, gspo, cispo, reinforce_plus_plus_baseline)."""
+    normalize_advantages: bool = False
+    """Whiten the advantages over the global batch (masked mean 0, std 1); required by the REINFORCE++ estimators."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount of token rewards (ppo, reinforce_plus_plus)."""
+    lambd: float = Field(1.0, ge=0.0, le=1.0)
+    """GAE lambda (ppo)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL(policy || reference) penalty folded into token rewards (ppo, reinforce_plus_plus*)."""
+    value_clip: float = Field(0.2, gt=0.0)
+    """Clip range of the critic's value change in the value loss (ppo)."""
     use_kl_loss: bool = False
     """Add kl_loss_coef x KL(policy || reference) to the loss."""
     kl_loss_coef: float = Field(0.0, ge=0.0)
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    """KL estimator of the KL loss and of the reward penalty."""
+    use_unbiased_kl: bool = False
+    """Weight the KL loss by the importance ratio pi / pi_old (DeepSeek-V3.2)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (subtracted from the loss)."""
     eps_clip: float = Field(0.2, gt=0.0)
@@ -118,32 +145,104 @@ class AlgorithmConfig(Section):
     eps_clip_high: float | None = Field(None, gt=0.0)
     """Upper PPO clip range; defaults to eps_clip."""
     eps_clip_c: float | None = Field(None, gt=1.0)
-    """Dual-clip bound for negative advantages (must exceed 1)."""
+    """Dual-clip bound for negative advantages (must exceed 1 + eps_clip_high)."""
     loss_aggregation: Literal["token_mean", "sample_mean", "constant"] = "token_mean"
     """How token losses are reduced over the global batch."""
     loss_aggregation_constant: float = Field(1.0, gt=0.0)
     """Divisor of the summed loss when loss_aggregation is `constant`."""
     use_rollout_logprobs: bool = False
     """Use the engine's log-probs as the old policy instead of recomputing them in the trainer."""
+    use_tis: bool = False
+    """Truncated importance sampling: weight token losses by pi_old / pi_rollout within [tis_clip_low, tis_clip]."""
+    tis_clip: float = Field(2.0, gt=0.0)
+    """Upper bound of the importance weight."""
+    tis_clip_low: float = Field(0.0, ge=0.0)
+    """Lower bound of the importance weight."""
+    tis_mode: Literal["truncate", "mask"] = "truncate"
+    """truncate: clamp weights into the bounds; mask: zero the tokens whose weight falls outside them."""
+    use_opsm: bool = False
+    """Off-policy sequence masking: drop negative-advantage sequences whose KL from the old policy exceeds opsm_delta."""
+    opsm_delta: float = Field(1e-4, ge=0.0)
+    """Sequence KL threshold of off-policy sequence masking."""
 
     @model_validator(mode="after")
     def _check_algorithm(self) -> AlgorithmConfig:
         # Imported here so that parsing flags does not import torch.
-        from rl_core.algorithms.advantages import ADVANTAGE_ESTIMATORS
+        from rl_core.algorithms.advantages import ADVANTAGE_ESTIMATORS, GROUP_RELATIVE, KL_SHAPED
 
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"advantage_estimator {self.advantage_estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}"
-            )
+        estimator = self.advantage_estimator
+        if estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator {estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
         if self.use_kl_loss and self.kl_loss_coef == 0.0:
             raise ValueError("use_kl_loss is set but kl_loss_coef is 0: set --kl-loss-coef or drop --use-kl-loss")
         if not self.use_kl_loss and self.kl_loss_coef > 0.0:
             raise ValueError(f"kl_loss_coef is {self.kl_loss_coef} but use_kl_loss is off: add --use-kl-loss")
+        if self.kl_coef > 0.0 and self.kl_loss_coef > 0.0:
+            raise ValueError(
+                f"kl_coef ({self.kl_coef}) and kl_loss_coef ({self.kl_loss_coef}) are both set: put the KL either"
+                " in the reward (--kl-coef) or in the loss (--use-kl-loss --kl-loss-coef), not both"
+            )
+        if self.kl_coef > 0.0 and estimator not in KL_SHAPED:
+            raise ValueError(
+                f"kl_coef ({self.kl_coef}) has no effect with advantage_estimator {estimator!r}: it shapes token"
+                f" rewards only for {', '.join(KL_SHAPED)}; use --use-kl-loss --kl-loss-coef instead"
+            )
+        if estimator.startswith("reinforce_plus_plus") and not self.normalize_advantages:
+            raise ValueError(f"advantage_estimator {estimator!r} needs normalize_advantages: add --normalize-advantages")
+        ignored = {
+            "disable_grpo_std_normalization": self.disable_grpo_std_normalization and estimator not in GROUP_RELATIVE,
+            "disable_rewards_normalization": self.disable_rewards_normalization
+            and estimator not in (*GROUP_RELATIVE, "reinforce_plus_plus_baseline"),
+            "gamma": "gamma" in self.model_fields_set and estimator not in ("ppo", "reinforce_plus_plus"),
+            "lambd": "lambd" in self.model_fields_set and estimator != "ppo",
+            "value_clip": "value_clip" in self.model_fields_set and estimator != "ppo",
+            "eps_clip_c": self.eps_clip_c is not None and estimator == "cispo",
+        }
+        for name, is_ignored in ignored.items():
+            if is_ignored:
+                raise ValueError(f"{name} is set but advantage_estimator {estimator!r} does not use it")
+        if self.use_tis and self.use_rollout_logprobs:
+            raise ValueError(
+                "use_tis and use_rollout_logprobs are both set: TIS corrects the trainer's old log-probs towards the"
+                " rollout ones, so drop --use-rollout-logprobs (or --use-tis)"
+            )
+        if self.tis_clip_low >= self.tis_clip:
+            raise ValueError(f"tis_clip_low ({self.tis_clip_low}) must be below tis_clip ({self.tis_clip})")
+        if "tis_mode" in self.model_fields_set and not self.use_tis:
+            raise ValueError(f"tis_mode is {self.tis_mode!r} but use_tis is off: add --use-tis")
+        if "opsm_delta" in self.model_fields_set and not self.use_opsm:
+            raise ValueError(f"opsm_delta is {self.opsm_delta} but use_opsm is off: add --use-opsm")
+        upper = 1.0 + (self.eps_clip_high if self.eps_clip_high is not None else self.eps_clip)
+        if self.eps_clip_c is not None and self.eps_clip_c <= upper:
+            raise ValueError(
+                f"eps_clip_c ({self.eps_clip_c}) must exceed the upper clip bound 1 + eps_clip_high ({upper}),"
+                " or dual clipping would cut losses inside the trust region"
+            )
         return self
+
+    @property
+    def use_critic(self) -> bool:
+        """Whether a critic must be trained (slime derives it from the estimator too)."""
+        return self.advantage_estimator == "ppo"
+
+    def advantage_config(self) -> AdvantageConfig:
+        from rl_core.algorithms.advantages import AdvantageConfig
+
+        return AdvantageConfig(
+            estimator=self.advantage_estimator,
+            std_normalize=not self.disable_grpo_std_normalization,
+            rewards_normalization=not self.disable_rewards_normalization,
+            normalize_advantages=self.normalize_advantages,
+            gamma=self.gamma,
+            lambd=self.lambd,
+            kl_coef=self.kl_coef,
+            kl_type=self.kl_loss_type,
+        )
 
     def policy_loss_config(self) -> PolicyLossConfig:
         from rl_core.algorithms.policy_loss import PolicyLossConfig
 
+        estimator = self.advantage_estimator
         return PolicyLossConfig(
             eps_clip=self.eps_clip,
             eps_clip_high=self.eps_clip_high if self.eps_clip_high is not None else self.eps_clip,
@@ -151,7 +250,15 @@ class AlgorithmConfig(Section):
             use_kl_loss=self.use_kl_loss,
             kl_loss_coef=self.kl_loss_coef,
             kl_loss_type=self.kl_loss_type,
+            use_unbiased_kl=self.use_unbiased_kl,
             entropy_coef=self.entropy_coef,
             aggregation=self.loss_aggregation,
             aggregation_constant=self.loss_aggregation_constant,
+            pg_loss_type=estimator if estimator in ("gspo", "cispo") else "ppo",
+            use_tis=self.use_tis,
+            tis_clip=self.tis_clip,
+            tis_clip_low=self.tis_clip_low,
+            tis_mode=self.tis_mode,
+            use_opsm=self.use_opsm,
+            opsm_delta=self.opsm_delta,
         )

@@ -1,14 +1,17 @@
-"""Prompt data from a JSONL file: validated up front, grouped, shuffled per epoch, resumable."""
+"""Prompt data from a JSONL or Parquet file: validated up front, grouped, shuffled per epoch, resumable."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
+from rl_core.prompt_files import DataError, read_records, split_row_slice
+from rl_core.protocols import BufferFilter
 from rl_core.sample import Sample
+
+__all__ = ["DataError", "JsonlDataSource", "PromptRow", "PromptTokenizer", "load_prompt_rows", "pop_first"]
 
 
 class PromptTokenizer(Protocol):
@@ -17,10 +20,6 @@ class PromptTokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any: ...
-
-
-class DataError(ValueError):
-    """A row of the prompt data is unusable; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -52,48 +51,44 @@ def load_prompt_rows(
     apply_chat_template: bool = False,
     max_prompt_len: int | None = None,
 ) -> list[PromptRow]:
-    """Read and check every row; the first bad one raises a DataError naming `path:line`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: prompt data file not found")
+    """Read and check every row of a JSONL or Parquet file, or of its `path@[start:end]` slice; the first
+    bad row raises a DataError naming `path:line` (JSONL) or `path: row N` (Parquet)."""
+    file, _ = split_row_slice(path)
     if (apply_chat_template or max_prompt_len is not None) and tokenizer is None:
-        raise DataError(f"{path}: apply_chat_template and rollout_max_prompt_len need a tokenizer")
+        raise DataError(f"{file}: apply_chat_template and rollout_max_prompt_len need a tokenizer")
     rows: list[PromptRow] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if input_key not in record:
-                raise DataError(f"{where}: no key {input_key!r} (--input-key); keys are {sorted(record)}")
-            prompt = record[input_key]
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt)):
-                raise DataError(f"{where}: {input_key!r} must be a string or a list of chat messages")
-            if label_key is not None and label_key not in record:
-                raise DataError(f"{where}: no key {label_key!r} (--label-key); keys are {sorted(record)}")
-            try:
-                text = _render(prompt, tokenizer, apply_chat_template)
-            except TypeError as e:
-                raise DataError(f"{where}: {e}") from None
-            token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
-            if max_prompt_len is not None and len(token_ids) > max_prompt_len:
-                raise DataError(
-                    f"{where}: prompt is {len(token_ids)} tokens, longer than rollout_max_prompt_len ({max_prompt_len})"
-                )
-            metadata = record.get(metadata_key) or {}
-            if not isinstance(metadata, dict):
-                raise DataError(f"{where}: {metadata_key!r} must be an object")
-            label = record.get(label_key) if label_key is not None else None
-            rows.append(PromptRow(prompt, text, list(token_ids), label, dict(metadata)))
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if input_key not in record:
+            raise DataError(f"{where}: no key {input_key!r} (--input-key); keys are {sorted(record)}")
+        prompt = record[input_key]
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt)):
+            raise DataError(f"{where}: {input_key!r} must be a string or a list of chat messages")
+        if label_key is not None and label_key not in record:
+            raise DataError(f"{where}: no key {label_key!r} (--label-key); keys are {sorted(record)}")
+        try:
+            text = _render(prompt, tokenizer, apply_chat_template)
+        except TypeError as e:
+            raise DataError(f"{where}: {e}") from None
+        token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
+        if max_prompt_len is not None and len(token_ids) > max_prompt_len:
+            raise DataError(
+                f"{where}: prompt is {len(token_ids)} tokens, longer than rollout_max_prompt_len ({max_prompt_len})"
+            )
+        metadata = record.get(metadata_key) or {}
+        if not isinstance(metadata, dict):
+            raise DataError(f"{where}: {metadata_key!r} must be an object")
+        label = record.get(label_key) if label_key is not None else None
+        rows.append(PromptRow(prompt, text, list(token_ids), label, dict(metadata)))
     if not rows:
         raise DataError(f"{path}: no prompts in file")
     return rows
+
+
+def pop_first(buffer: Sequence[list[Sample]], num_groups: int) -> list[int]:
+    """The default buffer selection: the oldest groups first."""
+    return list(range(min(num_groups, len(buffer))))
 
 
 def _fresh(sample: Sample) -> Sample:
@@ -111,7 +106,9 @@ def _fresh(sample: Sample) -> Sample:
 class JsonlDataSource:
     """Serves `n_samples_per_prompt` copies of each prompt as one group, epoch after epoch.
 
-    Groups handed back with `add_samples` (aborted or filtered out) are served again first.
+    Groups handed back with `add_samples` (aborted or filtered out) wait in a buffer and are served before
+    new prompts; `buffer_filter` picks which of them go first (slime's --buffer-filter-path).
+    The rows may come from JSONL or Parquet: the name is kept for the callers.
     """
 
     def __init__(
@@ -121,11 +118,13 @@ class JsonlDataSource:
         n_samples_per_prompt: int,
         shuffle: bool = False,
         seed: int = 42,
+        buffer_filter: BufferFilter = pop_first,
     ) -> None:
         self.rows = rows
         self.n_samples_per_prompt = n_samples_per_prompt
         self.shuffle = shuffle
         self.seed = seed
+        self.buffer_filter = buffer_filter
         self.epoch = 0
         self.offset = 0
         self.next_group_index = 0
@@ -165,9 +164,22 @@ class JsonlDataSource:
         self.next_group_index += 1
         return group
 
+    def _take_from_buffer(self, num_prompts: int) -> list[list[Sample]]:
+        if not self._returned:
+            return []
+        picked = list(self.buffer_filter(self._returned, num_prompts))
+        if len(set(picked)) != len(picked) or len(picked) > num_prompts or not all(0 <= i < len(self._returned) for i in picked):
+            raise ValueError(
+                f"buffer_filter returned indices {picked}: expected at most {num_prompts} distinct indices"
+                f" into a buffer of {len(self._returned)} groups"
+            )
+        groups = [self._returned[i] for i in picked]
+        chosen = set(picked)
+        self._returned = [g for i, g in enumerate(self._returned) if i not in chosen]
+        return groups
+
     def get_samples(self, num_prompts: int) -> list[list[Sample]]:
-        groups = self._returned[:num_prompts]
-        del self._returned[:num_prompts]
+        groups = self._take_from_buffer(num_prompts)
         while len(groups) < num_prompts:
             groups.append(self._group(self._next_row()))
         return groups

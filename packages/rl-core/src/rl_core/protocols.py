@@ -82,6 +82,15 @@ class SampleFilter(Protocol):
 
 
 @runtime_checkable
+class BufferFilter(Protocol):
+    """Chooses which buffered groups a data source serves next (slime's --buffer-filter-path)."""
+
+    def __call__(self, buffer: Sequence[list[Sample]], num_groups: int) -> list[int]:
+        """Indices into `buffer` of at most `num_groups` distinct groups, in serving order."""
+        ...
+
+
+@runtime_checkable
 class WeightTransport(Protocol):
     """Moves the trainer's weights into every engine after an optimizer step."""
 

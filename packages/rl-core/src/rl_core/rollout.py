@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from rl_core.protocols import RewardInput, RewardModel, RolloutEngine
+from rl_core.dynamic_sampling import DynamicSamplingStats, sort_groups
+from rl_core.protocols import DataSource, RewardInput, RewardModel, RolloutEngine, SampleFilter
 from rl_core.sample import Sample, SampleStatus
 
 _FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
@@ -62,3 +63,40 @@ async def score_samples(reward_model: RewardModel, samples: Sequence[Sample]) ->
     for sample, reward in zip(samples, await reward_model.score_batch(items)):
         sample.reward = float(reward)
     return list(samples)
+
+
+async def generate_groups(
+    engine: RolloutEngine,
+    reward_model: RewardModel,
+    data_source: DataSource,
+    *,
+    num_groups: int,
+    sampling_params: dict[str, Any],
+    over_sampling_batch_size: int | None = None,
+    sample_filter: SampleFilter | None = None,
+    max_rounds: int = 32,
+) -> tuple[list[list[Sample]], DynamicSamplingStats]:
+    """Generate and score prompt groups until `num_groups` of them pass `sample_filter` (dynamic sampling).
+
+    Each round takes `over_sampling_batch_size` groups (default `num_groups`) from the data source; groups
+    that pass after the target is reached go back to it. Fails after `max_rounds` rounds, when the filter
+    refuses nearly everything (e.g. every reward 0), instead of sampling forever.
+    """
+    per_round = over_sampling_batch_size or num_groups
+    if per_round < num_groups:
+        raise ValueError(f"over_sampling_batch_size ({per_round}) is smaller than the {num_groups} groups wanted")
+    stats = DynamicSamplingStats()
+    while len(stats.kept) < num_groups:
+        if stats.rounds == max_rounds:
+            raise RuntimeError(
+                f"dynamic sampling kept {len(stats.kept)} of {num_groups} groups after {max_rounds} rounds"
+                f" ({stats.dropped_groups} of {stats.generated_groups} groups dropped by the filter)"
+            )
+        groups = data_source.get_samples(per_round)
+        samples = [s for g in groups for s in g]
+        await generate_samples(engine, samples, sampling_params)
+        await score_samples(reward_model, samples)
+        surplus = sort_groups(groups, sample_filter, num_groups, stats)
+        if surplus:
+            data_source.add_samples(surplus)
+    return stats.kept, stats

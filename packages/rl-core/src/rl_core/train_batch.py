@@ -26,19 +26,25 @@ class TrainBatch:
     """Engine log-probs of the response tokens; used as the old policy when the trainer does not recompute."""
     rewards: list[float] = field(default_factory=list)
     """Scalar reward per sample, for metrics."""
+    returns: list[list[float]] | None = None
+    """Per-token returns, the critic's regression targets (ppo); None without a critic."""
+    values: list[list[float]] | None = None
+    """Per-token critic values at rollout time, the old values of the clipped value loss (ppo)."""
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        for name in ("response_lengths", "loss_masks", "advantages"):
-            if len(getattr(self, name)) != n:
+        for name in ("response_lengths", "loss_masks", "advantages", "rollout_log_probs", "returns", "values"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise ValueError(f"TrainBatch.{name} has {len(getattr(self, name))} entries, tokens has {n}")
         for i, length in enumerate(self.response_lengths):
             if not 0 < length <= len(self.tokens[i]):
                 raise ValueError(f"TrainBatch sample {i}: response_length {length} outside 1..{len(self.tokens[i])}")
             if len(self.loss_masks[i]) != length or len(self.advantages[i]) != length:
                 raise ValueError(f"TrainBatch sample {i}: loss_mask/advantages length differs from response_length {length}")
-            if self.rollout_log_probs is not None and len(self.rollout_log_probs[i]) != length:
-                raise ValueError(f"TrainBatch sample {i}: rollout_log_probs length differs from response_length {length}")
+            for name in ("rollout_log_probs", "returns", "values"):
+                per_token = getattr(self, name)
+                if per_token is not None and len(per_token[i]) != length:
+                    raise ValueError(f"TrainBatch sample {i}: {name} length differs from response_length {length}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -53,10 +59,19 @@ class TrainBatch:
             advantages=pick(self.advantages),
             rollout_log_probs=None if self.rollout_log_probs is None else pick(self.rollout_log_probs),
             rewards=pick(self.rewards) if self.rewards else [],
+            returns=None if self.returns is None else pick(self.returns),
+            values=None if self.values is None else pick(self.values),
         )
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], advantages: Sequence[Sequence[float]]) -> TrainBatch:
+    def from_samples(
+        cls,
+        samples: Sequence[Sample],
+        advantages: Sequence[Sequence[float]],
+        *,
+        returns: Sequence[Sequence[float]] | None = None,
+        values: Sequence[Sequence[float]] | None = None,
+    ) -> TrainBatch:
         have_log_probs = all(s.rollout_log_probs is not None for s in samples)
         return cls(
             tokens=[list(s.tokens) for s in samples],
@@ -65,4 +80,6 @@ class TrainBatch:
             advantages=[list(a) for a in advantages],
             rollout_log_probs=[list(s.rollout_log_probs) for s in samples] if have_log_probs else None,  # type: ignore[arg-type]
             rewards=[float(s.reward) if isinstance(s.reward, (int, float)) else 0.0 for s in samples],
+            returns=None if returns is None else [list(r) for r in returns],
+            values=None if values is None else [list(v) for v in values],
         )
