@@ -69,6 +69,9 @@ class TrainerActor:
     def train_step(self, batch: Any) -> dict[str, float]:
         return self.backend.train_step(batch)
 
+    def compute_log_probs(self, batch: Any) -> list[list[float]]:
+        return [lp.tolist() for lp in self.backend.compute_log_probs(batch)]
+
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
         """Gather full weights (all ranks take part) and push them from rank 0; returns seconds spent."""
         start = time.perf_counter()
@@ -134,7 +137,7 @@ class RolloutManager:
         await score_samples(self.reward, samples)
         scored = time.perf_counter()
         metrics = rollout_metrics(samples)
-        metrics.update({f"router/{k}": float(v) for k, v in self.metrics.snapshot().items() if isinstance(v, (int, float))})
+        metrics.update({k: float(v) for k, v in self.metrics.snapshot().items() if isinstance(v, (int, float))})
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
         return {
             "samples": samples,

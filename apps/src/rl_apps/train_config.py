@@ -40,6 +40,8 @@ class RolloutEngineConfig(Section):
     """Device of the embedded engine."""
     colocate: bool = False
     """Trainer and engines share GPUs (half a GPU each to Ray)."""
+    placement_timeout: float = Field(300.0, gt=0.0)
+    """Seconds to wait for Ray to find room for the trainer ranks and engines."""
     router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
     update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
     """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
@@ -80,6 +82,13 @@ class TrainConfig(
         missing = [f"--{name.replace('_', '-')}" for name in ("prompt_data", "hf_checkpoint") if getattr(self, name) is None]
         if missing:
             raise ValueError(f"missing required flag(s): {' '.join(missing)}")
+        if self.use_critic:
+            raise ValueError(
+                "advantage_estimator 'ppo' needs a critic, which rl-train does not train yet;"
+                " choose grpo, gspo, cispo, reinforce_plus_plus or reinforce_plus_plus_baseline"
+            )
+        if self.kl_coef > 0.0:
+            raise ValueError("kl_coef (KL folded into the rewards) is not wired into rl-train yet; use --use-kl-loss --kl-loss-coef")
         if self.global_batch_size % self.actor_num_gpus_per_node:
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) does not split over actor_num_gpus_per_node"

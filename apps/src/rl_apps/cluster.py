@@ -1,0 +1,103 @@
+"""Ray placement of the parts `rl-train` runs: engine servers, trainer ranks, the rollout manager."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from rl_apps.train_config import TrainConfig
+
+
+class PlacementError(RuntimeError):
+    """Ray could not find room for the parts; the message lists what was asked and what the cluster has."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def actor_resources(config: TrainConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Ray resources of one trainer rank and one engine: a GPU each on CUDA machines, half of one with --colocate."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and "cpu" not in (config.train_device, config.rollout_device)
+    if not on_gpu:
+        return {"num_cpus": 1}, {"num_cpus": 1}
+    share = 0.5 if config.colocate else 1.0
+    return {"num_cpus": 1, "num_gpus": share}, {"num_cpus": 1, "num_gpus": share}
+
+
+def _bundle(resources: dict[str, float]) -> dict[str, float]:
+    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    return {names[k]: v for k, v in resources.items()}
+
+
+@dataclass
+class Parts:
+    engines: list[Any] = field(default_factory=list)
+    engine_urls: list[str] = field(default_factory=list)
+    trainers: list[Any] = field(default_factory=list)
+    rollout: Any = None
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in [self.rollout, *self.trainers, *self.engines]:
+            if actor is None:
+                continue
+            try:
+                ray.get(actor.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - best effort: the actor's process may already be gone
+                pass
+
+
+@contextlib.contextmanager
+def placed_parts(config: TrainConfig) -> Iterator[Parts]:
+    """Start Ray (unless already connected), reserve one placement group for every part, start the parts;
+    on exit stop them, free the group, and stop Ray if this call started it."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+
+    world, num_engines = config.actor_num_gpus_per_node, config.rollout_num_engines
+    trainer_res, engine_res = actor_resources(config)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        # Workers run in this interpreter's environment; Ray's `uv run` hook would build a fresh copy per job.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(num_cpus=max(os.cpu_count() or 1, world + num_engines), include_dashboard=False, configure_logging=False)
+    group = placement_group([_bundle(trainer_res)] * world + [_bundle(engine_res)] * num_engines, strategy="PACK")
+    parts = Parts()
+    try:
+        try:
+            ray.get(group.ready(), timeout=config.placement_timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise PlacementError(
+                f"Ray could not place {world} trainer rank(s) with {trainer_res} and {num_engines} engine(s) with"
+                f" {engine_res} within {config.placement_timeout}s; the cluster has {ray.cluster_resources()}"
+            ) from None
+        placed = lambda i: PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)  # noqa: E731
+        parts.engines = [
+            EngineActor.options(scheduling_strategy=placed(world + i), **engine_res).remote(config, i) for i in range(num_engines)
+        ]
+        parts.engine_urls = ray.get([e.start.remote() for e in parts.engines])
+        master_port = _free_port()
+        parts.trainers = [
+            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(config, rank, world, "127.0.0.1", master_port)
+            for rank in range(world)
+        ]
+        parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
+        ray.get([t.__ray_ready__.remote() for t in parts.trainers] + [parts.rollout.__ray_ready__.remote()])
+        yield parts
+    finally:
+        parts.shutdown()
+        ray.util.remove_placement_group(group)
+        if owns_ray:
+            ray.shutdown()
