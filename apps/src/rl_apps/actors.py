@@ -117,7 +117,9 @@ class RolloutManager:
         self.metrics = MetricsMiddleware()
         self.router = RouterThread(
             Router({f"engine{i}": SGLangClient(url) for i, url in enumerate(engine_urls)},
-                   policy=config.router_policy, middleware=[self.metrics])
+                   policy=config.router_policy, middleware=[self.metrics],
+                   health_interval_s=config.rollout_health_check_interval if config.use_fault_tolerance else None,
+                   health_timeout_s=config.rollout_health_check_timeout)
         )
         self.router_address = self.router.start()
         self._client = None

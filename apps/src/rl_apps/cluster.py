@@ -60,6 +60,9 @@ class Parts:
 def placed_parts(config: TrainConfig) -> Iterator[Parts]:
     """Start Ray (unless already connected), reserve one placement group for every part, start the parts;
     on exit stop them, free the group, and stop Ray if this call started it."""
+    # Workers run in this interpreter's environment: Ray's `uv run` hook, read when ray is first imported,
+    # would otherwise copy the project and build a fresh venv for them.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -70,8 +73,6 @@ def placed_parts(config: TrainConfig) -> Iterator[Parts]:
     trainer_res, engine_res = actor_resources(config)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        # Workers run in this interpreter's environment; Ray's `uv run` hook would build a fresh copy per job.
-        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         ray.init(num_cpus=max(os.cpu_count() or 1, world + num_engines), include_dashboard=False, configure_logging=False)
     group = placement_group([_bundle(trainer_res)] * world + [_bundle(engine_res)] * num_engines, strategy="PACK")
     parts = Parts()

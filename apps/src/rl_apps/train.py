@@ -5,6 +5,7 @@ Flags are parsed before torch or Ray is imported, so `rl-train --help` and a bad
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def train_on_rollout(config: TrainConfig, trainers: list[Any], samples: list[Any
     if config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs:
         # Every step's PPO ratio is taken against the policy that existed before the rollout's first step.
         old = ray.get([t.compute_log_probs.remote(whole) for t in trainers])[0]
-        whole.old_log_probs = [list(map(float, lp)) for lp in old]
+        whole = dataclasses.replace(whole, old_log_probs=old)
     step = config.global_batch_size
     return [
         ray.get([t.train_step.remote(whole.select(range(start, start + step))) for t in trainers])[0]

@@ -42,7 +42,14 @@ class RolloutEngineConfig(Section):
     """Trainer and engines share GPUs (half a GPU each to Ray)."""
     placement_timeout: float = Field(300.0, gt=0.0)
     """Seconds to wait for Ray to find room for the trainer ranks and engines."""
-    router_policy: Literal["round_robin", "least_outstanding"] = "least_outstanding"
+    router_policy: Literal["round_robin", "least_outstanding", "cache_aware"] = "cache_aware"
+    """How the router picks an engine; cache_aware keeps a prompt's samples on the engine holding its prefix."""
+    use_fault_tolerance: bool = False
+    """Health-check engines: one that fails is taken out and its requests retried elsewhere until it recovers."""
+    rollout_health_check_interval: float = Field(30.0, gt=0.0)
+    """Seconds between engine health checks (with --use-fault-tolerance)."""
+    rollout_health_check_timeout: float = Field(30.0, gt=0.0)
+    """Seconds an engine may take to answer a health check, which runs a one-token generation."""
     update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
     """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
@@ -77,6 +84,18 @@ class LoggingConfig(Section):
 class TrainConfig(
     DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig, LoggingConfig
 ):
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> TrainConfig:
+        """Ray actors do not share the driver's working directory, so relative paths are resolved here."""
+        for name in ("hf_checkpoint", "prompt_data", "output_dir"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                object.__setattr__(self, name, value.resolve())
+        if self.custom_rm_path and ".py:" in self.custom_rm_path:
+            file, _, function = self.custom_rm_path.rpartition(":")
+            object.__setattr__(self, "custom_rm_path", f"{Path(file).resolve()}:{function}")
+        return self
+
     @model_validator(mode="after")
     def _required(self) -> TrainConfig:
         missing = [f"--{name.replace('_', '-')}" for name in ("prompt_data", "hf_checkpoint") if getattr(self, name) is None]

@@ -87,3 +87,14 @@ def test_train_batch_checks_lengths_and_selects_shards():
         TrainBatch.from_samples(samples, [[0.5, 0.5], [-0.5, 1.0]])
     with pytest.raises(ValueError, match="response_length 3 outside 1..2"):
         TrainBatch(tokens=[[1, 2]], response_lengths=[3], loss_masks=[[1, 1, 1]], advantages=[[0, 0, 0]])
+
+
+def test_old_log_probs_are_checked_per_sample_and_travel_with_shards():
+    fields = dict(tokens=[[1, 2, 3], [4, 5]], response_lengths=[2, 1], loss_masks=[[1, 1], [1]], advantages=[[0.5, 0.5], [-0.5]])
+    batch = TrainBatch(**fields, old_log_probs=[[-1.0, -2.0], [-3.0]])
+    assert batch.select([1]).old_log_probs == [[-3.0]] and batch.select([0]).rollout_log_probs is None
+    assert TrainBatch(**fields).select([0, 1]).old_log_probs is None
+    with pytest.raises(ValueError, match="sample 0: old_log_probs length differs from response_length 2"):
+        TrainBatch(**fields, old_log_probs=[[-1.0], [-3.0]])
+    with pytest.raises(ValueError, match="TrainBatch.old_log_probs has 1 entries, tokens has 2"):
+        TrainBatch(**fields, old_log_probs=[[-1.0, -2.0]])

@@ -24,6 +24,9 @@ class TrainBatch:
     """Per-token advantage, already broadcast over the response."""
     rollout_log_probs: list[list[float]] | None = None
     """Engine log-probs of the response tokens; used as the old policy when the trainer does not recompute."""
+    old_log_probs: list[list[float]] | None = None
+    """Trainer log-probs from before the rollout's first optimizer step, the PPO ratio's old policy when
+    a rollout is split into several steps; None: the backend takes the old policy from this step's weights."""
     rewards: list[float] = field(default_factory=list)
     """Scalar reward per sample, for metrics."""
     returns: list[list[float]] | None = None
@@ -33,7 +36,7 @@ class TrainBatch:
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        for name in ("response_lengths", "loss_masks", "advantages", "rollout_log_probs", "returns", "values"):
+        for name in ("response_lengths", "loss_masks", "advantages", "rollout_log_probs", "old_log_probs", "returns", "values"):
             if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise ValueError(f"TrainBatch.{name} has {len(getattr(self, name))} entries, tokens has {n}")
         for i, length in enumerate(self.response_lengths):
@@ -41,7 +44,7 @@ class TrainBatch:
                 raise ValueError(f"TrainBatch sample {i}: response_length {length} outside 1..{len(self.tokens[i])}")
             if len(self.loss_masks[i]) != length or len(self.advantages[i]) != length:
                 raise ValueError(f"TrainBatch sample {i}: loss_mask/advantages length differs from response_length {length}")
-            for name in ("rollout_log_probs", "returns", "values"):
+            for name in ("rollout_log_probs", "old_log_probs", "returns", "values"):
                 per_token = getattr(self, name)
                 if per_token is not None and len(per_token[i]) != length:
                     raise ValueError(f"TrainBatch sample {i}: {name} length differs from response_length {length}")
@@ -58,6 +61,7 @@ class TrainBatch:
             loss_masks=pick(self.loss_masks),
             advantages=pick(self.advantages),
             rollout_log_probs=None if self.rollout_log_probs is None else pick(self.rollout_log_probs),
+            old_log_probs=None if self.old_log_probs is None else pick(self.old_log_probs),
             rewards=pick(self.rewards) if self.rewards else [],
             returns=None if self.returns is None else pick(self.returns),
             values=None if self.values is None else pick(self.values),

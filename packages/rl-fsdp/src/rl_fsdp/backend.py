@@ -62,16 +62,29 @@ class FSDPBackend:
         validate_batch(batch, self.vocab_size)
         return rank_micro_batches(batch, self.rank, self.world_size, self.config.micro_batch_size, self.device)
 
-    @torch.no_grad()
     def compute_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
         """Current-policy log-probs of every sample's response tokens (float32, CPU), on every rank."""
+        return self._gather_log_probs(self.model, batch)
+
+    def compute_ref_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """Reference-model log-probs of every sample's response tokens (float32, CPU), on every rank; the
+        loop folds the KL to them into the rewards (--kl-coef)."""
+        if self.reference is None:
+            raise ValueError(
+                "compute_ref_log_probs needs the reference model, but this backend keeps none:"
+                " set FSDPConfig.ref_model=True"
+            )
+        return self._gather_log_probs(self.reference, batch)
+
+    @torch.no_grad()
+    def _gather_log_probs(self, model: torch.nn.Module, batch: TrainBatch) -> list[torch.Tensor]:
         offsets = [0]
         for length in batch.response_lengths:
             offsets.append(offsets[-1] + length)
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
-        self.model.eval()
+        model.eval()
         for mb in self._micro_batches(batch):
-            log_probs, _ = response_log_probs(self.model, mb, self.config.rollout_temperature, with_entropy=False)
+            log_probs, _ = response_log_probs(model, mb, self.config.rollout_temperature, with_entropy=False)
             for row, i in enumerate(mb.sample_indices):
                 flat[offsets[i] : offsets[i + 1]] = log_probs[row, : batch.response_lengths[i]]
         if self.world_size > 1:
@@ -80,9 +93,12 @@ class FSDPBackend:
         return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on the global batch; returns global-batch means of the loss terms."""
+        """One optimizer step on the global batch; returns global-batch means of the loss terms and, when the
+        batch has rollout log-probs, of the train/rollout mismatch metrics (tis, ois, ...)."""
         if self.config.use_rollout_logprobs and batch.rollout_log_probs is None:
             raise ValueError("use_rollout_logprobs is set but the TrainBatch has no rollout_log_probs")
+        if self.config.loss.use_tis and batch.rollout_log_probs is None:
+            raise ValueError("loss.use_tis is set but the TrainBatch has no rollout_log_probs to weight by")
         micro_batches = self._micro_batches(batch)
         denominators = LossDenominators(
             num_tokens=float(sum(sum(mask) for mask in batch.loss_masks)), num_samples=float(len(batch))
@@ -98,8 +114,6 @@ class FSDPBackend:
         if self.world_size > 1:
             dist.all_reduce(totals)
         result = {name: float(value) for name, value in zip(names, totals.tolist())}
-        if "train_rollout_logprob_abs_diff" in result:
-            result["train_rollout_logprob_abs_diff"] /= max(denominators.num_tokens, 1.0)
 
         max_norm = self.config.clip_grad if self.config.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -117,9 +131,15 @@ class FSDPBackend:
         log_probs, entropy = response_log_probs(
             self.model, mb, temperature, with_entropy=True, entropy_grad=self.config.loss.entropy_coef != 0
         )
-        # The weights do not change inside train_step, so this forward's log-probs are the pre-update
-        # ("recomputed") old policy unless the engine's rollout log-probs stand in for it.
-        old_log_probs = mb.rollout_log_probs if self.config.use_rollout_logprobs else log_probs.detach()
+        # The old policy: the batch's, taken before the rollout's first step when the rollout is split
+        # into several steps; else the engine's with use_rollout_logprobs; else this forward's, which is
+        # the pre-update ("recomputed") policy since the weights do not change inside train_step.
+        if mb.old_log_probs is not None:
+            old_log_probs = mb.old_log_probs
+        elif self.config.use_rollout_logprobs:
+            old_log_probs = mb.rollout_log_probs
+        else:
+            old_log_probs = log_probs.detach()
         ref_log_probs = None
         if self.reference is not None:
             with torch.no_grad():
@@ -136,14 +156,12 @@ class FSDPBackend:
             denominators=denominators,
             ref_log_probs=None if ref_log_probs is None else zero(ref_log_probs),
             entropy=entropy,
+            rollout_log_probs=None if mb.rollout_log_probs is None else zero(mb.rollout_log_probs),
         )
         # The loss is this rank's share of the global-batch loss, so the single-process gradient is the
         # sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which gloo
         # lacks), so scale by the world size.
         (loss * self.world_size).backward()
-        if mb.rollout_log_probs is not None:
-            diff = (log_probs.detach() - mb.rollout_log_probs).abs()
-            metrics["train_rollout_logprob_abs_diff"] = (diff * mb.loss_mask).sum()
         return metrics
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,6 +25,8 @@ class MicroBatch:
     loss_mask: torch.Tensor
     advantages: torch.Tensor
     rollout_log_probs: torch.Tensor | None
+    old_log_probs: torch.Tensor | None
+    """The batch's `old_log_probs` (the policy before the rollout's first step), when it carries them."""
 
 
 def validate_batch(batch: TrainBatch, vocab_size: int) -> None:
@@ -65,9 +67,13 @@ def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device
         list(range(length - response_length - 1, length - 1))
         for length, response_length in zip(seq_lens, part.response_lengths)
     ]
-    rollout = None
-    if batch.rollout_log_probs is not None:
-        rollout = _pad(part.rollout_log_probs or [[0.0]], 0.0, torch.float32, device)
+
+    def optional(name: str) -> torch.Tensor | None:
+        """A per-token field the batch may lack; a filler gets one too, so every rank runs the same loss."""
+        if getattr(batch, name) is None:
+            return None
+        return _pad(getattr(part, name) if indices else [[0.0]], 0.0, torch.float32, device)
+
     return MicroBatch(
         sample_indices=list(indices),
         input_ids=_pad(part.tokens, 0, torch.long, device),
@@ -78,7 +84,8 @@ def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device
         response_valid=_pad([[True] * r for r in part.response_lengths], False, torch.bool, device),
         loss_mask=_pad(part.loss_masks, 0, torch.float32, device),
         advantages=_pad(part.advantages, 0.0, torch.float32, device),
-        rollout_log_probs=rollout,
+        rollout_log_probs=optional("rollout_log_probs"),
+        old_log_probs=optional("old_log_probs"),
     )
 
 
