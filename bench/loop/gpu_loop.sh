@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The sync GRPO loop on one GPU: embedded engine and FSDP trainer colocated (half a GPU each to Ray),
 # a 104M-parameter Qwen2-shaped model built from a config, bf16 training. Writes metrics.jsonl whose
-# time/* fields are the step-time breakdown recorded in bench/README.md.
-# Usage: bench/gpu_loop.sh OUT_DIR [extra rl-train flags]
+# time/* fields are the step-time breakdown recorded in bench/loop/README.md.
+# Usage: bench/loop/gpu_loop.sh OUT_DIR [extra rl-train flags]
 set -euo pipefail
-out=${1:?usage: bench/gpu_loop.sh OUT_DIR [flags]}
+out=${1:?usage: bench/loop/gpu_loop.sh OUT_DIR [flags]}
 shift
 python3 -m rl_apps.quickstart --out "$out/task" --size 100m
 python3 -m rl_apps.train \
