@@ -61,8 +61,9 @@ def test_engines_serve_the_new_weights_after_every_sync(tiny_task, tmp_path):
 
 
 def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path):
+    # Two optimizer steps per rollout: the second step's ratio is taken against log-probs from before the first.
     metrics_path = run(config(tiny_task, tmp_path / "run2", update_weight_transport="disk", actor_num_gpus_per_node=2,
-                              rollout_num_engines=2, num_rollout=2, micro_batch_size=2, use_tensorboard=False,
+                              rollout_num_engines=2, num_rollout=2, micro_batch_size=2, global_batch_size=8, use_tensorboard=False,
                               save_reward_curve=False))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
