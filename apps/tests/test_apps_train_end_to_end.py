@@ -1,5 +1,7 @@
 """The whole loop through every package: data -> router -> engines -> rewards -> FSDP -> weight sync."""
 
+import math
+
 import pytest
 
 from rl_apps.metrics import read_metrics
@@ -68,7 +70,10 @@ def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
     assert rows[1]["rollout/weight_version_min"] == 1
-    assert rows[1]["train/train_rollout_logprob_abs_diff"] < 1e-3
+    # Averaged over both steps: the second compares log-probs after the first update with the engine's.
+    assert rows[1]["train/train_rollout_logprob_abs_diff"] < 0.2
+    # The second step's ratio is taken against the log-probs from before the first step, so it is not 1.
+    assert abs(rows[1]["train/ppo_kl"]) > 1e-6
     assert rows[1]["router/requests"] >= 32
 
 
@@ -80,3 +85,30 @@ def test_a_reward_function_that_raises_is_counted_and_the_run_goes_on(tiny_task,
     (row,) = read_metrics(metrics_path)
     assert row["reward/errors"] == 16
     assert row["rollout/reward_mean"] == 0.0
+
+
+def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_task, tmp_path):
+    metrics_path = run(config(tiny_task, tmp_path / "run_kl", advantage_estimator="reinforce_plus_plus", normalize_advantages=True,
+                              kl_coef=0.01, num_rollout=2, use_tensorboard=False, save_reward_curve=False))
+    rows = read_metrics(metrics_path)
+    assert len(rows) == 2
+    for row in rows:
+        assert all(math.isfinite(v) for k, v in row.items() if k.startswith("train/")), row
+        assert row["train/grad_norm"] > 0
+    # Rollout 0 is sampled from the reference weights themselves; after one update the policy has moved.
+    assert rows[0]["train/reward_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["train/reward_kl"] > 1e-6
+
+
+def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_task, tmp_path):
+    metrics_path = run(config(tiny_task, tmp_path / "run_ppo", advantage_estimator="ppo", num_rollout=2, num_critic_only_steps=1,
+                              critic_lr=1e-3, use_tensorboard=False, save_reward_curve=False))
+    rows = read_metrics(metrics_path)
+    assert len(rows) == 2
+    for row in rows:
+        critic = {k: v for k, v in row.items() if k.startswith("critic/")}
+        assert set(critic) >= {"critic/value_loss", "critic/value_clipfrac", "critic/grad_norm", "critic/lr"}
+        assert all(math.isfinite(v) for v in critic.values()) and critic["critic/grad_norm"] > 0
+        assert critic["critic/lr"] == pytest.approx(1e-3)
+    assert not any(k.startswith("train/") for k in rows[0])  # the first rollout trains the critic only
+    assert math.isfinite(rows[1]["train/loss"]) and rows[1]["train/grad_norm"] > 0

@@ -1,4 +1,4 @@
-"""The Ray actors `rl-train` places: engine servers, trainer ranks, and the rollout manager."""
+"""The Ray actors `rl-train` places: engine servers, trainer ranks, critic ranks (ppo), and the rollout manager."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class TrainerActor:
                 loss=config.policy_loss_config(),
                 rollout_temperature=config.rollout_temperature or 1.0,
                 use_rollout_logprobs=config.use_rollout_logprobs,
-                ref_model=config.use_kl_loss,
+                ref_model=config.use_kl_loss or config.kl_coef > 0.0,
                 device=config.train_device,
                 param_dtype=config.param_dtype,
                 seed=config.seed,
@@ -71,6 +71,9 @@ class TrainerActor:
 
     def compute_log_probs(self, batch: Any) -> list[list[float]]:
         return [lp.tolist() for lp in self.backend.compute_log_probs(batch)]
+
+    def compute_ref_log_probs(self, batch: Any) -> list[list[float]]:
+        return [lp.tolist() for lp in self.backend.compute_ref_log_probs(batch)]
 
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
         """Gather full weights (all ranks take part) and push them from rank 0; returns seconds spent."""
@@ -97,6 +100,41 @@ class TrainerActor:
         if self.transport is not None:
             self.transport.close()
         self.backend.close()
+
+
+@ray.remote
+class CriticActor:
+    """One rank of PPO's critic; the critic ranks form their own process group (their own MASTER_PORT)."""
+
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          LOCAL_RANK="0")
+        from rl_fsdp import CriticConfig, FSDPCritic
+
+        self.critic = FSDPCritic(
+            CriticConfig(
+                model_path=str(config.hf_checkpoint),
+                lr=config.critic_lr,
+                weight_decay=config.weight_decay,
+                clip_grad=config.clip_grad,
+                micro_batch_size=config.micro_batch_size,
+                value_clip=config.value_clip,
+                aggregation=config.loss_aggregation,
+                aggregation_constant=config.loss_aggregation_constant,
+                device=config.train_device,
+                param_dtype=config.param_dtype,
+                seed=config.seed,
+            )
+        )
+
+    def compute_values(self, batch: Any) -> list[list[float]]:
+        return [v.tolist() for v in self.critic.compute_values(batch)]
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        return self.critic.train_step(batch)
+
+    def shutdown(self) -> None:
+        self.critic.close()
 
 
 @ray.remote

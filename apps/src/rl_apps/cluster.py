@@ -1,4 +1,4 @@
-"""Ray placement of the parts `rl-train` runs: engine servers, trainer ranks, the rollout manager."""
+"""Ray placement of the parts `rl-train` runs: engine servers, trainer ranks, critic ranks (ppo), the rollout manager."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ class PlacementError(RuntimeError):
     """Ray could not find room for the parts; the message lists what was asked and what the cluster has."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(taken: tuple[int, ...] = ()) -> int:
+    """A free loopback port other than `taken` (a port just released may be handed out again)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+    raise RuntimeError(f"no free loopback port outside {taken} in 100 tries")
 
 
 def actor_resources(config: TrainConfig) -> tuple[dict[str, float], dict[str, float]]:
@@ -42,12 +47,14 @@ class Parts:
     engines: list[Any] = field(default_factory=list)
     engine_urls: list[str] = field(default_factory=list)
     trainers: list[Any] = field(default_factory=list)
+    critics: list[Any] = field(default_factory=list)
+    """PPO's critic ranks, one per trainer rank; empty unless the estimator needs a critic."""
     rollout: Any = None
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in [self.rollout, *self.trainers, *self.engines]:
+        for actor in [self.rollout, *self.trainers, *self.critics, *self.engines]:
             if actor is None:
                 continue
             try:
@@ -67,22 +74,27 @@ def placed_parts(config: TrainConfig) -> Iterator[Parts]:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+    from rl_apps.actors import CriticActor, EngineActor, RolloutManager, TrainerActor
 
     world, num_engines = config.actor_num_gpus_per_node, config.rollout_num_engines
+    num_critics = world if config.use_critic else 0
     trainer_res, engine_res = actor_resources(config)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(num_cpus=max(os.cpu_count() or 1, world + num_engines), include_dashboard=False, configure_logging=False)
-    group = placement_group([_bundle(trainer_res)] * world + [_bundle(engine_res)] * num_engines, strategy="PACK")
+        ray.init(num_cpus=max(os.cpu_count() or 1, world + num_critics + num_engines), include_dashboard=False,
+                 configure_logging=False)
+    # Bundles: trainer ranks, engines, then critic ranks (each critic rank gets what a trainer rank gets).
+    bundles = [_bundle(trainer_res)] * world + [_bundle(engine_res)] * num_engines + [_bundle(trainer_res)] * num_critics
+    group = placement_group(bundles, strategy="PACK")
     parts = Parts()
     try:
         try:
             ray.get(group.ready(), timeout=config.placement_timeout)
         except ray.exceptions.GetTimeoutError:
             raise PlacementError(
-                f"Ray could not place {world} trainer rank(s) with {trainer_res} and {num_engines} engine(s) with"
-                f" {engine_res} within {config.placement_timeout}s; the cluster has {ray.cluster_resources()}"
+                f"Ray could not place {world} trainer rank(s) and {num_critics} critic rank(s) with {trainer_res} and"
+                f" {num_engines} engine(s) with {engine_res} within {config.placement_timeout}s; the cluster has"
+                f" {ray.cluster_resources()}"
             ) from None
         placed = lambda i: PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)  # noqa: E731
         parts.engines = [
@@ -94,8 +106,15 @@ def placed_parts(config: TrainConfig) -> Iterator[Parts]:
             TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(config, rank, world, "127.0.0.1", master_port)
             for rank in range(world)
         ]
+        critic_port = _free_port(taken=(master_port,))
+        parts.critics = [
+            CriticActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
+                config, rank, world, "127.0.0.1", critic_port
+            )
+            for rank in range(num_critics)
+        ]
         parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
-        ray.get([t.__ray_ready__.remote() for t in parts.trainers] + [parts.rollout.__ray_ready__.remote()])
+        ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])
         yield parts
     finally:
         parts.shutdown()

@@ -29,6 +29,10 @@ class TrainerConfig(Section):
     """Trainer ranks (one per GPU on CUDA machines, one process each on CPU)."""
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    critic_lr: float | None = Field(None, gt=0.0)
+    """Learning rate of the critic (ppo); defaults to lr, as in slime."""
+    num_critic_only_steps: int = Field(0, ge=0)
+    """The first N rollouts train only the critic (ppo), so the policy's first advantages come from a warmed-up critic."""
 
 
 class RolloutEngineConfig(Section):
@@ -101,13 +105,14 @@ class TrainConfig(
         missing = [f"--{name.replace('_', '-')}" for name in ("prompt_data", "hf_checkpoint") if getattr(self, name) is None]
         if missing:
             raise ValueError(f"missing required flag(s): {' '.join(missing)}")
-        if self.use_critic:
-            raise ValueError(
-                "advantage_estimator 'ppo' needs a critic, which rl-train does not train yet;"
-                " choose grpo, gspo, cispo, reinforce_plus_plus or reinforce_plus_plus_baseline"
-            )
-        if self.kl_coef > 0.0:
-            raise ValueError("kl_coef (KL folded into the rewards) is not wired into rl-train yet; use --use-kl-loss --kl-loss-coef")
+        if not self.use_critic:
+            for name in ("critic_lr", "num_critic_only_steps"):
+                if name in self.model_fields_set:
+                    raise ValueError(
+                        f"{name} is set but advantage_estimator {self.advantage_estimator!r} trains no critic (only 'ppo' does)"
+                    )
+        if self.critic_lr is None:
+            object.__setattr__(self, "critic_lr", self.lr)
         if self.global_batch_size % self.actor_num_gpus_per_node:
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) does not split over actor_num_gpus_per_node"

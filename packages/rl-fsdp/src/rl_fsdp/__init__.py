@@ -1,7 +1,8 @@
-"""Training backend on PyTorch FSDP2 for Hugging Face causal language models."""
+"""Training backend on PyTorch FSDP2 for Hugging Face causal language models, and PPO's critic."""
 
 from rl_fsdp.backend import FSDPBackend
-from rl_fsdp.config import FSDPConfig
+from rl_fsdp.config import CriticConfig, FSDPConfig
+from rl_fsdp.critic import FSDPCritic
 
-__all__ = ["FSDPBackend", "FSDPConfig"]
+__all__ = ["CriticConfig", "FSDPBackend", "FSDPConfig", "FSDPCritic"]
 __version__ = "0.1.0"

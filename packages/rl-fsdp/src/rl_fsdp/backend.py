@@ -12,13 +12,13 @@ import torch.distributed as dist
 from rl_core.algorithms.policy_loss import LossDenominators, policy_loss
 from rl_core.train_batch import TrainBatch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import init_process_group_from_env, resolve_device
 from rl_fsdp.log_probs import response_log_probs
 from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
+from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -50,13 +50,7 @@ class FSDPBackend:
         param_dtype = _DTYPES[config.param_dtype]
         self.model = shard_model(model, mesh, param_dtype)
         self.reference = shard_model(reference, mesh, param_dtype) if reference is not None else None
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.model, config)
 
     def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
         validate_batch(batch, self.vocab_size)
@@ -76,21 +70,11 @@ class FSDPBackend:
             )
         return self._gather_log_probs(self.reference, batch)
 
-    @torch.no_grad()
     def _gather_log_probs(self, model: torch.nn.Module, batch: TrainBatch) -> list[torch.Tensor]:
-        offsets = [0]
-        for length in batch.response_lengths:
-            offsets.append(offsets[-1] + length)
-        flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
         model.eval()
-        for mb in self._micro_batches(batch):
-            log_probs, _ = response_log_probs(model, mb, self.config.rollout_temperature, with_entropy=False)
-            for row, i in enumerate(mb.sample_indices):
-                flat[offsets[i] : offsets[i + 1]] = log_probs[row, : batch.response_lengths[i]]
-        if self.world_size > 1:
-            dist.all_reduce(flat)
-        flat = flat.cpu()
-        return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
+        temperature = self.config.rollout_temperature
+        forward = lambda mb: response_log_probs(model, mb, temperature, with_entropy=False)[0]  # noqa: E731
+        return gather_per_token(batch, self._micro_batches(batch), forward, self.device, self.world_size)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on the global batch; returns global-batch means of the loss terms and, when the
@@ -109,20 +93,8 @@ class FSDPBackend:
             metrics = self._backward_micro_batch(mb, denominators)
             for key, value in metrics.items():
                 sums[key] += value.float()
-        names = sorted(sums)
-        totals = torch.stack([sums[name] for name in names])
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        result = {name: float(value) for name, value in zip(names, totals.tolist())}
-
-        max_norm = self.config.clip_grad if self.config.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        result["grad_norm"] = float(grad_norm)
-        result["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        result = sum_over_ranks(sums, self.world_size)
+        result.update(clip_and_step(self.model, self.optimizer, self.config.clip_grad))
         return result
 
     def _backward_micro_batch(self, mb: MicroBatch, denominators: LossDenominators) -> dict[str, torch.Tensor]:
@@ -141,7 +113,7 @@ class FSDPBackend:
         else:
             old_log_probs = log_probs.detach()
         ref_log_probs = None
-        if self.reference is not None:
+        if self.config.loss.use_kl_loss:
             with torch.no_grad():
                 ref_log_probs, _ = response_log_probs(self.reference, mb, temperature, with_entropy=False)
         # Tokens outside the loss mask carry 0 in every log-prob, so no exp() there can overflow into NaN.

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rl_core.algorithms.policy_loss import PolicyLossConfig
+from rl_core.algorithms.policy_loss import LossAggregation, PolicyLossConfig
 
 
-class FSDPConfig(BaseModel):
+class ShardedTrainingConfig(BaseModel):
+    """What every FSDP2-trained model (policy, critic) shares: where it comes from, its optimizer, its devices."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     model_path: Path
@@ -25,18 +27,22 @@ class FSDPConfig(BaseModel):
     """Max global gradient norm; 0 disables clipping (the norm is still reported)."""
     micro_batch_size: int = Field(1, gt=0)
     """Samples per forward/backward pass on each rank."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available (nccl), else CPU (gloo)."""
+    param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype of forward/backward; master weights, gradient reduction and optimizer stay float32."""
+    gradient_checkpointing: bool = False
+
+
+class FSDPConfig(ShardedTrainingConfig):
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
     rollout_temperature: float = Field(1.0, gt=0.0)
     """Sampling temperature of the engine; logits are divided by it so log-probs match the engine's."""
     use_rollout_logprobs: bool = False
     """True: the engine's rollout log-probs are the old policy. False: the trainer's own pre-update log-probs are."""
     ref_model: bool | None = None
-    """Keep a frozen copy of the initial weights as the KL reference; None = only when loss.use_kl_loss."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: CUDA when available (nccl), else CPU (gloo)."""
-    param_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Compute dtype of forward/backward; master weights, gradient reduction and optimizer stay float32."""
-    gradient_checkpointing: bool = False
+    """Keep a frozen copy of the initial weights as the KL reference; None = only when loss.use_kl_loss.
+    True without the KL loss serves `compute_ref_log_probs` (the reward KL of --kl-coef)."""
 
     @model_validator(mode="after")
     def _check_reference(self) -> FSDPConfig:
@@ -47,3 +53,14 @@ class FSDPConfig(BaseModel):
     @property
     def keeps_reference(self) -> bool:
         return self.ref_model if self.ref_model is not None else self.loss.use_kl_loss
+
+
+class CriticConfig(ShardedTrainingConfig):
+    """The PPO critic: the policy's body with a scalar value head, trained on the clipped value loss."""
+
+    value_clip: float = Field(0.2, gt=0.0)
+    """Clip range of the value change against the rollout-time values (--value-clip)."""
+    aggregation: LossAggregation = "token_mean"
+    """How token losses are reduced over the global batch, as the policy's --loss-aggregation."""
+    aggregation_constant: float = Field(1.0, gt=0.0)
+    """Divisor of the summed loss when aggregation is `constant`."""

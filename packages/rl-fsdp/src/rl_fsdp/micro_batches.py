@@ -27,6 +27,10 @@ class MicroBatch:
     rollout_log_probs: torch.Tensor | None
     old_log_probs: torch.Tensor | None
     """The batch's `old_log_probs` (the policy before the rollout's first step), when it carries them."""
+    returns: torch.Tensor | None = None
+    """The critic's regression targets, when the batch carries them (ppo)."""
+    values: torch.Tensor | None = None
+    """The critic's rollout-time values, the old values of the clipped value loss (ppo)."""
 
 
 def validate_batch(batch: TrainBatch, vocab_size: int) -> None:
@@ -86,6 +90,8 @@ def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device
         advantages=_pad(part.advantages, 0.0, torch.float32, device),
         rollout_log_probs=optional("rollout_log_probs"),
         old_log_probs=optional("old_log_probs"),
+        returns=optional("returns"),
+        values=optional("values"),
     )
 
 

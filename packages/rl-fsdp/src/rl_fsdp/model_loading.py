@@ -51,11 +51,15 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard_model(model: PreTrainedModel, mesh: DeviceMesh, param_dtype: torch.dtype) -> PreTrainedModel:
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, layer_classes: set[str] | None = None
+) -> nn.Module:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, head); float32 master
-    weights and gradient reduction, `param_dtype` compute."""
+    weights and gradient reduction, `param_dtype` compute. `layer_classes` defaults to the Hugging Face
+    model's `_no_split_modules` (a wrapper such as the critic passes its body's)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    layer_classes = set(model._no_split_modules or ())
+    if layer_classes is None:
+        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     if not layer_classes:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
     for module in model.modules():

@@ -1,0 +1,71 @@
+"""Steps every sharded model (policy, critic) takes alike: its optimizer, the clipped update, metric sums
+over ranks, and per-token outputs of a whole batch gathered onto every rank."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from rl_core.train_batch import TrainBatch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from rl_fsdp.config import ShardedTrainingConfig
+from rl_fsdp.micro_batches import MicroBatch
+
+
+def make_optimizer(model: nn.Module, config: ShardedTrainingConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float) -> dict[str, float]:
+    """Clip the global gradient norm (0: no clipping), step, zero the gradients; returns grad_norm and lr."""
+    max_norm = clip_grad if clip_grad > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": float(grad_norm), "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def sum_over_ranks(sums: Mapping[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """Per-micro-batch metric shares summed over this rank's micro-batches, then over all ranks (collective)."""
+    names = sorted(sums)
+    if not names:
+        return {}
+    totals = torch.stack([sums[name].float() for name in names])
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return {name: float(value) for name, value in zip(names, totals.tolist())}
+
+
+@torch.no_grad()
+def gather_per_token(
+    batch: TrainBatch,
+    micro_batches: list[MicroBatch],
+    forward: Callable[[MicroBatch], torch.Tensor],
+    device: torch.device,
+    world_size: int,
+) -> list[torch.Tensor]:
+    """`forward(mb)` -> [B, T] response-token outputs of this rank's micro-batches, assembled into one
+    float32 CPU tensor per sample of the whole batch, on every rank (collective)."""
+    offsets = [0]
+    for length in batch.response_lengths:
+        offsets.append(offsets[-1] + length)
+    flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+    for mb in micro_batches:
+        out = forward(mb)
+        for row, i in enumerate(mb.sample_indices):
+            flat[offsets[i] : offsets[i + 1]] = out[row, : batch.response_lengths[i]].float()
+    if world_size > 1:
+        dist.all_reduce(flat)
+    flat = flat.cpu()
+    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
