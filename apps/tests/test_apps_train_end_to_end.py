@@ -112,3 +112,14 @@ def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_t
         assert critic["critic/lr"] == pytest.approx(1e-3)
     assert not any(k.startswith("train/") for k in rows[0])  # the first rollout trains the critic only
     assert math.isfinite(rows[1]["train/loss"]) and rows[1]["train/grad_norm"] > 0
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_task, tmp_path):
+    metrics_path = run(config(tiny_task, tmp_path / "run4", num_rollout=1, over_sampling_batch_size=8,
+                              dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
+                              use_tensorboard=False, save_reward_curve=False))
+    (row,) = read_metrics(metrics_path)
+    assert row["rollout/num_samples"] == 16
+    assert row["rollout/dynamic_sampling/kept_groups"] == 4
+    assert row["rollout/dynamic_sampling/generated_groups"] >= 8
+    assert row["rollout/reward_std"] > 0

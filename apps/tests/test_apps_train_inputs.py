@@ -63,3 +63,8 @@ def test_missing_model_folder_is_named(tiny_task, run_cli, tmp_path):
     args[1] = str(tmp_path / "no-model")
     code, err = run_cli(args)
     assert code == 1 and "no-model" in err and "config.json" in err
+
+
+def test_unknown_dynamic_sampling_filter_names_the_flag(tiny_task, run_cli):
+    code, err = run_cli(base_args(tiny_task) + ["--dynamic-sampling-filter-path", "no_such_module:keep"])
+    assert code == 1 and "--dynamic-sampling-filter-path" in err and "no_such_module" in err

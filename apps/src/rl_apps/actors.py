@@ -146,10 +146,11 @@ class RolloutManager:
         from rl_router import MetricsMiddleware, Router, RouterThread
         from rl_sglang.client import SGLangClient
 
-        from rl_apps.data import build_data_source
+        from rl_apps.data import build_data_source, load_sample_filter
 
         self.config = config
         self.data_source = build_data_source(config)
+        self.sample_filter = load_sample_filter(config)
         self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
                                    timeout_s=config.reward_timeout)
         self.metrics = MetricsMiddleware()
@@ -164,26 +165,37 @@ class RolloutManager:
 
     async def generate(self, rollout_id: int) -> dict[str, Any]:
         from rl_core.metrics import rollout_metrics
-        from rl_core.rollout import generate_samples, score_samples
+        from rl_core.rollout import generate_groups, generate_samples, score_samples
         from rl_router import RouterClient
 
         if self._client is None:
             self._client = RouterClient(self.router_address)
-        groups = self.data_source.get_samples(self.config.rollout_batch_size)
-        samples = [s for g in groups for s in g]
         start = time.perf_counter()
-        await generate_samples(self._client, samples, self.config.sampling_params())
-        generated = time.perf_counter()
-        await score_samples(self.reward, samples)
-        scored = time.perf_counter()
+        timing: dict[str, float] = {}
+        extra: dict[str, float] = {}
+        if self.sample_filter is None and self.config.over_sampling_batch_size is None:
+            samples = [s for g in self.data_source.get_samples(self.config.rollout_batch_size) for s in g]
+            await generate_samples(self._client, samples, self.config.sampling_params())
+            timing["generate"] = time.perf_counter() - start
+            await score_samples(self.reward, samples)
+            timing["reward"] = time.perf_counter() - start - timing["generate"]
+        else:
+            # Dynamic sampling: generate and score rounds of groups until enough pass the filter.
+            groups, stats = await generate_groups(
+                self._client, self.reward, self.data_source,
+                num_groups=self.config.rollout_batch_size,
+                sampling_params=self.config.sampling_params(),
+                over_sampling_batch_size=self.config.over_sampling_batch_size,
+                sample_filter=self.sample_filter,
+            )
+            samples = [s for g in groups for s in g]
+            timing["generate_and_reward"] = time.perf_counter() - start
+            extra = stats.metrics()
         metrics = rollout_metrics(samples)
+        metrics.update(extra)
         metrics.update({k: float(v) for k, v in self.metrics.snapshot().items() if isinstance(v, (int, float))})
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
-        return {
-            "samples": samples,
-            "metrics": metrics,
-            "timing": {"generate": generated - start, "reward": scored - generated},
-        }
+        return {"samples": samples, "metrics": metrics, "timing": timing}
 
     def state_dict(self) -> dict[str, Any]:
         return self.data_source.state_dict()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rl_core.data_source import JsonlDataSource, load_prompt_rows
+from rl_core.data_source import JsonlDataSource, load_prompt_rows, pop_first
+from rl_core.hooks import load_function
 
 from rl_apps.train_config import TrainConfig
 
@@ -25,6 +26,18 @@ def build_data_source(config: TrainConfig, tokenizer: Any | None = None) -> Json
         apply_chat_template=config.apply_chat_template,
         max_prompt_len=config.rollout_max_prompt_len,
     )
+    buffer_filter = load_function(config.buffer_filter_path, flag="--buffer-filter-path") if config.buffer_filter_path else pop_first
     return JsonlDataSource(
-        rows, n_samples_per_prompt=config.n_samples_per_prompt, shuffle=config.rollout_shuffle, seed=config.rollout_seed
+        rows,
+        n_samples_per_prompt=config.n_samples_per_prompt,
+        shuffle=config.rollout_shuffle,
+        seed=config.rollout_seed,
+        buffer_filter=buffer_filter,
     )
+
+
+def load_sample_filter(config: TrainConfig) -> Any | None:
+    """The dynamic-sampling filter named by --dynamic-sampling-filter-path, if any."""
+    if config.dynamic_sampling_filter_path is None:
+        return None
+    return load_function(config.dynamic_sampling_filter_path, flag="--dynamic-sampling-filter-path")

@@ -34,12 +34,13 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
 
-    from rl_apps.data import build_data_source
+    from rl_apps.data import build_data_source, load_sample_filter
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
         build_data_source(config)
+        load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
