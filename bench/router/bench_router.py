@@ -4,6 +4,7 @@ The router (with MetricsMiddleware + RequestLogMiddleware, as the app runs it, p
 in its own process with one trivial in-process engine; clients are `RouterClient`s in other processes.
 
     uv run --frozen python bench/router/bench_router.py [--requests 20000] [--in-flight 256] [--clients 1]
+        [--repeats 3] [--engine-timeout 600]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -73,15 +75,28 @@ def serve_echo(address_queue):
     asyncio.run(main())
 
 
-def serve_router(address_queue, stop_event, engine_timeout_s):
+def serve_router(address_queue, stop_event, engine_timeout_s, cpu_queue):
+    """Serves until `stop_event`; puts (router CPU seconds, requests served) for each (start, stop) pair
+    of `cpu_queue` marks, so CPU per request is measured inside the router process."""
+
     async def main():
         logging.getLogger("rl_router.requests").setLevel(logging.WARNING)
-        router = Router({"e0": TrivialEngine()}, middleware=[MetricsMiddleware(), RequestLogMiddleware()],
+        metrics = MetricsMiddleware()
+        router = Router({"e0": TrivialEngine()}, middleware=[metrics, RequestLogMiddleware()],
                         engine_timeout_s=engine_timeout_s)
         async with router:
             address_queue.put(router.address)
+            mark = None
             while not stop_event.is_set():
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
+                while not cpu_queue.empty():
+                    cpu_queue.get()
+                    now = (time.process_time(), metrics.snapshot()["router/requests"])
+                    if mark is None:
+                        mark = now
+                    else:
+                        address_queue.put((now[0] - mark[0], now[1] - mark[1]))
+                        mark = None
 
     asyncio.run(main())
 
@@ -102,18 +117,21 @@ async def router_latency(address, n):
 
 
 async def router_throughput(address, n, in_flight, tag):
+    """`in_flight` callers on one `RouterClient`, each sending its next request as soon as the last is answered."""
     client = RouterClient(address)
-    window = asyncio.Semaphore(in_flight)
 
-    async def one(i):
-        async with window:
-            await client.generate({**PAYLOAD, "rid": f"{tag}-{i}"})
+    async def caller(k, count):
+        for i in range(count):
+            await client.generate({**PAYLOAD, "rid": f"{tag}-{k}-{i}"})
+
+    def shares(total):
+        return [total // in_flight + (k < total % in_flight) for k in range(in_flight)]
 
     try:
-        await asyncio.gather(*(one(i) for i in range(min(n, 500))))  # warm up
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n, time.perf_counter() - start
+        await asyncio.gather(*(caller(k, c) for k, c in enumerate(shares(min(n, 2000)))))  # warm up
+        start, cpu_start = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(caller(k, c) for k, c in enumerate(shares(n))))
+        return n, time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         client.close()
 
@@ -129,7 +147,9 @@ def main():
     parser.add_argument("--in-flight", type=int, default=256, help="per client process")
     parser.add_argument("--clients", type=int, default=1, help="client processes for the throughput run")
     parser.add_argument("--engine-timeout", type=float, default=600.0, help="0: no per-request engine timeout")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs (median reported)")
     args = parser.parse_args()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     ctx = mp.get_context("spawn")
     address_queue, stop = ctx.Queue(), ctx.Event()
@@ -140,35 +160,51 @@ def main():
     finally:
         echo.kill()
         echo.join(10)
-    server = ctx.Process(target=serve_router, args=(address_queue, stop, args.engine_timeout or None), daemon=True)
+    cpu_marks = ctx.Queue()
+    server = ctx.Process(target=serve_router, args=(address_queue, stop, args.engine_timeout or None, cpu_marks),
+                         daemon=True)
     server.start()
     try:
         address = address_queue.get(timeout=30)
         direct = percentiles_us(asyncio.run(direct_latency(args.latency_requests)))
         routed = percentiles_us(asyncio.run(router_latency(address, args.latency_requests)))
         results = ctx.Queue()
-        workers = [ctx.Process(target=throughput_worker, args=(address, args.requests, args.in_flight, f"c{k}", results))
-                   for k in range(args.clients)]
-        for w in workers:
-            w.start()
-        runs = [results.get(timeout=600) for _ in workers]
-        for w in workers:
-            w.join(30)
+        rates, cpu_per_request, client_cpu_per_request = [], [], []
+        for repeat in range(args.repeats):
+            cpu_marks.put("start")
+            workers = [ctx.Process(target=throughput_worker,
+                                   args=(address, args.requests, args.in_flight, f"r{repeat}c{k}", results))
+                       for k in range(args.clients)]
+            for w in workers:
+                w.start()
+            runs = [results.get(timeout=600) for _ in workers]
+            for w in workers:
+                w.join(30)
+            cpu_marks.put("stop")
+            cpu_s, served = address_queue.get(timeout=30)
+            rates.append(sum(n for n, _, _ in runs) / max(t for _, t, _ in runs))
+            cpu_per_request.append(cpu_s / served)
+            client_cpu_per_request.extend(cpu / n for n, _, cpu in runs)
     finally:
         stop.set()
         server.join(10)
         if server.is_alive():
             server.kill()
-    total = sum(n for n, _ in runs)
-    wall = max(t for _, t in runs)
+    rates.sort()
     print(f"direct engine call     p50 {direct[50]:8.1f} us   p99 {direct[99]:8.1f} us")
     print(f"bare zmq.asyncio echo  p50 {floor[50]:8.1f} us   p99 {floor[99]:8.1f} us   (transport floor, same client)")
     print(f"through the router     p50 {routed[50]:8.1f} us   p99 {routed[99]:8.1f} us   (1 request in flight)")
     print(f"added by the router    p50 {routed[50] - direct[50]:8.1f} us   p99 {routed[99] - direct[99]:8.1f} us")
     print(f"router above the floor p50 {routed[50] - floor[50]:8.1f} us   p99 {routed[99] - floor[99]:8.1f} us")
-    print(f"throughput             {total / wall:8.0f} req/s   ({args.clients} client process(es) x "
-          f"{args.in_flight} in flight, {total} requests in {wall:.2f} s)")
-    print(f"per-client req/s       {statistics.mean(n / t for n, t in runs):8.0f}")
+    print(f"throughput             {statistics.median(rates):8.0f} req/s median of {args.repeats} "
+          f"(min {rates[0]:.0f}, max {rates[-1]:.0f}; {args.clients} client process(es) x {args.in_flight} in flight, "
+          f"{args.requests} requests each)")
+    print(f"router CPU per request {statistics.median(cpu_per_request) * 1e6:8.1f} us   median "
+          f"(router process CPU time, its ZeroMQ I/O thread included, / requests served, warm-up included)")
+    print(f"client CPU per request {statistics.median(client_cpu_per_request) * 1e6:8.1f} us   median "
+          f"(one client process, bench callers included)")
+    print(f"load average before    {load_before}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"({os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,16 @@ def test_a_router_thread_serves_a_synchronous_driver(fake_engine):
         assert thread.router.engines == ["e1"]
 
 
+def test_one_client_keeps_working_across_successive_event_loops(fake_engine):
+    with Router({"e0": fake_engine("e0")}).run_in_thread() as thread:
+        client = RouterClient(thread.address)
+        try:
+            for n in range(3):  # a synchronous driver calling asyncio.run once per rollout
+                assert asyncio.run(asyncio.wait_for(client.generate(payload([n, 9])), 10))["output_ids"] == [9, n]
+        finally:
+            client.close()
+
+
 def test_importing_rl_router_does_not_import_torch():
     code = "import sys, rl_router; assert 'torch' not in sys.modules; assert 'rl_core' not in sys.modules"
     env = _env_with_src()

@@ -1,7 +1,8 @@
 """`RouterClient`: the rollout side's asyncio handle on a `Router` (and itself an engine adapter).
 
-One DEALER socket carries every request; a reader task resolves each caller's future by message
-id, so any number of `generate` calls may be in flight at once.
+One DEALER socket carries every request; replies are drained from the socket's reader callback (see
+`transport.LoopSocket`), which resolves each caller's future by message id, so any number of
+`generate` calls may be in flight at once.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import logging
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from rl_router import wire
 from rl_router.errors import RouterError
+from rl_router.transport import LoopSocket
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ class RouterClient:
         self.address = address
         self._auth_token = auth_token
         self._health_timeout_s = health_timeout_s
-        self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._context: zmq.Context | None = None
+        self._socket: LoopSocket | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._closed = False
@@ -64,11 +64,9 @@ class RouterClient:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
         self._fail_pending(RouterError("router client closed"))
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close()
             self._context.term()
 
     async def __aenter__(self) -> RouterClient:
@@ -77,24 +75,26 @@ class RouterClient:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _connect(self) -> zmq.asyncio.Socket:
+    def _connect(self, loop: asyncio.AbstractEventLoop) -> LoopSocket:
         if self._closed:
             raise RouterError("router client is closed")
         if self._socket is None:
-            self._context = zmq.asyncio.Context()
-            self._socket = self._context.socket(zmq.DEALER)
-            self._socket.setsockopt(zmq.LINGER, 0)
-            self._socket.connect(self.address)
-            self._reader = asyncio.create_task(self._read_replies(), name="rl-router-client-reader")
+            self._context = zmq.Context()
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.address)
+            self._socket = LoopSocket(socket, self._on_reply, self._on_error)
+        self._socket.attach(loop)
         return self._socket
 
     async def _request(self, op: str, body: Any) -> Any:
-        socket = self._connect()
+        loop = asyncio.get_running_loop()
+        socket = self._connect(loop)
         msg_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[msg_id] = future
         try:
-            await socket.send(wire.encode_request(msg_id, op, body, self._auth_token))
+            socket.send((wire.encode_request(msg_id, op, body, self._auth_token),))
             reply = await future
         finally:
             self._pending.pop(msg_id, None)
@@ -102,21 +102,19 @@ class RouterClient:
             raise RouterError(str(reply.get("error", "router replied with an error and no message")))
         return reply.get("body")
 
-    async def _read_replies(self) -> None:
-        assert self._socket is not None
+    def _on_reply(self, frames: list[bytes]) -> None:
+        data = frames[-1]
         try:
-            while True:
-                data = await self._socket.recv()
-                try:
-                    reply = wire.decode(data)
-                    future = self._pending.get(reply["id"])
-                except Exception:
-                    logger.warning("dropped an unreadable reply of %d bytes from the router", len(data))
-                    continue
-                if future is not None and not future.done():
-                    future.set_result(reply)
-        except zmq.ZMQError as exc:
-            self._fail_pending(RouterError(f"router connection failed: {exc}"))
+            reply = wire.decode(data)
+            future = self._pending.get(reply["id"])
+        except Exception:
+            logger.warning("dropped an unreadable reply of %d bytes from the router", len(data))
+            return
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def _on_error(self, exc: zmq.ZMQError) -> None:
+        self._fail_pending(RouterError(f"router connection failed: {exc}"))
 
     def _fail_pending(self, error: RouterError) -> None:
         for future in self._pending.values():

@@ -19,6 +19,21 @@ from rl_router.protocols import EngineAdapter
 logger = logging.getLogger(__name__)
 
 
+class _Attempt:
+    """One request's call into an engine: the task awaiting it, and why the router cancelled it (if it did)."""
+
+    __slots__ = ("task", "cancelled_for")
+
+    def __init__(self, task: asyncio.Task[Any]):
+        self.task = task
+        self.cancelled_for: str | None = None  # "timeout" or "ejected"
+
+    def cancel(self, reason: str) -> None:
+        if self.cancelled_for is None:
+            self.cancelled_for = reason
+            self.task.cancel()
+
+
 class EngineSlot:
     """An engine and its in-flight count; requests hold the slot, so removal and re-adding stay exact."""
 
@@ -27,7 +42,7 @@ class EngineSlot:
         self.adapter = adapter
         self.outstanding = 0
         self.in_rotation = True
-        self.attempts: set[asyncio.Task[Any]] = set()
+        self.attempts: set[_Attempt] = set()
 
 
 class EnginePool:
@@ -75,7 +90,7 @@ class EnginePool:
         if not self.slots:
             raise LookupError("no engines registered with the router")
         live = {name: slot.outstanding for name, slot in self.slots.items() if slot.in_rotation}
-        candidates = {name: n for name, n in live.items() if name not in exclude} or live
+        candidates = ({name: n for name, n in live.items() if name not in exclude} or live) if exclude else live
         if not candidates:
             raise LookupError(f"no healthy engines: all {len(self.slots)} are out of rotation {sorted(self.slots)}")
         if self._choose_for is not None and payload is not None:
@@ -94,27 +109,37 @@ class EnginePool:
     # --- one attempt ---------------------------------------------------------------------------
 
     async def attempt(self, slot: EngineSlot, payload: dict[str, Any]) -> dict[str, Any]:
-        """`slot.adapter.generate(payload)`, bounded by the engine timeout and cancelled if the slot is ejected."""
-        task = asyncio.ensure_future(slot.adapter.generate(payload))
-        slot.attempts.add(task)
+        """`slot.adapter.generate(payload)`, bounded by the engine timeout and cancelled if the slot is ejected.
+
+        The call runs in the caller's task (no task of its own, and a bare timer rather than
+        `asyncio.timeout`): the timeout or an ejection cancels that task, and the cancellation is
+        turned back into `EngineTimeout` / `EngineEjected` here, unless someone else cancelled it too.
+        """
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("EnginePool.attempt must run inside an asyncio task")
+        attempt = _Attempt(task)
+        slot.attempts.add(attempt)
+        timer = None
+        if self.engine_timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(self.engine_timeout_s, attempt.cancel, "timeout")
         try:
-            async with asyncio.timeout(self.engine_timeout_s):
-                response = await task
-        except TimeoutError:
-            if not task.cancelled():  # the adapter's own timeout, not ours
-                raise
-            self._abort_in_background(slot, payload.get("rid"))
-            raise EngineTimeout(
-                f"engine {slot.name!r} did not answer within {self.engine_timeout_s}s"
-            ) from None
+            response = await slot.adapter.generate(payload)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and current is not None and not current.cancelling():
+            if attempt.cancelled_for is not None and task.uncancel() == 0:
                 self._abort_in_background(slot, payload.get("rid"))
+                if attempt.cancelled_for == "timeout":
+                    raise EngineTimeout(
+                        f"engine {slot.name!r} did not answer within {self.engine_timeout_s}s"
+                    ) from None
                 raise EngineEjected(f"engine {slot.name!r} was taken out of rotation mid-request") from None
             raise
         finally:
-            slot.attempts.discard(task)
+            slot.attempts.discard(attempt)
+            if timer is not None:
+                timer.cancel()
+        if attempt.cancelled_for is not None:  # the adapter swallowed the cancellation and answered anyway
+            task.uncancel()
         if not isinstance(response, dict):
             raise TypeError(f"engine {slot.name!r} returned {type(response).__name__}, expected a dict")
         return response
@@ -129,8 +154,8 @@ class EnginePool:
         self.ejections += 1
         logger.warning("engine %r out of rotation (%s); retrying its %d request(s) in flight",
                        slot.name, reason, len(slot.attempts))
-        for task in list(slot.attempts):
-            task.cancel()
+        for attempt in list(slot.attempts):
+            attempt.cancel("ejected")
 
     def record_fault(self, slot: EngineSlot, exc: BaseException) -> None:
         self.faults[slot.name] += 1

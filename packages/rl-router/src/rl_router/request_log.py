@@ -35,9 +35,10 @@ class RequestLogMiddleware:
                 request.rid, request.engine, time.perf_counter() - started, exc,
             )
             raise
-        self._logger.log(
-            self._level,
-            "rid=%s engine=%s latency=%.3fs finish_reason=%s",
-            request.rid, request.engine, time.perf_counter() - started, finish_reason(response),
-        )
+        if self._logger.isEnabledFor(self._level):  # skip building the arguments when nobody listens
+            self._logger.log(
+                self._level,
+                "rid=%s engine=%s latency=%.3fs finish_reason=%s",
+                request.rid, request.engine, time.perf_counter() - started, finish_reason(response),
+            )
         return response

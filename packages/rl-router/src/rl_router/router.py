@@ -1,9 +1,9 @@
 """`Router`: a ZeroMQ ROUTER socket that spreads `/generate` requests over engines via a middleware chain.
 
-Every incoming message is served in its own asyncio task; the reply goes back on the caller's ZMQ
-identity frame and carries the request's message id, so one client socket can have many requests
-in flight. Bad messages are counted and dropped (or answered with an error when their id can be
-read); they never stop the router.
+Each wakeup of the socket drains every message that is ready (see `transport.LoopSocket`) and serves
+each in its own asyncio task; the reply goes back on the caller's ZMQ identity frame and carries the
+request's message id, so one client socket can have many requests in flight. Bad messages are
+counted and dropped (or answered with an error when their id can be read); they never stop the router.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
 import zmq
-import zmq.asyncio
 
 from rl_router import wire
 from rl_router.engine_pool import EnginePool
@@ -24,6 +23,7 @@ from rl_router.loading import load_middleware
 from rl_router.policies import RoutingPolicy, make_policy
 from rl_router.protocols import CallNext, EngineAdapter, Middleware, RouterRequest
 from rl_router.security import check_bind_allowed, token_matches
+from rl_router.transport import LoopSocket
 
 if TYPE_CHECKING:
     from rl_router.thread import RouterThread
@@ -51,11 +51,17 @@ def aborted_response(rid: str, message: str) -> dict[str, Any]:
     }
 
 
-def _link(middleware: Middleware, call_next: CallNext) -> CallNext:
-    async def step(request: RouterRequest) -> dict[str, Any]:
-        return await middleware(request, call_next)
+class _Link:
+    """`call_next` for one middleware: hands back the next step's coroutine (no extra coroutine frame)."""
 
-    return step
+    __slots__ = ("_middleware", "_call_next")
+
+    def __init__(self, middleware: Middleware, call_next: CallNext):
+        self._middleware = middleware
+        self._call_next = call_next
+
+    def __call__(self, request: RouterRequest) -> Awaitable[dict[str, Any]]:
+        return self._middleware(request, self._call_next)
 
 
 class Router:
@@ -117,9 +123,8 @@ class Router:
         self._retries = 0
         self._aborted_not_retried = 0
         self._flights: dict[str, list[_Flight]] = {}
-        self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._context: zmq.Context | None = None
+        self._socket: LoopSocket | None = None
         self._health_loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -148,7 +153,7 @@ class Router:
         """Bind the socket (then `address` is the resolved endpoint) and start serving."""
         if self._socket is not None:
             raise RuntimeError("router is already started")
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         try:
@@ -158,9 +163,9 @@ class Router:
             self._context.term()
             self._context = None
             raise OSError(f"router cannot bind {self.address!r}: {exc}") from exc
-        self._socket = socket
         self.address = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._receiver = asyncio.create_task(self._receive_loop(), name="rl-router-receive")
+        self._socket = LoopSocket(socket, self._on_message)
+        self._socket.attach(asyncio.get_running_loop())
         if self._health_interval_s is not None:
             self._health_loop = asyncio.create_task(self._check_health_forever(), name="rl-router-health")
         logger.info("router serving %d engine(s) at %s", len(self._pool.slots), self.address)
@@ -169,14 +174,15 @@ class Router:
         """Stop receiving, cancel requests in flight and close the socket."""
         if self._socket is None:
             return
-        tasks = [t for t in (self._receiver, self._health_loop, *self._tasks) if t is not None]
+        self._socket.close()
+        tasks = [t for t in (self._health_loop, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()  # tasks cancelled before their first step never reach their own cleanup
         await self._pool.close()
-        self._socket.close(linger=0)
         self._context.term()
-        self._socket = self._context = self._receiver = self._health_loop = None
+        self._socket = self._context = self._health_loop = None
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -215,32 +221,33 @@ class Router:
 
     # --- serving -------------------------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        assert self._socket is not None
-        while True:
-            frames = await self._socket.recv_multipart()
-            # A DEALER sends [identity, message]; a REQ-style peer adds an empty delimiter.
-            if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
-                task = asyncio.create_task(self._serve(frames[:-1], frames[-1]))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            else:
-                self._malformed["bad_frames"] += 1
-                logger.warning("dropped a message of %d frames (expected identity + message)", len(frames))
+    def _on_message(self, frames: list[bytes]) -> None:
+        # A DEALER sends [identity, message]; a REQ-style peer adds an empty delimiter.
+        if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
+            self._tasks.add(asyncio.create_task(self._serve(frames[:-1], frames[-1])))
+        else:
+            self._malformed["bad_frames"] += 1
+            logger.warning("dropped a message of %d frames (expected identity + message)", len(frames))
 
     async def _serve(self, envelope: list[bytes], data: bytes) -> None:
+        try:
+            await self._serve_one(envelope, data)
+        finally:  # cheaper than a done callback, which costs a loop turn per request
+            self._tasks.discard(asyncio.current_task())
+
+    async def _serve_one(self, envelope: list[bytes], data: bytes) -> None:
         try:
             request = wire.parse_request(data, self._max_message_bytes)
         except wire.MalformedMessage as exc:
             self._malformed[exc.reason] += 1
             logger.warning("malformed message (%s): %s", exc.reason, exc)
             if exc.msg_id is not None:
-                await self._send(envelope, wire.encode_error(exc.msg_id, f"malformed request: {exc}"))
+                self._send(envelope, wire.encode_error(exc.msg_id, f"malformed request: {exc}"))
             return
         if not token_matches(self._auth_token, request.token):
             self._unauthorized += 1
             logger.warning("refused a %s request without the right auth token", request.op)
-            await self._send(envelope, wire.encode_error(request.id, "unauthorized: missing or wrong auth token"))
+            self._send(envelope, wire.encode_error(request.id, "unauthorized: missing or wrong auth token"))
             return
         try:
             body = await self._dispatch(request)
@@ -253,11 +260,12 @@ class Router:
                 reply = wire.encode_ok(request.id, body)
             except Exception as exc:
                 reply = wire.encode_error(request.id, f"reply is not msgpack-serialisable: {exc}")
-        await self._send(envelope, reply)
+        self._send(envelope, reply)
 
-    async def _send(self, envelope: list[bytes], reply: bytes) -> None:
-        assert self._socket is not None
-        await self._socket.send_multipart([*envelope, reply])
+    def _send(self, envelope: list[bytes], reply: bytes) -> None:
+        if self._socket is not None:  # None once stopped: the caller is gone with the socket
+            envelope.append(reply)
+            self._socket.send(envelope)
 
     async def _dispatch(self, request: wire.WireRequest) -> Any:
         if request.op == "generate":
@@ -331,7 +339,7 @@ class Router:
 
         chain: CallNext = call_engine
         for mw in reversed(self._middleware):
-            chain = _link(mw, chain)
+            chain = _Link(mw, chain)
         try:
             return await chain(request)
         finally:

@@ -8,8 +8,7 @@ from a message it refuses to decode in full (an oversize one) and answer with an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -25,8 +24,7 @@ class MalformedMessage(ValueError):
         self.msg_id = msg_id
 
 
-@dataclass(frozen=True)
-class WireRequest:
+class WireRequest(NamedTuple):
     id: int
     op: str
     body: Any
