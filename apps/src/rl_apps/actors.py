@@ -11,6 +11,12 @@ import ray
 from rl_apps.train_config import TrainConfig
 
 
+def _set_rank_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """torch.distributed's env:// variables for this actor; Ray shows each actor only its own GPU, hence LOCAL_RANK 0."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                      LOCAL_RANK="0")
+
+
 @ray.remote
 class EngineActor:
     """Owns one engine server process (SGLang or the embedded engine) on the actor's devices."""
@@ -42,8 +48,7 @@ class TrainerActor:
     """One rank of the FSDP trainer; rank 0 also pushes weights to the engines."""
 
     def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          LOCAL_RANK="0")
+        _set_rank_env(rank, world_size, master_addr, master_port)
         from rl_fsdp import FSDPBackend, FSDPConfig
 
         self.config = config
@@ -107,8 +112,7 @@ class CriticActor:
     """One rank of PPO's critic; the critic ranks form their own process group (their own MASTER_PORT)."""
 
     def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          LOCAL_RANK="0")
+        _set_rank_env(rank, world_size, master_addr, master_port)
         from rl_fsdp import CriticConfig, FSDPCritic
 
         self.critic = FSDPCritic(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from rl_core.train_batch import TrainBatch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 VOCAB = 64
@@ -67,3 +74,44 @@ def random_batch(n: int, seed: int = 0, rollout_log_probs: bool = False) -> Trai
 @pytest.fixture
 def make_batch():
     return random_batch
+
+
+TWO_RANK_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def run_two_ranks(tmp_path):
+    """Runs `worker` as two gloo ranks on loopback over (config, batch); returns rank 0's result.json and weights."""
+
+    def run(worker: Path, config: dict, batch: TrainBatch) -> tuple[dict, dict]:
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"config": config, "batch": dataclasses.asdict(batch), "out": str(tmp_path)}))
+        env = os.environ | {
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs = [
+            subprocess.Popen([sys.executable, str(worker), str(spec)], env=env | {"RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
+            for rank in range(2)
+        ]
+        try:
+            errors = [p.communicate(timeout=TWO_RANK_TIMEOUT_S)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for rank, (p, err) in enumerate(zip(procs, errors)):
+            assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-3000:]}"
+        return json.loads((tmp_path / "result.json").read_text()), load_file(tmp_path / "weights.safetensors")
+
+    return run

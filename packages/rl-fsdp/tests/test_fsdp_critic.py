@@ -1,23 +1,16 @@
 import dataclasses
-import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from rl_core.train_batch import TrainBatch
-from safetensors.torch import load_file
 from transformers import AutoModel
 
 from rl_fsdp import CriticConfig, FSDPCritic
 from rl_fsdp.weights import gather_named_weights
 
 WORKER = Path(__file__).with_name("_fsdp_critic_worker.py")
-TIMEOUT_S = 180
 # Adam's first step is g / (|g| + eps) with a large eps: proportional to the gradient, so a mis-scaled
 # gradient (wrong denominator, averaging over ranks instead of summing) shows in the weights.
 LINEAR_ADAM = dict(lr=0.5, adam_eps=1.0, param_dtype="float32")
@@ -111,36 +104,11 @@ def test_a_batch_without_returns_is_refused_naming_the_field(llama_dir, make_bat
         critic.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_ranks_give_the_same_critic_update_as_one(tmp_path, tied_dir, make_batch):
+def test_two_ranks_give_the_same_critic_update_as_one(run_two_ranks, tied_dir, make_batch):
     config = dict(model_path=str(tied_dir), micro_batch_size=2, value_clip=0.1, **LINEAR_ADAM)
     batch = with_targets(make_batch(5, seed=4), seed=4)  # 5 samples: one rank runs a filler micro-batch
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"config": config, "batch": dataclasses.asdict(batch), "out": str(tmp_path)}))
-    env = os.environ | {
-        "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(spec)], env=env | {"RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
-        for rank in range(2)
-    ]
-    try:
-        errors = [p.communicate(timeout=TIMEOUT_S)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, err) in enumerate(zip(procs, errors)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-3000:]}"
-    result, weights = json.loads((tmp_path / "result.json").read_text()), load_file(tmp_path / "weights.safetensors")
+    result, weights = run_two_ranks(WORKER, config, batch)
 
     critic = FSDPCritic(CriticConfig(**config))
     try:

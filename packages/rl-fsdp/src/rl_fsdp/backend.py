@@ -11,10 +11,9 @@ import torch
 import torch.distributed as dist
 from rl_core.algorithms.policy_loss import LossDenominators, policy_loss
 from rl_core.train_batch import TrainBatch
-from torch.distributed.device_mesh import init_device_mesh
 
 from rl_fsdp.config import FSDPConfig
-from rl_fsdp.distributed import init_process_group_from_env, resolve_device
+from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
 from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
@@ -33,11 +32,9 @@ class FSDPBackend:
 
     def __init__(self, config: FSDPConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self._owns_process_group = init_process_group_from_env(self.device)
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self._world = join_world(config.device)
+        self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
+        mesh = self._world.mesh
 
         model = load_hf_model(config.model_path, config.seed)
         model.config.use_cache = False
@@ -158,6 +155,4 @@ class FSDPBackend:
     def close(self) -> None:
         """Free the model and optimizer; destroy the process group if this backend created it."""
         del self.model, self.reference, self.optimizer
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_process_group = False
+        self._world.leave()

@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from rl_core.algorithms.policy_loss import LossDenominators
 from rl_core.algorithms.value_loss import value_loss
 from rl_core.train_batch import TrainBatch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from rl_fsdp.config import CriticConfig
-from rl_fsdp.distributed import init_process_group_from_env, resolve_device
+from rl_fsdp.distributed import join_world
 from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
@@ -59,11 +57,9 @@ class FSDPCritic:
 
     def __init__(self, config: CriticConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self._owns_process_group = init_process_group_from_env(self.device)
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self._world = join_world(config.device)
+        self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
+        mesh = self._world.mesh
 
         causal_lm = load_hf_model(config.model_path, config.seed)
         causal_lm.config.use_cache = False
@@ -120,6 +116,4 @@ class FSDPCritic:
     def close(self) -> None:
         """Free the model and optimizer; destroy the process group if this critic created it."""
         del self.model, self.optimizer
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_process_group = False
+        self._world.leave()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,3 +55,28 @@ def init_process_group_from_env(device: torch.device) -> bool:
         device_id=device if device.type == "cuda" else None,
     )
     return True
+
+
+@dataclass
+class World:
+    """This rank's place in the process group a model is sharded over."""
+
+    device: torch.device
+    rank: int
+    size: int
+    mesh: DeviceMesh
+    owns_process_group: bool
+    """True when joining created the group, so leaving destroys it."""
+
+    def leave(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+def join_world(device_name: str) -> World:
+    """Pick the device, join (or create) the process group, and build the 1-D mesh FSDP shards over."""
+    device = resolve_device(device_name)
+    owns = init_process_group_from_env(device)
+    size = dist.get_world_size()
+    return World(device, dist.get_rank(), size, init_device_mesh(device.type, (size,)), owns)
