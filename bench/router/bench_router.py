@@ -4,7 +4,7 @@ The router (with MetricsMiddleware + RequestLogMiddleware, as the app runs it, p
 in its own process with one trivial in-process engine; clients are `RouterClient`s in other processes.
 
     uv run --frozen python bench/router/bench_router.py [--requests 20000] [--in-flight 256] [--clients 1]
-        [--repeats 3] [--engine-timeout 600]
+        [--repeats 3] [--engine-timeout 600] [--busy-poll-us 0]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from rl_router import MetricsMiddleware, RequestLogMiddleware, Router, RouterClient
+from rl_router import MetricsMiddleware, RequestLogMiddleware, Router, RouterClient, busy_poll_loop
 from rl_router.metrics import nearest_rank_percentile
 
 PAYLOAD = {"input_ids": list(range(64)), "sampling_params": {"max_new_tokens": 1}, "return_logprob": True}
@@ -75,7 +75,7 @@ def serve_echo(address_queue):
     asyncio.run(main())
 
 
-def serve_router(address_queue, stop_event, engine_timeout_s, cpu_queue):
+def serve_router(address_queue, stop_event, engine_timeout_s, cpu_queue, busy_poll_s):
     """Serves until `stop_event`; puts (router CPU seconds, requests served) for each (start, stop) pair
     of `cpu_queue` marks, so CPU per request is measured inside the router process."""
 
@@ -98,7 +98,8 @@ def serve_router(address_queue, stop_event, engine_timeout_s, cpu_queue):
                         address_queue.put((now[0] - mark[0], now[1] - mark[1]))
                         mark = None
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=(lambda: busy_poll_loop(busy_poll_s)) if busy_poll_s else None) as runner:
+        runner.run(main())
 
 
 async def router_latency(address, n):
@@ -148,6 +149,8 @@ def main():
     parser.add_argument("--clients", type=int, default=1, help="client processes for the throughput run")
     parser.add_argument("--engine-timeout", type=float, default=600.0, help="0: no per-request engine timeout")
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs (median reported)")
+    parser.add_argument("--busy-poll-us", type=float, default=0.0,
+                        help="run the router's loop on a BusyPollSelector polling this long before it sleeps")
     args = parser.parse_args()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -161,13 +164,16 @@ def main():
         echo.kill()
         echo.join(10)
     cpu_marks = ctx.Queue()
-    server = ctx.Process(target=serve_router, args=(address_queue, stop, args.engine_timeout or None, cpu_marks),
+    server = ctx.Process(target=serve_router, args=(address_queue, stop, args.engine_timeout or None, cpu_marks, args.busy_poll_us * 1e-6),
                          daemon=True)
     server.start()
     try:
         address = address_queue.get(timeout=30)
         direct = percentiles_us(asyncio.run(direct_latency(args.latency_requests)))
+        cpu_marks.put("start")
         routed = percentiles_us(asyncio.run(router_latency(address, args.latency_requests)))
+        cpu_marks.put("stop")
+        latency_cpu_s, latency_served = address_queue.get(timeout=30)
         results = ctx.Queue()
         rates, cpu_per_request, client_cpu_per_request = [], [], []
         for repeat in range(args.repeats):
@@ -199,10 +205,12 @@ def main():
     print(f"throughput             {statistics.median(rates):8.0f} req/s median of {args.repeats} "
           f"(min {rates[0]:.0f}, max {rates[-1]:.0f}; {args.clients} client process(es) x {args.in_flight} in flight, "
           f"{args.requests} requests each)")
+    print(f"router CPU, 1 in flight {latency_cpu_s / latency_served * 1e6:8.1f} us per request (busy polling included)")
     print(f"router CPU per request {statistics.median(cpu_per_request) * 1e6:8.1f} us   median "
           f"(router process CPU time, its ZeroMQ I/O thread included, / requests served, warm-up included)")
     print(f"client CPU per request {statistics.median(client_cpu_per_request) * 1e6:8.1f} us   median "
           f"(one client process, bench callers included)")
+    print(f"router busy poll       {args.busy_poll_us:g} us")
     print(f"load average before    {load_before}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs)")
 

@@ -4,6 +4,7 @@ Imports neither torch nor rl-core: `EngineAdapter` and `RouterClient` meet rl-co
 `RolloutEngine` Protocol by shape.
 """
 
+from rl_router.busy_poll import BusyPollSelector, busy_poll_loop
 from rl_router.cache_aware import CacheAwarePolicy
 from rl_router.client import RouterClient
 from rl_router.errors import RouterError
@@ -18,6 +19,7 @@ from rl_router.thread import RouterThread
 from rl_router.trajectory import Trajectory, TrajectoryMiddleware, TrajectoryTree
 
 __all__ = [
+    "BusyPollSelector",
     "CacheAwarePolicy",
     "CallNext",
     "EngineAdapter",
@@ -38,6 +40,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryMiddleware",
     "TrajectoryTree",
+    "busy_poll_loop",
     "is_engine_fault",
     "load_middleware",
     "make_policy",

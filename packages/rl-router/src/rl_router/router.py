@@ -191,11 +191,11 @@ class Router:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def run_in_thread(self) -> RouterThread:
+    def run_in_thread(self, *, busy_poll_s: float = 0.0) -> RouterThread:
         """Serve from a background thread with its own event loop (for synchronous drivers)."""
         from rl_router.thread import RouterThread
 
-        thread = RouterThread(self)
+        thread = RouterThread(self, busy_poll_s=busy_poll_s)
         thread.start()
         return thread
 

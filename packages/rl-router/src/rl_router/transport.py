@@ -23,6 +23,8 @@ import zmq
 OnMessage = Callable[[list[bytes]], None]
 OnError = Callable[[zmq.ZMQError], None]
 
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+
 # Messages handled per wakeup before the loop gets a turn (so a flooding peer cannot starve the tasks).
 DRAIN_BUDGET = 1024
 
@@ -68,7 +70,7 @@ class LoopSocket:
 
     def _try_send(self, frames: Sequence[bytes]) -> bool:
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+            self.socket.send_multipart(frames, _NOBLOCK, copy=len(frames[-1]) < 65536)
         except zmq.Again:
             return False
         return True
@@ -87,29 +89,26 @@ class LoopSocket:
     def _on_events(self) -> None:
         self._check_pending = False
         socket = self.socket
+        get = socket.get  # the backend call returns a plain int: no flag-enum arithmetic per message
         try:
             while not self._closed:
-                events = socket.getsockopt(zmq.EVENTS)
-                progressed = False
-                outbox = self._outbox
-                if outbox and events & zmq.POLLOUT:
-                    while outbox and self._try_send(outbox[0]):
-                        outbox.popleft()
-                        progressed = True
-                if events & zmq.POLLIN:
-                    for _ in range(DRAIN_BUDGET):
-                        try:
-                            frames = socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_message(frames)
-                        if self._closed:
-                            return
-                    else:
-                        self._schedule_check()
+                events = get(_EVENTS)
+                if self._outbox and events & _POLLOUT and self._flush():
+                    continue  # a send may consume the edge: read the events again
+                if not events & _POLLIN:
+                    return
+                for _ in range(DRAIN_BUDGET):
+                    try:
+                        frames = socket.recv_multipart(_NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+                    if self._closed:
                         return
-                    progressed = True
-                if not progressed:
+                    if not get(_EVENTS) & _POLLIN:  # cheaper than ending the drain on a zmq.Again
+                        break
+                else:
+                    self._schedule_check()
                     return
         except zmq.ZMQError as exc:
             if self._closed:
@@ -117,3 +116,12 @@ class LoopSocket:
             if self._on_error is None:
                 raise
             self._on_error(exc)
+
+    def _flush(self) -> bool:
+        """Hand queued messages to ZeroMQ until it would block; True if any went."""
+        outbox = self._outbox
+        sent = False
+        while outbox and self._try_send(outbox[0]):
+            outbox.popleft()
+            sent = True
+        return sent
