@@ -62,11 +62,27 @@ def test_engines_serve_the_new_weights_after_every_sync(tiny_task, tmp_path):
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+COUNTING_MIDDLEWARE = """
+class Counting:
+    def __init__(self):
+        self.engines = set()
+
+    async def __call__(self, request, call_next):
+        self.engines.add(request.engine)
+        return await call_next(request)
+
+    def snapshot(self):
+        return {"custom/engines_used": float(len(self.engines))}
+"""
+
+
 def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path):
     # Two optimizer steps per rollout: the second step's ratio is taken against log-probs from before the first.
+    middleware = tmp_path / "counting.py"
+    middleware.write_text(COUNTING_MIDDLEWARE)
     metrics_path = run(config(tiny_task, tmp_path / "run2", update_weight_transport="disk", actor_num_gpus_per_node=2,
                               rollout_num_engines=2, num_rollout=2, micro_batch_size=2, global_batch_size=8, use_tensorboard=False,
-                              save_reward_curve=False))
+                              save_reward_curve=False, router_middleware_paths=[f"{middleware}:Counting"]))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
     assert rows[1]["rollout/weight_version_min"] == 1
@@ -75,6 +91,9 @@ def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path
     # The second step's ratio is taken against the log-probs from before the first step, so it is not 1.
     assert abs(rows[1]["train/ppo_kl"]) > 1e-6
     assert rows[1]["router/requests"] >= 32
+    # The middleware from --router-middleware-paths saw requests routed to both engines.
+    assert rows[1]["custom/engines_used"] == 2.0
+    assert rows[1]["router/engines"] == 2.0
 
 
 def test_a_reward_function_that_raises_is_counted_and_the_run_goes_on(tiny_task, tmp_path):

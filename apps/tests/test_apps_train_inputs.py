@@ -68,3 +68,11 @@ def test_missing_model_folder_is_named(tiny_task, run_cli, tmp_path):
 def test_unknown_dynamic_sampling_filter_names_the_flag(tiny_task, run_cli):
     code, err = run_cli(base_args(tiny_task) + ["--dynamic-sampling-filter-path", "no_such_module:keep"])
     assert code == 1 and "--dynamic-sampling-filter-path" in err and "no_such_module" in err
+
+
+def test_bad_router_middleware_names_the_flag_and_the_file(tiny_task, run_cli, tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("class Other:\n    pass\n")
+    code, err = run_cli(base_args(tiny_task) + ["--router-middleware-paths", "rl_router:MetricsMiddleware",
+                                                f"{plugin}:Missing"])
+    assert code == 1 and "--router-middleware-paths" in err and f"{plugin}:Missing" in err and "has no attribute" in err

@@ -157,10 +157,9 @@ class RolloutManager:
         self.sample_filter = load_sample_filter(config)
         self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
                                    timeout_s=config.reward_timeout)
-        self.metrics = MetricsMiddleware()
         self.router = RouterThread(
             Router({f"engine{i}": SGLangClient(url) for i, url in enumerate(engine_urls)},
-                   policy=config.router_policy, middleware=[self.metrics],
+                   policy=config.router_policy, middleware=[MetricsMiddleware(), *config.router_middleware_paths],
                    health_interval_s=config.rollout_health_check_interval if config.use_fault_tolerance else None,
                    health_timeout_s=config.rollout_health_check_timeout)
         )
@@ -197,7 +196,7 @@ class RolloutManager:
             extra = stats.metrics()
         metrics = rollout_metrics(samples)
         metrics.update(extra)
-        metrics.update({k: float(v) for k, v in self.metrics.snapshot().items() if isinstance(v, (int, float))})
+        metrics.update(self.router.metrics())  # counters, faults, per-engine load and every middleware's snapshot()
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
         return {"samples": samples, "metrics": metrics, "timing": timing}
 

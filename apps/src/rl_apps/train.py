@@ -33,6 +33,7 @@ def check_inputs(config: TrainConfig) -> None:
     """Fail on bad data or a bad reward function before Ray and the engines start."""
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
+    from rl_router import load_middleware
 
     from rl_apps.data import build_data_source, load_sample_filter
 
@@ -44,6 +45,11 @@ def check_inputs(config: TrainConfig) -> None:
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
+    for spec in config.router_middleware_paths:
+        try:
+            load_middleware(spec)
+        except (ValueError, ImportError, TypeError) as e:
+            raise InputError(f"--router-middleware-paths: {e}") from None
 
 
 def run(config: TrainConfig) -> Path:

@@ -48,6 +48,9 @@ class RolloutEngineConfig(Section):
     """Seconds to wait for Ray to find room for the trainer ranks and engines."""
     router_policy: Literal["round_robin", "least_outstanding", "cache_aware"] = "cache_aware"
     """How the router picks an engine; cache_aware keeps a prompt's samples on the engine holding its prefix."""
+    router_middleware_paths: list[str] = Field(default_factory=list)
+    """Extra router middleware, outermost first, as `module:Class` or `path/to/file.py:Class` (built with no
+    arguments); a middleware with a `snapshot()` method has its figures logged with the rollout metrics."""
     use_fault_tolerance: bool = False
     """Health-check engines: one that fails is taken out and its requests retried elsewhere until it recovers."""
     rollout_health_check_interval: float = Field(30.0, gt=0.0)
@@ -85,6 +88,12 @@ class LoggingConfig(Section):
     """Write reward_curve.png into output_dir at the end."""
 
 
+def _absolute_file_spec(spec: str) -> str:
+    """`file.py:name` with the file made absolute."""
+    file, _, name = spec.rpartition(":")
+    return f"{Path(file).resolve()}:{name}"
+
+
 class TrainConfig(
     DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig, LoggingConfig
 ):
@@ -96,8 +105,10 @@ class TrainConfig(
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
         if self.custom_rm_path and ".py:" in self.custom_rm_path:
-            file, _, function = self.custom_rm_path.rpartition(":")
-            object.__setattr__(self, "custom_rm_path", f"{Path(file).resolve()}:{function}")
+            object.__setattr__(self, "custom_rm_path", _absolute_file_spec(self.custom_rm_path))
+        object.__setattr__(self, "router_middleware_paths", [
+            _absolute_file_spec(spec) if ".py:" in spec else spec for spec in self.router_middleware_paths
+        ])
         return self
 
     @model_validator(mode="after")

@@ -173,3 +173,41 @@ def test_load_middleware_errors_name_the_spec(spec, error, message):
 def test_load_middleware_reports_bad_constructor_arguments_with_the_spec():
     with pytest.raises(TypeError, match="'rl_router:MetricsMiddleware': cannot construct"):
         load_middleware("rl_router:MetricsMiddleware", colour="red")
+
+
+FILE_MIDDLEWARE = """
+class Stamp:
+    def __init__(self):
+        self.seen = 0
+
+    async def __call__(self, request, call_next):
+        self.seen += 1
+        response = await call_next(request)
+        return {**response, "stamped": self.seen}
+
+    def snapshot(self):
+        return {"stamp/seen": float(self.seen)}
+"""
+
+
+async def test_a_middleware_from_a_file_runs_in_the_chain_and_its_snapshot_reaches_router_metrics(
+    tmp_path, serve, fake_engine
+):
+    path = tmp_path / "stamp.py"
+    path.write_text(FILE_MIDDLEWARE)
+    async with asyncio.timeout(10), serve({"e0": fake_engine("e0")}, middleware=[f"{path}:Stamp"]) as (router, client):
+        assert [(await client.generate(payload(n)))["stamped"] for n in range(3)] == [1, 2, 3]
+        assert router.metrics()["stamp/seen"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [(None, "no file"), ("raise RuntimeError('broken plugin')", "failed: RuntimeError"), ("x = 1", "has no attribute")],
+)
+def test_file_middleware_errors_name_the_spec_and_the_file(tmp_path, source, message):
+    path = tmp_path / "plugin.py"
+    if source is not None:
+        path.write_text(source)
+    with pytest.raises(ImportError, match=message) as info:
+        load_middleware(f"{path}:Stamp")
+    assert f"{path}:Stamp" in str(info.value)
