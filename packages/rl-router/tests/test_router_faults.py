@@ -150,10 +150,14 @@ async def test_abort_reaches_the_engine_processes_and_callers_get_their_partial_
         first = await pending[0]
         await asyncio.sleep(0.1)
         assert not any(task.done() for task in pending[1:])
+        await client.abort(["r1", "r2"])
+        some = await asyncio.gather(*pending[1:3])
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in pending[3:])
         await client.abort()
-        rest = await asyncio.gather(*pending[1:])
+        rest = await asyncio.gather(*pending[3:])
         metrics = router.metrics()
-    for i, response in enumerate([first, *rest]):
+    for i, response in enumerate([first, *some, *rest]):
         assert response["meta_info"]["id"] == f"r{i}"
         assert response["meta_info"]["finish_reason"]["type"] == "abort"
         assert 0 < len(response["output_ids"]) < 1000

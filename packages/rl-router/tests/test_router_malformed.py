@@ -37,7 +37,7 @@ async def test_malformed_messages_are_counted_answered_when_possible_and_the_rou
         msgpack.packb({"op": "generate", "body": {}}),  # no id
         msgpack.packb({"id": 6, "op": "teleport", "body": {}}),  # unknown op: answered
         msgpack.packb({"id": 7, "op": "generate", "body": [1, 2]}),  # body not a map: answered
-        msgpack.packb({"id": 8, "op": "abort", "body": {"rid": 3}}),  # rid not a string: answered
+        msgpack.packb({"id": 8, "op": "abort", "body": {"rid": ["r1", 3]}}),  # a rid not a string: answered
     ]
     context = zmq.asyncio.Context()
     raw = context.socket(zmq.DEALER)

@@ -78,8 +78,9 @@ async def test_abort_is_forwarded_to_every_engine_for_one_rid_and_for_all(fake_e
     engines = {name: fake_engine(name) for name in ("a", "b", "c")}
     async with asyncio.timeout(10), serve(engines) as (_, client):
         await client.abort("r-42")
+        await client.abort(("r-1", "r-2"))
         await client.abort()
-    assert {name: e.aborts for name, e in engines.items()} == {name: ["r-42", None] for name in engines}
+    assert {name: e.aborts for name, e in engines.items()} == {name: ["r-42", "r-1", "r-2", None] for name in engines}
 
 
 async def test_health_reports_each_engine_and_is_healthy_needs_one_healthy_engine(fake_engine, serve):

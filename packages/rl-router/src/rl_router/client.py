@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import zmq
 
@@ -41,9 +41,10 @@ class RouterClient:
         """Send one SGLang `/generate` payload; returns the engine's response dict."""
         return await self._request("generate", payload)
 
-    async def abort(self, rid: str | None = None) -> None:
-        """Abort `rid` (or everything when None) on every engine behind the router."""
-        await self._request("abort", {"rid": rid})
+    async def abort(self, rid: str | Sequence[str] | None = None) -> None:
+        """Abort one request id, several, or everything (None) on every engine behind the router; the
+        callers of those requests get ABORTED answers with what was generated so far."""
+        await self._request("abort", {"rid": rid if rid is None or isinstance(rid, str) else list(rid)})
 
     async def health(self) -> dict[str, bool]:
         """Engine name -> healthy, as the router sees it."""

@@ -183,13 +183,17 @@ class EnginePool:
         except Exception:
             return False
 
-    async def abort(self, rid: str | None) -> dict[str, str]:
-        """Forward an abort to every engine (each bounded by the health timeout); says which ones failed."""
+    async def abort(self, rids: list[str] | None) -> dict[str, str]:
+        """Forward aborts of `rids` (all requests when None) to every engine, each engine's bounded by the
+        health timeout; says which engines failed."""
         names = list(self.slots)
 
         async def one(adapter: EngineAdapter) -> None:
             async with asyncio.timeout(self.health_timeout_s):
-                await adapter.abort(rid)
+                if rids is None:
+                    await adapter.abort(None)
+                else:
+                    await asyncio.gather(*(adapter.abort(rid) for rid in rids))
 
         results = await asyncio.gather(*(one(self.slots[n].adapter) for n in names), return_exceptions=True)
         return {

@@ -349,12 +349,16 @@ class Router:
             if not flights:
                 del self._flights[rid]
 
-    async def _abort(self, rid: str | None) -> dict[str, str]:
+    async def _abort(self, rid: str | list[str] | None) -> dict[str, str]:
         """Mark the matching requests aborted (so a fault does not retry them), then tell every engine."""
-        matching = self._flights.get(rid, []) if rid is not None else [f for fs in self._flights.values() for f in fs]
+        rids = None if rid is None else [rid] if isinstance(rid, str) else list(dict.fromkeys(rid))
+        if rids is None:
+            matching = [f for fs in self._flights.values() for f in fs]
+        else:
+            matching = [f for r in rids for f in self._flights.get(r, ())]
         for flight in matching:
             flight.aborted = True
-        return await self._pool.abort(rid)
+        return await self._pool.abort(rids)
 
     async def _health(self) -> dict[str, bool]:
         return await self._pool.check_health()

@@ -60,7 +60,10 @@ def _is_id(value: Any) -> bool:
 def _is_abort_body(body: Any) -> bool:
     if body is None:
         return True
-    return isinstance(body, dict) and (body.get("rid") is None or isinstance(body.get("rid"), str))
+    if not isinstance(body, dict):
+        return False
+    rid = body.get("rid")
+    return rid is None or isinstance(rid, str) or (isinstance(rid, list) and all(isinstance(r, str) for r in rid))
 
 
 def peek_message_id(data: bytes) -> int | None:
@@ -104,5 +107,7 @@ def parse_request(data: bytes, max_bytes: int) -> WireRequest:
     if op == "generate" and not isinstance(body, dict):
         raise MalformedMessage("bad_shape", "field 'body' of a generate request must be a map", msg_id)
     if op == "abort" and not _is_abort_body(body):
-        raise MalformedMessage("bad_shape", "field 'body' of an abort request must be {'rid': str | None}", msg_id)
+        raise MalformedMessage(
+            "bad_shape", "field 'body' of an abort request must be {'rid': str | [str, ...] | None}", msg_id
+        )
     return WireRequest(id=msg_id, op=op, body=body, token=token)
