@@ -246,6 +246,14 @@ async def test_when_every_engine_is_out_callers_get_a_clear_error(serve):
             await client.generate(payload(0))
 
 
+class HTTPStatusError(RuntimeError):
+    """Shaped like rl-sglang's EngineError: an engine answered with a non-200 status."""
+
+    def __init__(self, status):
+        super().__init__(f"/generate answered {status}")
+        self.status = status
+
+
 @pytest.mark.parametrize(
     ("exc", "fault"),
     [
@@ -257,7 +265,44 @@ async def test_when_every_engine_is_out_callers_get_a_clear_error(serve):
         (type("ServerDisconnectedError", (type("ClientConnectionError", (Exception,), {}),), {})(), True),
         (RuntimeError("CUDA out of memory"), False),
         (ValueError("bad payload"), False),
+        (HTTPStatusError(503), True),
+        (HTTPStatusError(502), True),
+        (HTTPStatusError(504), True),
+        (HTTPStatusError(500), False),
+        (HTTPStatusError(400), False),
     ],
 )
-def test_only_connection_level_failures_count_as_engine_faults(exc, fault):
+def test_only_connection_level_failures_and_unavailable_servers_count_as_engine_faults(exc, fault):
     assert is_engine_fault(exc) is fault
+
+
+class AnswersWithStatus:
+    def __init__(self, status):
+        self.status = status
+        self.calls = 0
+
+    async def generate(self, payload):
+        self.calls += 1
+        raise HTTPStatusError(self.status)
+
+    async def abort(self, rid=None):
+        return None
+
+    async def is_healthy(self):
+        return True
+
+
+async def test_a_503_moves_the_request_to_another_engine_but_a_500_reaches_the_caller(fake_engine, serve):
+    unavailable, steady = AnswersWithStatus(503), fake_engine("steady")
+    async with asyncio.timeout(10), serve({"unavailable": unavailable, "steady": steady}, health_interval_s=None,
+                                          policy="round_robin") as (router, client):
+        answers = [await client.generate(payload(i)) for i in range(2)]
+        metrics = router.metrics()
+    assert [a["meta_info"]["engine"] for a in answers] == ["steady", "steady"]
+    assert unavailable.calls == 1 and metrics["router/retries"] == 1.0 and router.engines_out == ["unavailable"]
+
+    broken = AnswersWithStatus(500)
+    async with asyncio.timeout(10), serve({"broken": broken}, health_interval_s=None) as (router, client):
+        with pytest.raises(RouterError, match="answered 500"):
+            await client.generate(payload(0))
+        assert router.engines_out == [] and router.metrics()["router/retries"] == 0.0
