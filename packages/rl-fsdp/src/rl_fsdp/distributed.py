@@ -70,6 +70,10 @@ class World:
 
     def leave(self) -> None:
         if self.owns_process_group and dist.is_initialized():
+            # Leave together: a rank tearing gloo down while a peer (or the store's host) is still
+            # busy was seen to abort in C++ ("terminate called without an active exception").
+            if self.size > 1:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_process_group = False
 
