@@ -9,7 +9,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rl_apps.cli import parse_config
 from rl_apps.train_config import TrainConfig
@@ -52,8 +52,9 @@ def check_inputs(config: TrainConfig) -> None:
             raise InputError(f"--router-middleware-paths: {e}") from None
 
 
-def run(config: TrainConfig) -> Path:
-    """Run the whole training; returns the metrics file (one JSON line per rollout)."""
+def run(config: TrainConfig, loop: Callable[[Any, Any, Any], None] | None = None) -> Path:
+    """Run the whole training with `loop(config, parts, sink)` (the synchronous `train_loop` by default);
+    returns the metrics file (one JSON line per rollout)."""
     check_inputs(config)
     from rl_apps.cluster import placed_parts
     from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink, plot_reward_curve
@@ -64,7 +65,7 @@ def run(config: TrainConfig) -> Path:
     sink = FanOutSink([JsonlSink(metrics_path)] + ([TensorBoardSink(output_dir / "tensorboard")] if config.use_tensorboard else []))
     try:
         with placed_parts(config) as parts:
-            train_loop(config, parts, sink)
+            (loop or train_loop)(config, parts, sink)
     finally:
         sink.close()
     if config.save_reward_curve and metrics_path.exists():
@@ -89,17 +90,25 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any) -> None:
         ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
         timing["weight_sync"] = time.perf_counter() - sync_start
         timing["step"] = time.perf_counter() - step_start
+        log_rollout(sink, rollout_id, metrics, train_metrics, timing)
 
-        for key in sorted({key for step in train_metrics for key in step}):
-            values = [step[key] for step in train_metrics if key in step]
-            metrics[key] = sum(values) / len(values)
-        metrics.update({f"time/{k}": v for k, v in timing.items()})
-        sink.log(rollout_id, metrics)
-        critic = f" value_loss {metrics['critic/value_loss']:.4f}" if "critic/value_loss" in metrics else ""
-        tqdm.write(
-            f"rollout {rollout_id}: reward {metrics.get('rollout/reward_mean', float('nan')):.3f}"
-            f" loss {metrics.get('train/loss', float('nan')):.4f}{critic} step {timing['step']:.2f}s"
-        )
+
+def log_rollout(
+    sink: Any, rollout_id: int, metrics: dict[str, float], train_metrics: list[dict[str, float]], timing: dict[str, float]
+) -> None:
+    """Average the train steps' metrics key by key, add `time/...`, log the row and print a one-line summary."""
+    from tqdm import tqdm
+
+    for key in sorted({key for step in train_metrics for key in step}):
+        values = [step[key] for step in train_metrics if key in step]
+        metrics[key] = sum(values) / len(values)
+    metrics.update({f"time/{k}": v for k, v in timing.items()})
+    sink.log(rollout_id, metrics)
+    critic = f" value_loss {metrics['critic/value_loss']:.4f}" if "critic/value_loss" in metrics else ""
+    tqdm.write(
+        f"rollout {rollout_id}: reward {metrics.get('rollout/reward_mean', float('nan')):.3f}"
+        f" loss {metrics.get('train/loss', float('nan')):.4f}{critic} step {timing['step']:.2f}s"
+    )
 
 
 def rollout_advantages(

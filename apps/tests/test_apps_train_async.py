@@ -1,0 +1,59 @@
+"""rl-train-async: generation of rollout k+1 overlaps training on rollout k; weights reach the engines every N rollouts."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from rl_apps.metrics import read_metrics
+from rl_apps.train import run
+from rl_apps.train_async import AsyncTrainConfig, async_train_loop
+
+REWARD = """
+def score(*, prompt, response, label, metadata):
+    return sum(c.isdigit() for c in response) / 3
+"""
+
+
+def async_config(task, out, **overrides):
+    reward_file = out.parent / "digit_reward.py"
+    reward_file.write_text(REWARD)
+    values = dict(
+        hf_checkpoint=task / "model", prompt_data=task / "train.jsonl", custom_rm_path=f"{reward_file}:score",
+        rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=3, lr=1e-3, micro_batch_size=4,
+        output_dir=out, rollout_device="cpu", train_device="cpu", use_tensorboard=False, save_reward_curve=False,
+    )
+    values.update(overrides)
+    return AsyncTrainConfig(**values)
+
+
+def test_colocate_is_refused_with_the_reason(tiny_task, tmp_path):
+    with pytest.raises(ValidationError, match="--colocate: rl-train-async generates while it trains"):
+        async_config(tiny_task, tmp_path / "out", colocate=True)
+    with pytest.raises(ValidationError, match="update_weights_interval"):
+        async_config(tiny_task, tmp_path / "out", update_weights_interval=0)
+
+
+def test_help_lists_the_async_flag():
+    out = subprocess.run([sys.executable, "-m", "rl_apps.train_async", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--update-weights-interval" in out.stdout and "--rollout-batch-size" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_move_every_interval(tiny_task, tmp_path):
+    metrics_path = run(async_config(tiny_task, tmp_path / "run", num_rollout=5, update_weights_interval=2),
+                       loop=async_train_loop)
+    rows = read_metrics(metrics_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # Rollout k+1 starts before rollout k trains, and the engines get weights after trains 2 and 4 (once
+    # the rollout in flight is done): rollouts 0-2 come from the engines' first weights (SGLang's version
+    # "default", which has no number), 3-4 from those after 2 steps.
+    assert [r.get("rollout/weight_version_max") for r in rows] == [None, None, None, 2, 2]
+    assert [r.get("rollout/weight_version_min") for r in rows] == [None, None, None, 2, 2]
+    assert ["time/weight_sync" in r for r in rows] == [False, True, False, True, False]
+    for row in rows:
+        assert row["rollout/num_samples"] == 16 and row["train/grad_norm"] > 0
+    # Trained on samples from older weights, the trainer's log-probs drift from the engine's.
+    assert rows[2]["train/train_rollout_logprob_abs_diff"] > 1e-4
