@@ -15,6 +15,43 @@ def tiny_task(tmp_path_factory) -> Path:
     return root
 
 
+DIGIT_REWARD = """
+def score(*, prompt, response, label, metadata):
+    # Graded credit so that a random model's samples differ and GRPO has something to learn from.
+    return sum(c.isdigit() for c in response) / 3
+"""
+
+
+@pytest.fixture
+def tiny_run_config(tiny_task):
+    """`build(out, config_class=TrainConfig, **overrides)`: a 3-rollout CPU run over `tiny_task` (4 prompts x 4
+    samples, 3 response tokens, a graded digit reward), writing to `out`."""
+    from rl_apps.train_config import TrainConfig
+
+    def build(out, config_class=TrainConfig, **overrides):
+        reward_file = out.parent / "digit_reward.py"
+        reward_file.write_text(DIGIT_REWARD)
+        values = dict(
+            hf_checkpoint=tiny_task / "model",
+            prompt_data=tiny_task / "train.jsonl",
+            custom_rm_path=f"{reward_file}:score",
+            rollout_batch_size=4,
+            n_samples_per_prompt=4,
+            rollout_max_response_len=3,
+            num_rollout=3,
+            lr=1e-3,
+            micro_batch_size=4,
+            output_dir=out,
+            rollout_device="cpu",
+            train_device="cpu",
+            use_tensorboard=True,
+        )
+        values.update(overrides)
+        return config_class(**values)
+
+    return build
+
+
 @pytest.fixture
 def run_cli():
     """Runs rl-train's main() in-process and returns (exit code, stderr text)."""

@@ -10,29 +10,15 @@ from rl_apps.metrics import read_metrics
 from rl_apps.train import run
 from rl_apps.train_async import AsyncTrainConfig, async_train_loop
 
-REWARD = """
-def score(*, prompt, response, label, metadata):
-    return sum(c.isdigit() for c in response) / 3
-"""
+def async_config(build, out, **overrides):
+    return build(out, AsyncTrainConfig, use_tensorboard=False, save_reward_curve=False, **overrides)
 
 
-def async_config(task, out, **overrides):
-    reward_file = out.parent / "digit_reward.py"
-    reward_file.write_text(REWARD)
-    values = dict(
-        hf_checkpoint=task / "model", prompt_data=task / "train.jsonl", custom_rm_path=f"{reward_file}:score",
-        rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=3, lr=1e-3, micro_batch_size=4,
-        output_dir=out, rollout_device="cpu", train_device="cpu", use_tensorboard=False, save_reward_curve=False,
-    )
-    values.update(overrides)
-    return AsyncTrainConfig(**values)
-
-
-def test_colocate_is_refused_with_the_reason(tiny_task, tmp_path):
+def test_colocate_is_refused_with_the_reason(tiny_run_config, tmp_path):
     with pytest.raises(ValidationError, match="--colocate: rl-train-async generates while it trains"):
-        async_config(tiny_task, tmp_path / "out", colocate=True)
+        async_config(tiny_run_config, tmp_path / "out", colocate=True)
     with pytest.raises(ValidationError, match="update_weights_interval"):
-        async_config(tiny_task, tmp_path / "out", update_weights_interval=0)
+        async_config(tiny_run_config, tmp_path / "out", update_weights_interval=0)
 
 
 def test_help_lists_the_async_flag():
@@ -42,8 +28,8 @@ def test_help_lists_the_async_flag():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_move_every_interval(tiny_task, tmp_path):
-    metrics_path = run(async_config(tiny_task, tmp_path / "run", num_rollout=5, update_weights_interval=2),
+def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_move_every_interval(tiny_run_config, tmp_path):
+    metrics_path = run(async_config(tiny_run_config, tmp_path / "run", num_rollout=5, update_weights_interval=2),
                        loop=async_train_loop)
     rows = read_metrics(metrics_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]

@@ -6,42 +6,12 @@ import pytest
 
 from rl_apps.metrics import read_metrics
 from rl_apps.train import run
-from rl_apps.train_config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-DIGIT_REWARD = """
-def score(*, prompt, response, label, metadata):
-    # Graded credit so that a random model's samples differ and GRPO has something to learn from.
-    return sum(c.isdigit() for c in response) / 3
-"""
-
-
-def config(task, out, **overrides):
-    reward_file = out.parent / "digit_reward.py"
-    reward_file.write_text(DIGIT_REWARD)
-    values = dict(
-        hf_checkpoint=task / "model",
-        prompt_data=task / "train.jsonl",
-        custom_rm_path=f"{reward_file}:score",
-        rollout_batch_size=4,
-        n_samples_per_prompt=4,
-        rollout_max_response_len=3,
-        num_rollout=3,
-        lr=1e-3,
-        micro_batch_size=4,
-        output_dir=out,
-        rollout_device="cpu",
-        train_device="cpu",
-        use_tensorboard=True,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def test_engines_serve_the_new_weights_after_every_sync(tiny_task, tmp_path):
-    metrics_path = run(config(tiny_task, tmp_path / "run", update_weight_transport="broadcast",
+def test_engines_serve_the_new_weights_after_every_sync(tiny_run_config, tmp_path):
+    metrics_path = run(tiny_run_config(tmp_path / "run", update_weight_transport="broadcast",
                               use_kl_loss=True, kl_loss_coef=0.01))
     rows = read_metrics(metrics_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -76,11 +46,11 @@ class Counting:
 """
 
 
-def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path):
+def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_run_config, tmp_path):
     # Two optimizer steps per rollout: the second step's ratio is taken against log-probs from before the first.
     middleware = tmp_path / "counting.py"
     middleware.write_text(COUNTING_MIDDLEWARE)
-    metrics_path = run(config(tiny_task, tmp_path / "run2", update_weight_transport="disk", actor_num_gpus_per_node=2,
+    metrics_path = run(tiny_run_config(tmp_path / "run2", update_weight_transport="disk", actor_num_gpus_per_node=2,
                               rollout_num_engines=2, num_rollout=2, micro_batch_size=2, global_batch_size=8, use_tensorboard=False,
                               save_reward_curve=False, router_middleware_paths=[f"{middleware}:Counting"]))
     rows = read_metrics(metrics_path)
@@ -96,18 +66,18 @@ def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_task, tmp_path
     assert rows[1]["router/engines"] == 2.0
 
 
-def test_a_reward_function_that_raises_is_counted_and_the_run_goes_on(tiny_task, tmp_path):
+def test_a_reward_function_that_raises_is_counted_and_the_run_goes_on(tiny_run_config, tmp_path):
     reward_file = tmp_path / "bad_reward.py"
     reward_file.write_text("def score(*, prompt, response, label, metadata):\n    raise RuntimeError('grader broke')\n")
-    metrics_path = run(config(tiny_task, tmp_path / "run3", custom_rm_path=f"{reward_file}:score", num_rollout=1,
+    metrics_path = run(tiny_run_config(tmp_path / "run3", custom_rm_path=f"{reward_file}:score", num_rollout=1,
                               use_tensorboard=False, save_reward_curve=False))
     (row,) = read_metrics(metrics_path)
     assert row["reward/errors"] == 16
     assert row["rollout/reward_mean"] == 0.0
 
 
-def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_task, tmp_path):
-    metrics_path = run(config(tiny_task, tmp_path / "run_kl", advantage_estimator="reinforce_plus_plus", normalize_advantages=True,
+def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_run_config, tmp_path):
+    metrics_path = run(tiny_run_config(tmp_path / "run_kl", advantage_estimator="reinforce_plus_plus", normalize_advantages=True,
                               kl_coef=0.01, num_rollout=2, use_tensorboard=False, save_reward_curve=False))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
@@ -119,8 +89,8 @@ def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_task
     assert rows[1]["train/reward_kl"] > 1e-6
 
 
-def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_task, tmp_path):
-    metrics_path = run(config(tiny_task, tmp_path / "run_ppo", advantage_estimator="ppo", num_rollout=2, num_critic_only_steps=1,
+def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_run_config, tmp_path):
+    metrics_path = run(tiny_run_config(tmp_path / "run_ppo", advantage_estimator="ppo", num_rollout=2, num_critic_only_steps=1,
                               critic_lr=1e-3, use_tensorboard=False, save_reward_curve=False))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
@@ -133,8 +103,8 @@ def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_t
     assert math.isfinite(rows[1]["train/loss"]) and rows[1]["train/grad_norm"] > 0
 
 
-def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_task, tmp_path):
-    metrics_path = run(config(tiny_task, tmp_path / "run4", num_rollout=1, over_sampling_batch_size=8,
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_run_config, tmp_path):
+    metrics_path = run(tiny_run_config(tmp_path / "run4", num_rollout=1, over_sampling_batch_size=8,
                               dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
                               use_tensorboard=False, save_reward_curve=False))
     (row,) = read_metrics(metrics_path)
