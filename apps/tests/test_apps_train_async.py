@@ -1,5 +1,6 @@
 """rl-train-async: generation of rollout k+1 overlaps training on rollout k; weights reach the engines every N rollouts."""
 
+import json
 import subprocess
 import sys
 
@@ -29,8 +30,9 @@ def test_help_lists_the_async_flag():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_move_every_interval(tiny_run_config, tmp_path):
-    metrics_path = run(async_config(tiny_run_config, tmp_path / "run", num_rollout=5, update_weights_interval=2),
-                       loop=async_train_loop)
+    checkpoints = tmp_path / "ckpt"
+    metrics_path = run(async_config(tiny_run_config, tmp_path / "run", num_rollout=5, update_weights_interval=2,
+                                    save=checkpoints, save_interval=2), loop=async_train_loop)
     rows = read_metrics(metrics_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     # Rollout k+1 starts before rollout k trains, and the engines get weights after trains 2 and 4 (once
@@ -43,3 +45,16 @@ def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_mov
         assert row["rollout/num_samples"] == 16 and row["train/grad_norm"] > 0
     # Trained on samples from older weights, the trainer's log-probs drift from the engine's.
     assert rows[2]["train/train_rollout_logprob_abs_diff"] > 1e-4
+
+    # Checkpoints keep the data position from before the rollout in flight: after rollout 3, rollout 4 had
+    # drawn its prompts (offset 20) but the checkpoint says 16, so a resumed run draws them again.
+    offsets = {k: json.loads((checkpoints / f"rollout_{k:06d}" / "state.json").read_text())["data_source"]["offset"]
+               for k in (1, 3, 4)}
+    assert offsets == {1: 8, 3: 16, 4: 20}
+
+    resumed = read_metrics(run(async_config(tiny_run_config, tmp_path / "run", num_rollout=6, update_weights_interval=2,
+                                            load=checkpoints, save=checkpoints), loop=async_train_loop))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
+    assert resumed[5]["rollout/weight_version_min"] == 5  # the engines got the trainer's loaded weights
+    assert resumed[5]["train/train_rollout_logprob_abs_diff"] < 1e-3
+    assert json.loads((checkpoints / "rollout_000005" / "state.json").read_text())["data_source"]["offset"] == 24

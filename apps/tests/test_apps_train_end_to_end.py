@@ -1,5 +1,6 @@
 """The whole loop through every package: data -> router -> engines -> rewards -> FSDP -> weight sync."""
 
+import json
 import math
 
 import pytest
@@ -112,3 +113,24 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_run_config
     assert row["rollout/dynamic_sampling/kept_groups"] == 4
     assert row["rollout/dynamic_sampling/generated_groups"] >= 8
     assert row["rollout/reward_std"] > 0
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_with_the_saved_weights_and_data_position(tiny_run_config, tmp_path):
+    checkpoints, out = tmp_path / "ckpt", tmp_path / "run_resume"
+    run(tiny_run_config(out, num_rollout=2, save=checkpoints, save_interval=1, use_tensorboard=False,
+                        save_reward_curve=False))
+    assert (checkpoints / "latest").read_text().strip() == "rollout_000001"
+    for k in (0, 1):
+        assert (checkpoints / f"rollout_{k:06d}" / "policy" / ".metadata").is_file()
+    assert json.loads((checkpoints / "rollout_000001" / "state.json").read_text())["data_source"]["offset"] == 8
+
+    metrics_path = run(tiny_run_config(out, num_rollout=3, load=checkpoints, save=checkpoints, use_tensorboard=False,
+                                       save_reward_curve=False))
+    rows = read_metrics(metrics_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # the resumed run appends rollout 2 only
+    # The engines got the loaded weights before rollout 2: their log-probs equal the trainer's.
+    assert rows[2]["rollout/weight_version_min"] == rows[2]["rollout/weight_version_max"] == 2
+    assert rows[2]["train/train_rollout_logprob_abs_diff"] < 1e-3
+    # The data source went on from the saved position: 3 rollouts x 4 prompts drawn in all.
+    assert json.loads((checkpoints / "rollout_000002" / "state.json").read_text())["data_source"]["offset"] == 12
+    assert (checkpoints / "latest").read_text().strip() == "rollout_000002"

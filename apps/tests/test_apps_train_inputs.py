@@ -76,3 +76,16 @@ def test_bad_router_middleware_names_the_flag_and_the_file(tiny_task, run_cli, t
     code, err = run_cli(base_args(tiny_task) + ["--router-middleware-paths", "rl_router:MetricsMiddleware",
                                                 f"{plugin}:Missing"])
     assert code == 1 and "--router-middleware-paths" in err and f"{plugin}:Missing" in err and "has no attribute" in err
+
+
+def test_load_from_a_folder_without_a_checkpoint_names_the_flag(tiny_task, run_cli, tmp_path):
+    code, err = run_cli(base_args(tiny_task) + ["--load", str(tmp_path)])
+    assert code == 1 and f"--load {tmp_path}: no 'latest' file" in err
+    (tmp_path / "latest").write_text("rollout_000003\n")
+    code, err = run_cli(base_args(tiny_task) + ["--load", str(tmp_path)])
+    assert code == 1 and "rollout_000003/state.json is missing or unreadable" in err
+
+
+def test_save_interval_without_save_is_refused(tiny_task, run_cli):
+    code, err = run_cli(base_args(tiny_task) + ["--save-interval", "2"])
+    assert code == 2 and "--save-interval needs --save" in err

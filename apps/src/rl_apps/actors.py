@@ -93,6 +93,12 @@ class TrainerActor:
         self.transport.update(weights, weight_version)
         return time.perf_counter() - start
 
+    def save_checkpoint(self, directory: str) -> None:
+        self.backend.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.backend.load_checkpoint(directory)
+
     def _make_transport(self, engine_urls: list[str]) -> Any:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
@@ -134,6 +140,12 @@ class CriticActor:
     def compute_values(self, batch: Any) -> list[list[float]]:
         return [v.tolist() for v in self.critic.compute_values(batch)]
 
+    def save_checkpoint(self, directory: str) -> None:
+        self.critic.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.critic.load_checkpoint(directory)
+
     def train_step(self, batch: Any) -> dict[str, float]:
         return self.critic.train_step(batch)
 
@@ -165,12 +177,14 @@ class RolloutManager:
         )
         self.router_address = self.router.start()
         self._client = None
+        self._state_before: tuple[int, dict[str, Any]] | None = None
 
     async def generate(self, rollout_id: int) -> dict[str, Any]:
         from rl_core.metrics import rollout_metrics
         from rl_core.rollout import generate_groups, generate_samples, score_samples
         from rl_router import RouterClient
 
+        self._state_before = (rollout_id, self.data_source.state_dict())
         if self._client is None:
             self._client = RouterClient(self.router_address)
         start = time.perf_counter()
@@ -200,8 +214,15 @@ class RolloutManager:
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
         return {"samples": samples, "metrics": metrics, "timing": timing}
 
-    def state_dict(self) -> dict[str, Any]:
+    def data_state_before(self, rollout_id: int) -> dict[str, Any]:
+        """The data source's state from just before rollout `rollout_id` drew its prompts: what a checkpoint
+        taken after rollout `rollout_id - 1` keeps, even when rollout `rollout_id` is already in flight."""
+        if self._state_before is not None and self._state_before[0] == rollout_id:
+            return self._state_before[1]
         return self.data_source.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.data_source.load_state_dict(state)
 
     def shutdown(self) -> None:
         self.router.stop()

@@ -45,6 +45,13 @@ def check_inputs(config: TrainConfig) -> None:
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
+    if config.load is not None:
+        from rl_apps.checkpoints import CheckpointError, find_checkpoint
+
+        try:
+            find_checkpoint(config)
+        except CheckpointError as e:
+            raise InputError(str(e)) from None
     for spec in config.router_middleware_paths:
         try:
             load_middleware(spec)
@@ -77,7 +84,10 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any) -> None:
     import ray
     from tqdm import tqdm
 
-    for rollout_id in tqdm(range(config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
+    from rl_apps.checkpoints import resume, save_checkpoint, should_save
+
+    start = resume(config, parts)
+    for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
         result = ray.get(parts.rollout.generate.remote(rollout_id))
         samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
@@ -89,6 +99,10 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any) -> None:
         sync_start = time.perf_counter()
         ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
         timing["weight_sync"] = time.perf_counter() - sync_start
+        if should_save(config, rollout_id):
+            save_start = time.perf_counter()
+            save_checkpoint(config, parts, rollout_id)
+            timing["save"] = time.perf_counter() - save_start
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
 

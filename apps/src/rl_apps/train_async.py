@@ -50,10 +50,12 @@ def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any) -> None:
     import ray
     from tqdm import tqdm
 
+    from rl_apps.checkpoints import resume, save_checkpoint, should_save
     from rl_apps.train import log_rollout, train_on_rollout
 
-    in_flight = parts.rollout.generate.remote(0)
-    for rollout_id in tqdm(range(config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
+    start = resume(config, parts)
+    in_flight = parts.rollout.generate.remote(start) if start < config.num_rollout else None
+    for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
         result = ray.get(in_flight)
         samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
@@ -71,6 +73,12 @@ def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any) -> None:
             timing["wait_in_flight"] = time.perf_counter() - sync_start
             ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
             timing["weight_sync"] = time.perf_counter() - sync_start - timing["wait_in_flight"]
+        if should_save(config, rollout_id):
+            # The rollout in flight has drawn its prompts already: the checkpoint keeps the data position
+            # from before it, so a resumed run generates that rollout again (with the saved weights).
+            save_start = time.perf_counter()
+            save_checkpoint(config, parts, rollout_id)
+            timing["save"] = time.perf_counter() - save_start
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
 

@@ -94,13 +94,29 @@ def _absolute_file_spec(spec: str) -> str:
     return f"{Path(file).resolve()}:{name}"
 
 
+class CheckpointConfig(Section):
+    save: Path | None = None
+    """Folder for training checkpoints (policy and critic weights with their optimizer state, data position)."""
+    save_interval: int | None = Field(None, ge=1)
+    """Save every N rollouts (with --save); the last rollout is always saved."""
+    load: Path | None = None
+    """Resume from the newest checkpoint in this folder (a --save folder of an earlier run)."""
+
+    @model_validator(mode="after")
+    def _interval_needs_a_folder(self) -> CheckpointConfig:
+        if self.save_interval is not None and self.save is None:
+            raise ValueError("--save-interval needs --save")
+        return self
+
+
 class TrainConfig(
-    DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig, LoggingConfig
+    DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
+    LoggingConfig, CheckpointConfig
 ):
     @model_validator(mode="after")
     def _absolute_paths(self) -> TrainConfig:
         """Ray actors do not share the driver's working directory, so relative paths are resolved here."""
-        for name in ("hf_checkpoint", "prompt_data", "output_dir"):
+        for name in ("hf_checkpoint", "prompt_data", "output_dir", "save", "load"):
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from rl_core.algorithms.policy_loss import LossDenominators, policy_loss
 from rl_core.train_batch import TrainBatch
 
+from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
@@ -151,6 +152,14 @@ class FSDPBackend:
         if self.rank == 0:
             write_hf_checkpoint(directory, state, self.hf_config, self.config.model_path)
         dist.barrier()
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Model and optimizer state of every rank into `directory`, to resume training from (collective)."""
+        save_training_state(self.model, self.optimizer, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Resume from a `save_checkpoint` directory (collective). The reference model stays the initial one."""
+        load_training_state(self.model, self.optimizer, directory)
 
     def close(self) -> None:
         """Free the model and optimizer; destroy the process group if this backend created it."""

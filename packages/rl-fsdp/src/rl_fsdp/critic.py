@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from rl_core.algorithms.policy_loss import LossDenominators
@@ -10,6 +11,7 @@ from rl_core.algorithms.value_loss import value_loss
 from rl_core.train_batch import TrainBatch
 from torch import nn
 
+from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import CriticConfig
 from rl_fsdp.distributed import join_world
 from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
@@ -112,6 +114,14 @@ class FSDPCritic:
         result = sum_over_ranks(sums, self.world_size)
         result.update(clip_and_step(self.model, self.optimizer, self.config.clip_grad))
         return result
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Value model and optimizer state of every rank into `directory` (collective)."""
+        save_training_state(self.model, self.optimizer, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Resume from a `save_checkpoint` directory (collective)."""
+        load_training_state(self.model, self.optimizer, directory)
 
     def close(self) -> None:
         """Free the model and optimizer; destroy the process group if this critic created it."""

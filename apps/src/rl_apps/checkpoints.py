@@ -1,0 +1,85 @@
+"""Training checkpoints of `rl-train` and `rl-train-async`, and resuming from them.
+
+A checkpoint after rollout k is the folder `<save>/rollout_<k>` holding `policy/` and `critic/`
+(model and optimizer state of every rank, torch.distributed.checkpoint format) and `state.json`
+(the rollout id and the data source's position). `<save>/latest` names the newest complete one and is
+replaced only after everything else is written, so a run killed while saving resumes from the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rl_apps.train_config import TrainConfig
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A --load folder that holds no usable checkpoint; the message names the flag and what is missing."""
+
+
+def should_save(config: TrainConfig, rollout_id: int) -> bool:
+    if config.save is None:
+        return False
+    last = rollout_id + 1 == config.num_rollout
+    return last or (config.save_interval is not None and (rollout_id + 1) % config.save_interval == 0)
+
+
+def save_checkpoint(config: TrainConfig, parts: Any, rollout_id: int) -> Path:
+    """Write the checkpoint after rollout `rollout_id` (its training done) and point `latest` at it."""
+    import ray
+
+    assert config.save is not None
+    folder = Path(config.save) / f"rollout_{rollout_id:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ray.get([t.save_checkpoint.remote(str(folder / "policy")) for t in parts.trainers]
+            + [c.save_checkpoint.remote(str(folder / "critic")) for c in parts.critics])
+    state = {"rollout_id": rollout_id, "data_source": ray.get(parts.rollout.data_state_before.remote(rollout_id + 1))}
+    _write_atomically(folder / "state.json", json.dumps(state))
+    _write_atomically(Path(config.save) / LATEST, folder.name + "\n")
+    return folder
+
+
+def find_checkpoint(config: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """The folder `latest` names under --load and its state; raises `CheckpointError` saying what is wrong."""
+    assert config.load is not None
+    latest = Path(config.load) / LATEST
+    if not latest.is_file():
+        raise CheckpointError(f"--load {config.load}: no '{LATEST}' file, so no finished checkpoint there")
+    folder = Path(config.load) / latest.read_text().strip()
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        rollout_id, data_state = int(state["rollout_id"]), state["data_source"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--load {config.load}: {folder / 'state.json'} is missing or unreadable ({e})") from None
+    needed = ["policy"] + (["critic"] if config.use_critic else [])
+    for part in needed:
+        if not (folder / part / ".metadata").is_file():
+            raise CheckpointError(f"--load {config.load}: {folder / part} holds no {part} checkpoint")
+    return folder, {"rollout_id": rollout_id, "data_source": data_state}
+
+
+def resume(config: TrainConfig, parts: Any) -> int:
+    """Load the newest checkpoint into the trainer, critic and data source, hand the engines the loaded
+    weights, and return the first rollout id still to run (0 without --load)."""
+    import ray
+
+    if config.load is None:
+        return 0
+    folder, state = find_checkpoint(config)
+    ray.get([t.load_checkpoint.remote(str(folder / "policy")) for t in parts.trainers]
+            + [c.load_checkpoint.remote(str(folder / "critic")) for c in parts.critics])
+    ray.get(parts.rollout.load_data_state.remote(state["data_source"]))
+    start = state["rollout_id"] + 1
+    ray.get([t.update_weights.remote(parts.engine_urls, str(start)) for t in parts.trainers])
+    return start
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
