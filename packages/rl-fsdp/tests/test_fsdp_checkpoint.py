@@ -1,5 +1,6 @@
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,20 @@ def test_a_critic_resumes_with_its_value_head_and_optimizer(llama_dir, make_batc
     finally:
         trained.close()
         resumed.close()
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_two_ranks_and_on_one(run_two_ranks, tied_dir, make_batch, tmp_path):
+    config = dict(model_path=str(tied_dir), lr=0.5, adam_eps=1.0, param_dtype="float32", micro_batch_size=2)
+    batch = make_batch(4, seed=5)
+    result, two_rank_weights = run_two_ranks(Path(__file__).with_name("_fsdp_checkpoint_worker.py"), config, batch)
+    assert result["max_diff"] < 1e-6
+    # The same checkpoint, read by one rank (each rank's shards are reassembled), takes the same step.
+    one = FSDPBackend(FSDPConfig(**config))
+    try:
+        one.load_checkpoint(tmp_path / "ckpt")
+        one.train_step(batch)
+        for name, tensor in weights(one).items():
+            torch.testing.assert_close(tensor, two_rank_weights[name], atol=1e-5, rtol=0)
+    finally:
+        one.close()
