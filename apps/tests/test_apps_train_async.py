@@ -30,9 +30,11 @@ def test_help_lists_the_async_flag():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_move_every_interval(tiny_run_config, tmp_path):
-    checkpoints = tmp_path / "ckpt"
+    checkpoints, eval_file = tmp_path / "ckpt", tmp_path / "eval.jsonl"
+    eval_file.write_text('{"prompt": "1+2=", "label": "3"}\n{"prompt": "2+2=", "label": "4"}\n')
+    evaluation = dict(eval_prompt_data=["sums", str(eval_file)], eval_interval=2)
     metrics_path = run(async_config(tiny_run_config, tmp_path / "run", num_rollout=5, update_weights_interval=2,
-                                    save=checkpoints, save_interval=2), loop=async_train_loop)
+                                    save=checkpoints, save_interval=2, **evaluation), loop=async_train_loop)
     rows = read_metrics(metrics_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     # Rollout k+1 starts before rollout k trains, and the engines get weights after trains 2 and 4 (once
@@ -53,8 +55,12 @@ def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_mov
     assert offsets == {1: 8, 3: 16, 4: 20}
 
     resumed = read_metrics(run(async_config(tiny_run_config, tmp_path / "run", num_rollout=6, update_weights_interval=2,
-                                            load=checkpoints, save=checkpoints), loop=async_train_loop))
+                                            load=checkpoints, save=checkpoints, **evaluation), loop=async_train_loop))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
     assert resumed[5]["rollout/weight_version_min"] == 5  # the engines got the trainer's loaded weights
     assert resumed[5]["train/train_rollout_logprob_abs_diff"] < 1e-3
     assert json.loads((checkpoints / "rollout_000005" / "state.json").read_text())["data_source"]["offset"] == 24
+    # Evaluated before training, after the syncs at 2 and 4 steps, and before training again on resume (5).
+    evals = read_metrics(tmp_path / "run" / "eval_metrics.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4, 5]
+    assert [e.get("eval/sums/weight_version_min") for e in evals] == [None, 2, 4, 5]

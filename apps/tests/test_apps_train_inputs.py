@@ -89,3 +89,14 @@ def test_load_from_a_folder_without_a_checkpoint_names_the_flag(tiny_task, run_c
 def test_save_interval_without_save_is_refused(tiny_task, run_cli):
     code, err = run_cli(base_args(tiny_task) + ["--save-interval", "2"])
     assert code == 2 and "--save-interval needs --save" in err
+
+
+def test_eval_flags_are_checked_with_the_file_and_line_named(tiny_task, run_cli, tmp_path):
+    code, err = run_cli(base_args(tiny_task) + ["--eval-prompt-data", "only-a-name"])
+    assert code == 2 and "--eval-prompt-data takes name/path pairs" in err
+    code, err = run_cli(base_args(tiny_task) + ["--eval-interval", "5"])
+    assert code == 2 and "--eval-interval needs --eval-prompt-data" in err
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(json.dumps({"prompt": "1+1=", "label": "2"}) + "\n" + "{not json\n")
+    code, err = run_cli(base_args(tiny_task) + ["--eval-prompt-data", "sums", str(bad)])
+    assert code == 1 and f"{bad}:2: invalid JSON" in err

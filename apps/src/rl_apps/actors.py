@@ -162,10 +162,12 @@ class RolloutManager:
         from rl_router import MetricsMiddleware, Router, RouterThread
         from rl_sglang.client import SGLangClient
 
-        from rl_apps.data import build_data_source, load_sample_filter
+        from rl_apps.data import build_data_source, load_eval_rows, load_sample_filter, load_tokenizer
 
         self.config = config
-        self.data_source = build_data_source(config)
+        tokenizer = load_tokenizer(config)
+        self.data_source = build_data_source(config, tokenizer)
+        self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
         self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
                                    timeout_s=config.reward_timeout)
@@ -182,24 +184,22 @@ class RolloutManager:
     async def generate(self, rollout_id: int) -> dict[str, Any]:
         from rl_core.metrics import rollout_metrics
         from rl_core.rollout import generate_groups, generate_samples, score_samples
-        from rl_router import RouterClient
 
         self._state_before = (rollout_id, self.data_source.state_dict())
-        if self._client is None:
-            self._client = RouterClient(self.router_address)
+        client = self._router_client()
         start = time.perf_counter()
         timing: dict[str, float] = {}
         extra: dict[str, float] = {}
         if self.sample_filter is None and self.config.over_sampling_batch_size is None:
             samples = [s for g in self.data_source.get_samples(self.config.rollout_batch_size) for s in g]
-            await generate_samples(self._client, samples, self.config.sampling_params())
+            await generate_samples(client, samples, self.config.sampling_params())
             timing["generate"] = time.perf_counter() - start
             await score_samples(self.reward, samples)
             timing["reward"] = time.perf_counter() - start - timing["generate"]
         else:
             # Dynamic sampling: generate and score rounds of groups until enough pass the filter.
             groups, stats = await generate_groups(
-                self._client, self.reward, self.data_source,
+                client, self.reward, self.data_source,
                 num_groups=self.config.rollout_batch_size,
                 sampling_params=self.config.sampling_params(),
                 over_sampling_batch_size=self.config.over_sampling_batch_size,
@@ -213,6 +213,33 @@ class RolloutManager:
         metrics.update(self.router.metrics())  # counters, faults, per-engine load and every middleware's snapshot()
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
         return {"samples": samples, "metrics": metrics, "timing": timing}
+
+    async def evaluate(self) -> dict[str, float]:
+        """Every --eval-prompt-data set, each prompt `n_samples_per_eval_prompt` times with the eval sampling
+        parameters, graded by the reward hub: `eval/<name>/...` metrics (reward, lengths, pass@k, weight version)."""
+        from rl_core.data_source import JsonlDataSource
+        from rl_core.metrics import rollout_metrics
+        from rl_core.rollout import generate_samples, score_samples
+
+        client = self._router_client()
+        out: dict[str, float] = {}
+        for name, rows in self.eval_rows.items():
+            start = time.perf_counter()
+            source = JsonlDataSource(rows, n_samples_per_prompt=self.config.n_samples_per_eval_prompt)
+            samples = [s for group in source.get_samples(len(rows)) for s in group]
+            await generate_samples(client, samples, self.config.eval_sampling_params())
+            await score_samples(self.reward, samples)
+            for key, value in rollout_metrics(samples).items():
+                out[f"eval/{name}/{key.removeprefix('rollout/')}"] = value
+            out[f"eval/{name}/time"] = time.perf_counter() - start
+        return out
+
+    def _router_client(self) -> Any:
+        from rl_router import RouterClient
+
+        if self._client is None:
+            self._client = RouterClient(self.router_address)
+        return self._client
 
     def data_state_before(self, rollout_id: int) -> dict[str, Any]:
         """The data source's state from just before rollout `rollout_id` drew its prompts: what a checkpoint

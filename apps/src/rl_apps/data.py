@@ -16,6 +16,23 @@ def load_tokenizer(config: TrainConfig) -> Any:
     return AutoTokenizer.from_pretrained(str(config.hf_checkpoint))
 
 
+def load_eval_rows(config: TrainConfig, tokenizer: Any | None = None) -> dict[str, list[Any]]:
+    """Name -> prompt rows of every --eval-prompt-data set (errors name the file and line)."""
+    tokenizer = tokenizer or load_tokenizer(config)
+    return {
+        name: load_prompt_rows(
+            path,
+            input_key=config.eval_input_key or config.input_key,
+            label_key=config.eval_label_key or config.label_key,
+            metadata_key=config.metadata_key,
+            tokenizer=tokenizer,
+            apply_chat_template=config.apply_chat_template,
+            max_prompt_len=config.rollout_max_prompt_len,
+        )
+        for name, path in config.eval_datasets()
+    }
+
+
 def build_data_source(config: TrainConfig, tokenizer: Any | None = None) -> JsonlDataSource:
     rows = load_prompt_rows(
         config.prompt_data,

@@ -35,12 +35,14 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_rewards import build_reward
     from rl_router import load_middleware
 
-    from rl_apps.data import build_data_source, load_sample_filter
+    from rl_apps.data import build_data_source, load_eval_rows, load_sample_filter, load_tokenizer
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
-        build_data_source(config)
+        tokenizer = load_tokenizer(config)
+        build_data_source(config, tokenizer)
+        load_eval_rows(config, tokenizer)
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
@@ -59,9 +61,9 @@ def check_inputs(config: TrainConfig) -> None:
             raise InputError(f"--router-middleware-paths: {e}") from None
 
 
-def run(config: TrainConfig, loop: Callable[[Any, Any, Any], None] | None = None) -> Path:
-    """Run the whole training with `loop(config, parts, sink)` (the synchronous `train_loop` by default);
-    returns the metrics file (one JSON line per rollout)."""
+def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None = None) -> Path:
+    """Run the whole training with `loop(config, parts, sink, eval_sink)` (the synchronous `train_loop` by
+    default); returns the metrics file (one JSON line per rollout; evaluations go to eval_metrics.jsonl)."""
     check_inputs(config)
     from rl_apps.cluster import placed_parts
     from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink, plot_reward_curve
@@ -69,24 +71,28 @@ def run(config: TrainConfig, loop: Callable[[Any, Any, Any], None] | None = None
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.jsonl"
-    sink = FanOutSink([JsonlSink(metrics_path)] + ([TensorBoardSink(output_dir / "tensorboard")] if config.use_tensorboard else []))
+    files = [JsonlSink(metrics_path), JsonlSink(output_dir / "eval_metrics.jsonl")]
+    tensorboard = [TensorBoardSink(output_dir / "tensorboard")] if config.use_tensorboard else []
     try:
         with placed_parts(config) as parts:
-            (loop or train_loop)(config, parts, sink)
+            (loop or train_loop)(config, parts, FanOutSink([files[0], *tensorboard]), FanOutSink([files[1], *tensorboard]))
     finally:
-        sink.close()
+        for sink in files + tensorboard:
+            sink.close()
     if config.save_reward_curve and metrics_path.exists():
         plot_reward_curve(metrics_path, output_dir / "reward_curve.png")
     return metrics_path
 
 
-def train_loop(config: TrainConfig, parts: Any, sink: Any) -> None:
+def train_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any) -> None:
     import ray
     from tqdm import tqdm
 
     from rl_apps.checkpoints import resume, save_checkpoint, should_save
+    from rl_apps.evaluation import evaluate_if_due
 
     start = resume(config, parts)
+    evaluate_if_due(config, parts, eval_sink, start, before_training=True)
     for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
         result = ray.get(parts.rollout.generate.remote(rollout_id))
@@ -99,6 +105,8 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any) -> None:
         sync_start = time.perf_counter()
         ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
         timing["weight_sync"] = time.perf_counter() - sync_start
+        if (seconds := evaluate_if_due(config, parts, eval_sink, rollout_id + 1)) is not None:
+            timing["eval"] = seconds
         if should_save(config, rollout_id):
             save_start = time.perf_counter()
             save_checkpoint(config, parts, rollout_id)

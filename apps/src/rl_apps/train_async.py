@@ -44,16 +44,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"rl-train-async: error: {e}")
 
 
-def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any) -> None:
+def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any, eval_sink: Any) -> None:
     """One rollout always in flight: fetch rollout k, start k+1, train on k, and every
-    `update_weights_interval` rollouts let the generation in flight finish before syncing weights."""
+    `update_weights_interval` rollouts let the generation in flight finish before syncing weights.
+    Evaluation (--eval-interval) runs right after a sync, the only time nothing is in flight."""
     import ray
     from tqdm import tqdm
 
     from rl_apps.checkpoints import resume, save_checkpoint, should_save
+    from rl_apps.evaluation import evaluate_if_due
     from rl_apps.train import log_rollout, train_on_rollout
 
     start = resume(config, parts)
+    evaluate_if_due(config, parts, eval_sink, start, before_training=True)
     in_flight = parts.rollout.generate.remote(start) if start < config.num_rollout else None
     for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
@@ -73,6 +76,8 @@ def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any) -> None:
             timing["wait_in_flight"] = time.perf_counter() - sync_start
             ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
             timing["weight_sync"] = time.perf_counter() - sync_start - timing["wait_in_flight"]
+            if (seconds := evaluate_if_due(config, parts, eval_sink, rollout_id + 1)) is not None:
+                timing["eval"] = seconds
         if should_save(config, rollout_id):
             # The rollout in flight has drawn its prompts already: the checkpoint keeps the data position
             # from before it, so a resumed run generates that rollout again (with the saved weights).

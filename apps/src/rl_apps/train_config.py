@@ -94,6 +94,24 @@ def _absolute_file_spec(spec: str) -> str:
     return f"{Path(file).resolve()}:{name}"
 
 
+class EvalConfig(Section):
+    eval_prompt_data: list[str] = Field(default_factory=list)
+    """Evaluation sets as name/path pairs: `--eval-prompt-data math500 math500.jsonl gsm8k gsm8k.jsonl`."""
+    eval_interval: int | None = Field(None, ge=1)
+    """Evaluate whenever the engines hold a policy N, 2N, ... train steps old (after that weight sync)."""
+    skip_eval_before_train: bool = False
+    """Do not evaluate the starting policy before the first rollout."""
+    n_samples_per_eval_prompt: int = Field(1, ge=1)
+    eval_temperature: float | None = Field(None, ge=0.0)
+    """Sampling temperature of evaluation (default: --rollout-temperature); also --eval-top-p/-top-k/-max-response-len."""
+    eval_top_p: float | None = Field(None, gt=0.0, le=1.0)
+    eval_top_k: int | None = None
+    eval_max_response_len: int | None = Field(None, gt=0)
+    eval_input_key: str | None = None
+    """Prompt key of the evaluation files (default: --input-key); --eval-label-key likewise."""
+    eval_label_key: str | None = None
+
+
 class CheckpointConfig(Section):
     save: Path | None = None
     """Folder for training checkpoints (policy and critic weights with their optimizer state, data position)."""
@@ -111,8 +129,21 @@ class CheckpointConfig(Section):
 
 class TrainConfig(
     DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
-    LoggingConfig, CheckpointConfig
+    LoggingConfig, CheckpointConfig, EvalConfig
 ):
+    def eval_datasets(self) -> list[tuple[str, Path]]:
+        """(name, file) of every --eval-prompt-data pair."""
+        pairs = self.eval_prompt_data
+        return [(pairs[i], Path(pairs[i + 1])) for i in range(0, len(pairs), 2)]
+
+    def eval_sampling_params(self) -> dict[str, Any]:
+        """The rollout's sampling parameters with the --eval-* overrides."""
+        params = self.sampling_params()
+        overrides = {"temperature": self.eval_temperature, "top_p": self.eval_top_p, "top_k": self.eval_top_k,
+                     "max_new_tokens": self.eval_max_response_len}
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        return params
+
     @model_validator(mode="after")
     def _absolute_paths(self) -> TrainConfig:
         """Ray actors do not share the driver's working directory, so relative paths are resolved here."""
@@ -122,6 +153,9 @@ class TrainConfig(
                 object.__setattr__(self, name, value.resolve())
         if self.custom_rm_path and ".py:" in self.custom_rm_path:
             object.__setattr__(self, "custom_rm_path", _absolute_file_spec(self.custom_rm_path))
+        object.__setattr__(self, "eval_prompt_data", [
+            item if i % 2 == 0 else str(Path(item).resolve()) for i, item in enumerate(self.eval_prompt_data)
+        ])
         object.__setattr__(self, "router_middleware_paths", [
             _absolute_file_spec(spec) if ".py:" in spec else spec for spec in self.router_middleware_paths
         ])
@@ -138,6 +172,13 @@ class TrainConfig(
                     raise ValueError(
                         f"{name} is set but advantage_estimator {self.advantage_estimator!r} trains no critic (only 'ppo' does)"
                     )
+        if len(self.eval_prompt_data) % 2:
+            raise ValueError(f"--eval-prompt-data takes name/path pairs, got {len(self.eval_prompt_data)} value(s)")
+        names = self.eval_prompt_data[::2]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--eval-prompt-data names must differ, got {names}")
+        if self.eval_interval is not None and not self.eval_prompt_data:
+            raise ValueError("--eval-interval needs --eval-prompt-data")
         if self.critic_lr is None:
             object.__setattr__(self, "critic_lr", self.lr)
         if self.global_batch_size % self.actor_num_gpus_per_node:
