@@ -166,7 +166,7 @@ class RolloutManager:
 
         self.config = config
         tokenizer = load_tokenizer(config)
-        self.data_source = build_data_source(config, tokenizer)
+        self.data_source = build_data_source(config, tokenizer) if config.prompt_data is not None else None
         self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
         self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,

@@ -64,9 +64,10 @@ class Parts:
 
 
 @contextlib.contextmanager
-def placed_parts(config: TrainConfig) -> Iterator[Parts]:
+def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Parts]:
     """Start Ray (unless already connected), reserve one placement group for every part, start the parts;
-    on exit stop them, free the group, and stop Ray if this call started it."""
+    on exit stop them, free the group, and stop Ray if this call started it. `trainers=False` places the
+    engines and the rollout manager only (evaluation)."""
     # Workers run in this interpreter's environment: Ray's `uv run` hook, read when ray is first imported,
     # would otherwise copy the project and build a fresh venv for them.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -76,7 +77,7 @@ def placed_parts(config: TrainConfig) -> Iterator[Parts]:
 
     from rl_apps.actors import CriticActor, EngineActor, RolloutManager, TrainerActor
 
-    world, num_engines = config.actor_num_gpus_per_node, config.rollout_num_engines
+    world, num_engines = config.actor_num_gpus_per_node if trainers else 0, config.rollout_num_engines
     num_critics = world if config.use_critic else 0
     trainer_res, engine_res = actor_resources(config)
     owns_ray = not ray.is_initialized()

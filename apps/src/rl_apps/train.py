@@ -41,7 +41,8 @@ def check_inputs(config: TrainConfig) -> None:
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
         tokenizer = load_tokenizer(config)
-        build_data_source(config, tokenizer)
+        if config.prompt_data is not None:
+            build_data_source(config, tokenizer)
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)

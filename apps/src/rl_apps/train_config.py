@@ -7,7 +7,7 @@ slime's name wherever slime has one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -161,9 +161,11 @@ class TrainConfig(
         ])
         return self
 
+    required_flags: ClassVar[tuple[str, ...]] = ("prompt_data", "hf_checkpoint")
+
     @model_validator(mode="after")
     def _required(self) -> TrainConfig:
-        missing = [f"--{name.replace('_', '-')}" for name in ("prompt_data", "hf_checkpoint") if getattr(self, name) is None]
+        missing = [f"--{name.replace('_', '-')}" for name in self.required_flags if not getattr(self, name)]
         if missing:
             raise ValueError(f"missing required flag(s): {' '.join(missing)}")
         if not self.use_critic:
