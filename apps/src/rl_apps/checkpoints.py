@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,15 @@ class CheckpointError(ValueError):
     """A --load folder that holds no usable checkpoint; the message names the flag and what is missing."""
 
 
-def should_save(config: TrainConfig, rollout_id: int) -> bool:
+def save_if_due(config: TrainConfig, parts: Any, rollout_id: int, timing: dict[str, float]) -> None:
+    """Save after rollout `rollout_id` when --save is set and it is the last rollout or a --save-interval multiple."""
     if config.save is None:
-        return False
+        return
     last = rollout_id + 1 == config.num_rollout
-    return last or (config.save_interval is not None and (rollout_id + 1) % config.save_interval == 0)
+    if last or (config.save_interval is not None and (rollout_id + 1) % config.save_interval == 0):
+        start = time.perf_counter()
+        save_checkpoint(config, parts, rollout_id)
+        timing["save"] = time.perf_counter() - start
 
 
 def save_checkpoint(config: TrainConfig, parts: Any, rollout_id: int) -> Path:

@@ -89,7 +89,7 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any) -> No
     import ray
     from tqdm import tqdm
 
-    from rl_apps.checkpoints import resume, save_checkpoint, should_save
+    from rl_apps.checkpoints import resume, save_if_due
     from rl_apps.evaluation import evaluate_if_due
 
     start = resume(config, parts)
@@ -103,17 +103,23 @@ def train_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any) -> No
         train_metrics = train_on_rollout(config, parts.trainers, samples, critics=parts.critics, rollout_id=rollout_id)
         timing["train"] = time.perf_counter() - train_start
 
-        sync_start = time.perf_counter()
-        ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
-        timing["weight_sync"] = time.perf_counter() - sync_start
-        if (seconds := evaluate_if_due(config, parts, eval_sink, rollout_id + 1)) is not None:
-            timing["eval"] = seconds
-        if should_save(config, rollout_id):
-            save_start = time.perf_counter()
-            save_checkpoint(config, parts, rollout_id)
-            timing["save"] = time.perf_counter() - save_start
+        push_weights(config, parts, eval_sink, rollout_id + 1, timing)
+        save_if_due(config, parts, rollout_id, timing)
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
+
+
+def push_weights(config: TrainConfig, parts: Any, eval_sink: Any, version: int, timing: dict[str, float]) -> None:
+    """Send the trainer's weights to the engines as `version` (train steps so far), then evaluate them if due."""
+    import ray
+
+    from rl_apps.evaluation import evaluate_if_due
+
+    start = time.perf_counter()
+    ray.get([t.update_weights.remote(parts.engine_urls, str(version)) for t in parts.trainers])
+    timing["weight_sync"] = time.perf_counter() - start
+    if (seconds := evaluate_if_due(config, parts, eval_sink, version)) is not None:
+        timing["eval"] = seconds
 
 
 def log_rollout(

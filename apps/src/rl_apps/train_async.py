@@ -51,9 +51,9 @@ def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any, eval_sink:
     import ray
     from tqdm import tqdm
 
-    from rl_apps.checkpoints import resume, save_checkpoint, should_save
+    from rl_apps.checkpoints import resume, save_if_due
     from rl_apps.evaluation import evaluate_if_due
-    from rl_apps.train import log_rollout, train_on_rollout
+    from rl_apps.train import log_rollout, push_weights, train_on_rollout
 
     start = resume(config, parts)
     evaluate_if_due(config, parts, eval_sink, start, before_training=True)
@@ -71,19 +71,13 @@ def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any, eval_sink:
         timing["train"] = time.perf_counter() - train_start
 
         if (rollout_id + 1) % config.update_weights_interval == 0 and not last:
-            sync_start = time.perf_counter()
+            wait_start = time.perf_counter()
             ray.wait([in_flight], num_returns=1, timeout=None)  # its samples came from the weights it started with
-            timing["wait_in_flight"] = time.perf_counter() - sync_start
-            ray.get([t.update_weights.remote(parts.engine_urls, str(rollout_id + 1)) for t in parts.trainers])
-            timing["weight_sync"] = time.perf_counter() - sync_start - timing["wait_in_flight"]
-            if (seconds := evaluate_if_due(config, parts, eval_sink, rollout_id + 1)) is not None:
-                timing["eval"] = seconds
-        if should_save(config, rollout_id):
-            # The rollout in flight has drawn its prompts already: the checkpoint keeps the data position
-            # from before it, so a resumed run generates that rollout again (with the saved weights).
-            save_start = time.perf_counter()
-            save_checkpoint(config, parts, rollout_id)
-            timing["save"] = time.perf_counter() - save_start
+            timing["wait_in_flight"] = time.perf_counter() - wait_start
+            push_weights(config, parts, eval_sink, rollout_id + 1, timing)
+        # The rollout in flight has drawn its prompts already: a checkpoint keeps the data position from
+        # before it, so a resumed run generates that rollout again (with the saved weights).
+        save_if_due(config, parts, rollout_id, timing)
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
 
