@@ -185,7 +185,8 @@ class RolloutManager:
         from rl_core.metrics import rollout_metrics
         from rl_core.rollout import generate_groups, generate_samples, score_samples
 
-        self._state_before = (rollout_id, self.data_source.state_dict())
+        if self.config.save is not None:  # only a checkpoint reads it; the state carries every buffered sample
+            self._state_before = (rollout_id, self.data_source.state_dict())
         client = self._router_client()
         start = time.perf_counter()
         timing: dict[str, float] = {}
