@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rl_core.config import AlgorithmConfig, BatchConfig, DataConfig, SamplingConfig, Section
+from rl_core.config import DataConfig, RLStepConfig, SamplingConfig, Section
 
 
 class ModelConfig(Section):
@@ -31,8 +31,6 @@ class TrainerConfig(Section):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     critic_lr: float | None = Field(None, gt=0.0)
     """Learning rate of the critic (ppo); defaults to lr, as in slime."""
-    num_critic_only_steps: int = Field(0, ge=0)
-    """The first N rollouts train only the critic (ppo), so the policy's first advantages come from a warmed-up critic."""
 
 
 class RolloutEngineConfig(Section):
@@ -128,7 +126,7 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(
-    DataConfig, BatchConfig, SamplingConfig, AlgorithmConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
+    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
     LoggingConfig, CheckpointConfig, EvalConfig
 ):
     def eval_datasets(self) -> list[tuple[str, Path]]:
@@ -169,7 +167,7 @@ class TrainConfig(
         if missing:
             raise ValueError(f"missing required flag(s): {' '.join(missing)}")
         if not self.use_critic:
-            for name in ("critic_lr", "num_critic_only_steps"):
+            for name in ("critic_lr",):
                 if name in self.model_fields_set:
                     raise ValueError(
                         f"{name} is set but advantage_estimator {self.advantage_estimator!r} trains no critic (only 'ppo' does)"

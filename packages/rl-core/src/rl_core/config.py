@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from rl_core.algorithms.advantages import AdvantageConfig
     from rl_core.algorithms.policy_loss import PolicyLossConfig
+    from rl_core.losses import PolicyLoss, ValueLoss
 
 
 class Section(BaseModel):
@@ -164,6 +165,8 @@ class AlgorithmConfig(Section):
     """Off-policy sequence masking: drop negative-advantage sequences whose KL from the old policy exceeds opsm_delta."""
     opsm_delta: float = Field(1e-4, ge=0.0)
     """Sequence KL threshold of off-policy sequence masking."""
+    num_critic_only_steps: int = Field(0, ge=0)
+    """The first N rollouts train only the critic (ppo), so the policy's first advantages come from a warmed-up critic."""
 
     @model_validator(mode="after")
     def _check_algorithm(self) -> AlgorithmConfig:
@@ -201,6 +204,10 @@ class AlgorithmConfig(Section):
         for name, is_ignored in ignored.items():
             if is_ignored:
                 raise ValueError(f"{name} is set but advantage_estimator {estimator!r} does not use it")
+        if "num_critic_only_steps" in self.model_fields_set and not self.use_critic:
+            raise ValueError(
+                f"num_critic_only_steps is set but advantage_estimator {estimator!r} trains no critic (only 'ppo' does)"
+            )
         if self.use_tis and self.use_rollout_logprobs:
             raise ValueError(
                 "use_tis and use_rollout_logprobs are both set: TIS corrects the trainer's old log-probs towards the"
@@ -262,3 +269,17 @@ class AlgorithmConfig(Section):
             use_opsm=self.use_opsm,
             opsm_delta=self.opsm_delta,
         )
+
+
+class RLStepConfig(AlgorithmConfig, BatchConfig):
+    """Everything `rl_core.rl_step.rl_step` reads: the algorithm and the batch arithmetic."""
+
+    def policy_loss(self) -> PolicyLoss:
+        from rl_core.losses import PolicyLoss
+
+        return PolicyLoss(self.policy_loss_config(), use_rollout_logprobs=self.use_rollout_logprobs)
+
+    def value_loss(self) -> ValueLoss:
+        from rl_core.losses import ValueLoss
+
+        return ValueLoss(self.value_clip, self.loss_aggregation, self.loss_aggregation_constant)

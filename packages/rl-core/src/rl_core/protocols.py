@@ -5,11 +5,13 @@ rl-router and rl-rewards do not import this module: they satisfy these Protocols
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
 
+    from rl_core.losses import TrainLoss
     from rl_core.sample import Sample
     from rl_core.train_batch import TrainBatch
 
@@ -28,16 +30,64 @@ class RolloutEngine(Protocol):
         ...
 
 
-@runtime_checkable
-class TrainingBackend(Protocol):
-    """A policy model that can take an optimisation step and hand out its weights."""
+ForwardModel = Literal["policy", "reference"]
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """Train on one global batch (split into micro-batches inside); returns metrics."""
+
+@runtime_checkable
+class StepBackend(Protocol):
+    """What the RL step (`rl_core.rl_step`) needs of a trained model: forward passes and optimizer steps.
+
+    A backend spread over several ranks is driven by calling each method on every rank with the same
+    arguments (they are collectives). Results are complete on the rank `result_rank` names (the
+    result-rank contract); other ranks may return partial or empty results. FSDP returns them on every
+    rank; Megatron under pipeline parallelism only on the last stage.
+    """
+
+    @property
+    def result_rank(self) -> int:
+        """The rank of this backend's process group whose return values are the results."""
         ...
 
-    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Full (unsharded) weights under Hugging Face names, for the engines."""
+    def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
+        """One float32 CPU tensor per sample over its response tokens: log-probs under softmax(logits /
+        rollout temperature) for an LM head (of the reference model with model="reference"), values for
+        a value head."""
+        ...
+
+    def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
+        """One optimizer step of `loss` over the global batch (split into micro-batches inside); returns
+        global-batch metrics (the loss's, plus grad_norm and lr)."""
+        ...
+
+
+@runtime_checkable
+class TrainingBackend(StepBackend, Protocol):
+    """A trained model as the loop drives it: the RL step's two methods, and what the loop does between
+    steps (weights to the engines, checkpoints, giving the GPU to a colocated engine, shutdown)."""
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (unsharded) weights under Hugging Face names, one tensor at a time, on this rank's device.
+        A collective: every rank iterates it to the end; tied weights appear under each of their names."""
+        ...
+
+    def save(self, directory: str | Path) -> None:
+        """Model and optimizer state (every rank its own shards) into `directory`, to resume from."""
+        ...
+
+    def load(self, directory: str | Path) -> None:
+        """Resume from a `save` directory; the reference model stays the initial one."""
+        ...
+
+    def offload(self) -> None:
+        """Move parameters, gradients and optimizer state off the accelerator (a colocated engine runs)."""
+        ...
+
+    def onload(self) -> None:
+        """Bring back what `offload` moved, before the next forward or train_step."""
+        ...
+
+    def close(self) -> None:
+        """Free the model and leave the process group if this backend joined it."""
         ...
 
 

@@ -16,7 +16,7 @@ from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
-from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
+from rl_core.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint

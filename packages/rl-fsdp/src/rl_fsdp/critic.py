@@ -14,7 +14,7 @@ from torch import nn
 from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import CriticConfig
 from rl_fsdp.distributed import join_world
-from rl_fsdp.micro_batches import MicroBatch, rank_micro_batches, validate_batch
+from rl_core.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 

@@ -6,7 +6,7 @@ import torch
 from rl_core.algorithms.policy_loss import entropy_from_logits
 from torch import nn
 
-from rl_fsdp.micro_batches import MicroBatch
+from rl_core.micro_batches import MicroBatch
 
 
 def response_log_probs(

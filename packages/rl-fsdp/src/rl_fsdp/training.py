@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rl_fsdp.config import ShardedTrainingConfig
-from rl_fsdp.micro_batches import MicroBatch
+from rl_core.micro_batches import MicroBatch
 
 
 def make_optimizer(model: nn.Module, config: ShardedTrainingConfig) -> torch.optim.Optimizer:

@@ -1,10 +1,12 @@
-"""Padding a rank's share of a TrainBatch into micro-batch tensors."""
+"""Padding a rank's share of a TrainBatch into micro-batch tensors, the same way for every backend."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from rl_core.algorithms.policy_loss import LossDenominators
+from rl_core.losses import LossInputs
 from rl_core.train_batch import TrainBatch
 
 
@@ -104,3 +106,22 @@ def rank_micro_batches(
     count = -(-per_rank // micro_batch_size)
     chunks = [mine[k * micro_batch_size : (k + 1) * micro_batch_size] for k in range(count)]
     return [make_micro_batch(batch, chunk, device) for chunk in chunks]
+
+
+def batch_denominators(batch: TrainBatch) -> LossDenominators:
+    """The global batch's loss-mask tokens and samples, which every micro-batch's loss share divides by."""
+    return LossDenominators(num_tokens=float(sum(sum(mask) for mask in batch.loss_masks)), num_samples=float(len(batch)))
+
+
+def loss_inputs(mb: MicroBatch, denominators: LossDenominators, **outputs: torch.Tensor | None) -> LossInputs:
+    """The loss's view of `mb` with this forward's `outputs` (log_probs, entropy, ref_log_probs, values)."""
+    return LossInputs(
+        loss_mask=mb.loss_mask,
+        denominators=denominators,
+        advantages=mb.advantages,
+        old_log_probs=mb.old_log_probs,
+        rollout_log_probs=mb.rollout_log_probs,
+        returns=mb.returns,
+        old_values=mb.values,
+        **outputs,
+    )

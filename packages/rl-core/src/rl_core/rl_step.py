@@ -1,0 +1,129 @@
+"""The RL step: a rollout's scored samples in, optimizer steps out, over the `StepBackend` Protocol.
+
+Forward passes over the whole rollout give what the configuration needs (the old policy when a rollout is
+split into several optimizer steps, policy and reference log-probs for --kl-coef, the critic's values for
+ppo); the configured estimator turns rewards into advantages; then `num_steps_per_rollout` optimizer steps
+of `global_batch_size` samples each, the critic's beside the policy's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from rl_core.algorithms.advantages import AdvantageInputs, Advantages, estimate_advantages
+from rl_core.algorithms.kl import approx_kl
+from rl_core.config import RLStepConfig
+from rl_core.protocols import StepBackend
+from rl_core.sample import Sample
+from rl_core.train_batch import TrainBatch
+
+
+def rollout_advantages(
+    config: RLStepConfig,
+    samples: Sequence[Sample],
+    *,
+    log_probs: Sequence[torch.Tensor] | None = None,
+    ref_log_probs: Sequence[torch.Tensor] | None = None,
+    values: Sequence[torch.Tensor] | None = None,
+) -> Advantages:
+    """The configured estimator (and whitening) over the whole rollout. `log_probs` and `ref_log_probs`
+    (per sample, response tokens) carry the reward KL of --kl-coef; `values` are the critic's (ppo)."""
+    return estimate_advantages(
+        config.advantage_config(),
+        AdvantageInputs(
+            rewards=[float(s.reward) for s in samples],  # type: ignore[arg-type]
+            group_size=config.n_samples_per_prompt,
+            response_lengths=[s.response_length for s in samples],
+            loss_masks=[torch.tensor(s.effective_loss_mask(), dtype=torch.float32) for s in samples],
+            log_probs=log_probs,
+            ref_log_probs=ref_log_probs,
+            values=values,
+        ),
+    )
+
+
+def mean_reward_kl(
+    config: RLStepConfig, samples: Sequence[Sample], log_probs: Sequence[torch.Tensor], ref_log_probs: Sequence[torch.Tensor]
+) -> float:
+    """Mean over loss-mask tokens of the KL estimate that --kl-coef weighs into the token rewards."""
+    total, tokens = 0.0, 0.0
+    for sample, lp, ref in zip(samples, log_probs, ref_log_probs):
+        mask = torch.tensor(sample.effective_loss_mask(), dtype=torch.float32)
+        total += float((approx_kl(lp, ref, config.kl_loss_type) * mask).sum())
+        tokens += float(mask.sum())
+    return total / max(tokens, 1.0)
+
+
+def _as_tensors(rows: Sequence[Sequence[float]] | None) -> list[torch.Tensor] | None:
+    return None if rows is None else [torch.as_tensor(r, dtype=torch.float32) for r in rows]
+
+
+def rl_step(
+    config: RLStepConfig,
+    samples: Sequence[Sample],
+    policy: StepBackend,
+    *,
+    critic: StepBackend | None = None,
+    rollout_id: int = 0,
+) -> list[dict[str, float]]:
+    """Train `policy` (and `critic`, for ppo) on one rollout's scored samples, in group order.
+
+    The policy sits out the first --num-critic-only-steps rollouts. Returns metric dicts for the caller to
+    average key by key: one per optimizer step (`train/...` for the policy, `critic/...`), and one with
+    `train/reward_kl` under --kl-coef.
+    """
+    if config.use_critic and critic is None:
+        raise ValueError(f"advantage_estimator {config.advantage_estimator!r} trains a critic, but none was given")
+    # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
+    whole = TrainBatch.from_samples(samples, [[0.0] * s.response_length for s in samples])
+    recompute_old = config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs  # type: ignore[operator]
+    reward_kl = config.kl_coef > 0.0
+    if config.use_rollout_logprobs and whole.rollout_log_probs is None:
+        raise ValueError("--use-rollout-logprobs takes the old policy from the engine, which sent no log-probs")
+    if config.use_tis and whole.rollout_log_probs is None:
+        raise ValueError("--use-tis weights by the engine's log-probs, which the engine did not send")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # The critic's forward runs beside the policy's; each backend's own calls stay in order.
+        values_future = pool.submit(critic.forward, whole) if critic is not None else None
+        own_log_probs = policy.forward(whole) if recompute_old or (reward_kl and not config.use_rollout_logprobs) else None
+        ref_log_probs = policy.forward(whole, "reference") if reward_kl else None
+        values = values_future.result() if values_future is not None else None
+
+        # As slime: the reward KL is taken from the engine's log-probs when they are the old policy.
+        kl_log_probs = _as_tensors(whole.rollout_log_probs) if config.use_rollout_logprobs else own_log_probs
+        result = rollout_advantages(
+            config,
+            samples,
+            log_probs=kl_log_probs if reward_kl else None,
+            ref_log_probs=ref_log_probs,
+            values=values,
+        )
+        whole = dataclasses.replace(
+            whole,
+            advantages=[a.tolist() for a in result.advantages],
+            # Every step's PPO ratio is taken against the policy that existed before the rollout's first step.
+            old_log_probs=[lp.tolist() for lp in own_log_probs] if recompute_old and own_log_probs is not None else None,
+            returns=[r.tolist() for r in result.returns] if critic is not None else None,
+            values=[v.tolist() for v in values] if values is not None else None,
+        )
+        steps: list[dict[str, float]] = []
+        if reward_kl:
+            assert kl_log_probs is not None and ref_log_probs is not None
+            steps.append({"train/reward_kl": mean_reward_kl(config, samples, kl_log_probs, ref_log_probs)})
+        train_policy = rollout_id >= config.num_critic_only_steps
+        policy_loss, value_loss = config.policy_loss(), config.value_loss()
+        size = config.global_batch_size
+        assert size is not None
+        for start in range(0, len(samples), size):
+            part = whole.select(range(start, min(start + size, len(samples))))
+            critic_future = pool.submit(critic.train_step, part, value_loss) if critic is not None else None
+            metrics = {f"train/{k}": v for k, v in policy.train_step(part, policy_loss).items()} if train_policy else {}
+            if critic_future is not None:
+                metrics.update({f"critic/{k}": v for k, v in critic_future.result().items()})
+            steps.append(metrics)
+    return steps
