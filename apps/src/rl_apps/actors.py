@@ -45,46 +45,31 @@ class EngineActor:
 
 @ray.remote
 class TrainerActor:
-    """One rank of the FSDP trainer; rank 0 also pushes weights to the engines."""
+    """One rank of a training backend (the policy or PPO's critic), built by the backend's factory from the
+    run's config; the backend's result rank also pushes the policy's weights to the engines."""
 
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    def __init__(self, config: TrainConfig, role: str, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         _set_rank_env(rank, world_size, master_addr, master_port)
-        from rl_fsdp import FSDPBackend, FSDPConfig
+        from rl_apps.backends import build_backend
 
         self.config = config
-        self.rank = rank
-        self.backend = FSDPBackend(
-            FSDPConfig(
-                model_path=str(config.hf_checkpoint),
-                lr=config.lr,
-                weight_decay=config.weight_decay,
-                clip_grad=config.clip_grad,
-                micro_batch_size=config.micro_batch_size,
-                loss=config.policy_loss_config(),
-                rollout_temperature=config.rollout_temperature or 1.0,
-                use_rollout_logprobs=config.use_rollout_logprobs,
-                ref_model=config.use_kl_loss or config.kl_coef > 0.0,
-                device=config.train_device,
-                param_dtype=config.param_dtype,
-                seed=config.seed,
-            )
-        )
+        self.backend = build_backend(config.backend_config(role))
         self.transport = None
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        return self.backend.train_step(batch)
+    def result_rank(self) -> int:
+        return self.backend.result_rank
 
-    def compute_log_probs(self, batch: Any) -> list[list[float]]:
-        return [lp.tolist() for lp in self.backend.compute_log_probs(batch)]
+    def forward(self, batch: Any, model: str) -> list[Any]:
+        return self.backend.forward(batch, model)
 
-    def compute_ref_log_probs(self, batch: Any) -> list[list[float]]:
-        return [lp.tolist() for lp in self.backend.compute_ref_log_probs(batch)]
+    def train_step(self, batch: Any, loss: Any) -> dict[str, float]:
+        return self.backend.train_step(batch, loss)
 
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
-        """Gather full weights (all ranks take part) and push them from rank 0; returns seconds spent."""
+        """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent."""
         start = time.perf_counter()
-        weights = self.backend.named_weights()
-        if self.rank != 0:
+        weights = self.backend.weights()
+        if int(os.environ["RANK"]) != self.backend.result_rank:
             for _ in weights:
                 pass
             return time.perf_counter() - start
@@ -93,64 +78,26 @@ class TrainerActor:
         self.transport.update(weights, weight_version)
         return time.perf_counter() - start
 
-    def save_checkpoint(self, directory: str) -> None:
-        self.backend.save_checkpoint(directory)
+    def save(self, directory: str) -> None:
+        self.backend.save(directory)
 
-    def load_checkpoint(self, directory: str) -> None:
-        self.backend.load_checkpoint(directory)
+    def load(self, directory: str) -> None:
+        self.backend.load(directory)
 
     def _make_transport(self, engine_urls: list[str]) -> Any:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
         if self.config.update_weight_transport == "disk":
             return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
-        backend = "nccl" if self.backend.device.type == "cuda" else "gloo"
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
         return BroadcastWeightTransport(engine_urls, backend=backend)
 
     def shutdown(self) -> None:
         if self.transport is not None:
             self.transport.close()
         self.backend.close()
-
-
-@ray.remote
-class CriticActor:
-    """One rank of PPO's critic; the critic ranks form their own process group (their own MASTER_PORT)."""
-
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        _set_rank_env(rank, world_size, master_addr, master_port)
-        from rl_fsdp import CriticConfig, FSDPCritic
-
-        self.critic = FSDPCritic(
-            CriticConfig(
-                model_path=str(config.hf_checkpoint),
-                lr=config.critic_lr,
-                weight_decay=config.weight_decay,
-                clip_grad=config.clip_grad,
-                micro_batch_size=config.micro_batch_size,
-                value_clip=config.value_clip,
-                aggregation=config.loss_aggregation,
-                aggregation_constant=config.loss_aggregation_constant,
-                device=config.train_device,
-                param_dtype=config.param_dtype,
-                seed=config.seed,
-            )
-        )
-
-    def compute_values(self, batch: Any) -> list[list[float]]:
-        return [v.tolist() for v in self.critic.compute_values(batch)]
-
-    def save_checkpoint(self, directory: str) -> None:
-        self.critic.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.critic.load_checkpoint(directory)
-
-    def train_step(self, batch: Any) -> dict[str, float]:
-        return self.critic.train_step(batch)
-
-    def shutdown(self) -> None:
-        self.critic.close()
 
 
 @ray.remote

@@ -47,9 +47,13 @@ class Parts:
     engines: list[Any] = field(default_factory=list)
     engine_urls: list[str] = field(default_factory=list)
     trainers: list[Any] = field(default_factory=list)
+    """The policy's ranks (TrainerActor)."""
     critics: list[Any] = field(default_factory=list)
     """PPO's critic ranks, one per trainer rank; empty unless the estimator needs a critic."""
     rollout: Any = None
+    policy: Any = None
+    """The policy's ranks as one StepBackend (TrainerGroup); None without trainers (rl-eval)."""
+    critic: Any = None
 
     def shutdown(self) -> None:
         import ray
@@ -75,7 +79,8 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rl_apps.actors import CriticActor, EngineActor, RolloutManager, TrainerActor
+    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+    from rl_apps.trainer_group import TrainerGroup
 
     world, num_engines = config.actor_num_gpus_per_node if trainers else 0, config.rollout_num_engines
     num_critics = world if config.use_critic else 0
@@ -104,18 +109,22 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
         parts.engine_urls = ray.get([e.start.remote() for e in parts.engines])
         master_port = _free_port()
         parts.trainers = [
-            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(config, rank, world, "127.0.0.1", master_port)
+            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(
+                config, "policy", rank, world, "127.0.0.1", master_port
+            )
             for rank in range(world)
         ]
         critic_port = _free_port(taken=(master_port,))
         parts.critics = [
-            CriticActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
-                config, rank, world, "127.0.0.1", critic_port
+            TrainerActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
+                config, "critic", rank, world, "127.0.0.1", critic_port
             )
             for rank in range(num_critics)
         ]
         parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
         ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])
+        parts.policy = TrainerGroup(parts.trainers) if parts.trainers else None
+        parts.critic = TrainerGroup(parts.critics) if parts.critics else None
         yield parts
     finally:
         parts.shutdown()

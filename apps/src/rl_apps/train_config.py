@@ -20,15 +20,32 @@ class ModelConfig(Section):
 
 
 class TrainerConfig(Section):
+    train_backend: Literal["fsdp", "megatron"] = "fsdp"
+    """Training backend: PyTorch FSDP2 over Hugging Face models, or megatron-core (TP/PP/CP)."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """adam is AdamW (decoupled weight decay), as Megatron's."""
     lr: float = Field(1e-6, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    """Learning rate floor of --lr-decay-style linear/cosine."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_iters: int | None = Field(None, gt=0)
+    """Optimizer steps over which the rate decays from --lr to --min-lr (default: all steps of the run)."""
+    lr_warmup_iters: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to --lr."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    clip_grad: float = Field(1.0, gt=0.0)
-    """Gradient norm clipping threshold."""
+    clip_grad: float = Field(1.0, ge=0.0)
+    """Gradient norm clipping threshold; 0 disables clipping."""
     seed: int = 1234
     actor_num_gpus_per_node: int = Field(1, gt=0)
     """Trainer ranks (one per GPU on CUDA machines, one process each on CPU)."""
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the trainer; master weights and optimizer state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass to save memory."""
     critic_lr: float | None = Field(None, gt=0.0)
     """Learning rate of the critic (ppo); defaults to lr, as in slime."""
 
@@ -55,6 +72,8 @@ class RolloutEngineConfig(Section):
     """Seconds between engine health checks (with --use-fault-tolerance)."""
     rollout_health_check_timeout: float = Field(30.0, gt=0.0)
     """Seconds an engine may take to answer a health check, which runs a one-token generation."""
+    update_weights_interval: int = Field(1, ge=1)
+    """Send the trainer's weights to the engines every N rollouts (slime's name)."""
     update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
     """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
@@ -133,6 +152,44 @@ class TrainConfig(
         """(name, file) of every --eval-prompt-data pair."""
         pairs = self.eval_prompt_data
         return [(pairs[i], Path(pairs[i + 1])) for i in range(0, len(pairs), 2)]
+
+    def backend_config(self, role: Literal["policy", "critic"]) -> Any:
+        """The BackendConfig of the policy (LM head, a reference copy when a KL needs one) or of PPO's
+        critic (value head, --critic-lr), typed for --train-backend."""
+        policy = role == "policy"
+        decay_iters = self.lr_decay_iters
+        if decay_iters is None and self.lr_decay_style != "constant":
+            decay_iters = self.num_rollout * self.num_steps_per_rollout  # type: ignore[operator]
+        common = dict(
+            model_path=self.hf_checkpoint,
+            head="lm" if policy else "value",
+            ref_model=policy and (self.use_kl_loss or self.kl_coef > 0.0),
+            # Temperature 0 is greedy; the engine reports log-probs of the unscaled logits then, as SGLang does.
+            rollout_temperature=self.rollout_temperature or 1.0,
+            seed=self.seed,
+            optimizer=self.optimizer,
+            lr=self.lr if policy else self.critic_lr,
+            min_lr=self.min_lr,
+            lr_decay_style=self.lr_decay_style,
+            lr_decay_iters=decay_iters,
+            lr_warmup_iters=self.lr_warmup_iters,
+            weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            adam_eps=self.adam_eps,
+            clip_grad=self.clip_grad,
+            micro_batch_size=self.micro_batch_size,
+            device=self.train_device,
+            param_dtype=self.param_dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        if self.train_backend == "megatron":
+            from rl_megatron import MegatronConfig
+
+            return MegatronConfig(**common)
+        from rl_fsdp import FSDPConfig
+
+        return FSDPConfig(**common)
 
     def eval_sampling_params(self) -> dict[str, Any]:
         """The rollout's sampling parameters with the --eval-* overrides."""

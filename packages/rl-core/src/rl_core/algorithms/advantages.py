@@ -80,7 +80,8 @@ class AdvantageInputs:
                     raise ValueError(f"sample {i}: {name} has {t.numel()} entries, response_length is {length}")
 
     def reward_tensor(self) -> torch.Tensor:
-        return torch.as_tensor(self.rewards, dtype=torch.float32).reshape(-1)
+        """float64, so that group statistics see the rewards as given (0.7 is not rounded to float32 first)."""
+        return torch.as_tensor(self.rewards, dtype=torch.float64).reshape(-1)
 
     def masks(self) -> list[torch.Tensor]:
         if self.loss_masks is None:
@@ -123,14 +124,20 @@ def group_normalized_rewards(
     rewards: torch.Tensor, group_size: int, *, std_normalize: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO's reward shaping: subtract each prompt group's mean and, unless disabled, divide by the
-    group's unbiased std plus `eps`. Samples of one group are contiguous."""
+    group's unbiased std plus `eps`. Samples of one group are contiguous.
+
+    Statistics are taken in float64, and a group whose rewards are all equal gets exactly 0: in float32 a
+    reward such as 0.7 or 1/3 leaves a rounding residue in (r - mean) that the division by a near-zero
+    std + eps blows up to a spurious advantage of several hundredths.
+    """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.double().view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if std_normalize and group_size > 1:
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
-    return centered.flatten()
+    flat = (grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)).expand_as(centered)
+    return torch.where(flat, torch.zeros_like(centered), centered).to(torch.float32).flatten()
 
 
 def _broadcast(per_sample: torch.Tensor, response_lengths: Sequence[int]) -> list[torch.Tensor]:
