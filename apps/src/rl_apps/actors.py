@@ -142,7 +142,7 @@ class RolloutManager:
             samples = [s for g in self.data_source.get_samples(self.config.rollout_batch_size) for s in g]
             await generate_samples(client, samples, self.config.sampling_params())
             timing["generate"] = time.perf_counter() - start
-            await score_samples(self.reward, samples)
+            await score_samples(self.reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
             timing["reward"] = time.perf_counter() - start - timing["generate"]
         else:
             # Dynamic sampling: generate and score rounds of groups until enough pass the filter.
@@ -152,6 +152,7 @@ class RolloutManager:
                 sampling_params=self.config.sampling_params(),
                 over_sampling_batch_size=self.config.over_sampling_batch_size,
                 sample_filter=self.sample_filter,
+                max_error_ratio=self.config.max_reward_error_ratio,
             )
             samples = [s for g in groups for s in g]
             timing["generate_and_reward"] = time.perf_counter() - start
@@ -176,7 +177,7 @@ class RolloutManager:
             source = JsonlDataSource(rows, n_samples_per_prompt=self.config.n_samples_per_eval_prompt)
             samples = [s for group in source.get_samples(len(rows)) for s in group]
             await generate_samples(client, samples, self.config.eval_sampling_params())
-            await score_samples(self.reward, samples)
+            await score_samples(self.reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
             for key, value in rollout_metrics(samples).items():
                 out[f"eval/{name}/{key.removeprefix('rollout/')}"] = value
             out[f"eval/{name}/time"] = time.perf_counter() - start

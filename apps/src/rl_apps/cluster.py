@@ -37,6 +37,33 @@ def actor_resources(config: TrainConfig) -> tuple[dict[str, float], dict[str, fl
     return {"num_cpus": 1, "num_gpus": share}, {"num_cpus": 1, "num_gpus": share}
 
 
+def placement_notice(config: TrainConfig, *, trainers: bool = True) -> str:
+    """One line saying what will run where; refuses --colocate where there is no GPU to share."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = gpus > 0 and "cpu" not in (config.train_device, config.rollout_device)
+    if config.colocate and not on_gpu:
+        raise PlacementError(
+            "--colocate shares GPUs between the trainer and the engines, but "
+            + ("torch sees no CUDA GPU" if gpus == 0 else "--train-device/--rollout-device put a part on the CPU")
+            + ": every part already runs as its own CPU process, so drop --colocate"
+        )
+    ranks = config.actor_num_gpus_per_node if trainers else 0
+    parts = [f"{ranks} {config.train_backend} trainer rank(s)"] if trainers else []
+    if trainers and config.use_critic:
+        parts.append(f"{ranks} critic rank(s)")
+    parts.append(f"{config.rollout_num_engines} {config.engine_type} engine(s)")
+    where = (
+        f"on {gpus} visible GPU(s)" + (", trainer and engines sharing them (--colocate)" if config.colocate else "")
+        if on_gpu
+        else "as CPU processes (no CUDA GPU in use: gloo, one process per rank"
+        + (f"; --actor-num-gpus-per-node {ranks} starts {ranks} CPU trainer processes" if ranks > 1 else "")
+        + ")"
+    )
+    return f"placing {', '.join(parts)} {where}"
+
+
 def _bundle(resources: dict[str, float]) -> dict[str, float]:
     names = {"num_cpus": "CPU", "num_gpus": "GPU"}
     return {names[k]: v for k, v in resources.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from rl_apps.cli import parse_config
 from rl_apps.train_config import TrainConfig
@@ -15,12 +15,23 @@ from rl_apps.train_config import TrainConfig
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(TrainConfig, argv, "rl-train", __doc__.splitlines()[0])
+    exit_on_failure("rl-train", lambda: run(config))
+
+
+T = TypeVar("T")
+
+
+def exit_on_failure(prog: str, work: Callable[[], T]) -> T:
+    """Run `work`; bad input, a placement Ray cannot make, or rewards that fail to grade end the program
+    with one line naming the cause (not Ray's traceback around it). Rows already logged stay written."""
+    from rl_core.rollout import RewardFailure
+
     from rl_apps.cluster import PlacementError
 
     try:
-        run(config)
-    except (InputError, PlacementError) as e:
-        sys.exit(f"rl-train: error: {e}")
+        return work()
+    except (InputError, PlacementError, RewardFailure) as e:
+        sys.exit(f"{prog}: error: {getattr(e, 'cause', None) or e}")
 
 
 class InputError(Exception):
@@ -44,6 +55,8 @@ def check_inputs(config: TrainConfig) -> None:
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
+        if config.custom_rm_path is not None:
+            refuse_slime_reward_signature(config.custom_rm_path)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
     if config.load is not None:
@@ -60,11 +73,28 @@ def check_inputs(config: TrainConfig) -> None:
             raise InputError(f"--router-middleware-paths: {e}") from None
 
 
+def refuse_slime_reward_signature(spec: str) -> None:
+    """slime's `reward_func(args, sample, **kwargs)` would be called with keyword arguments it does not
+    take and fail on every sample; say so before anything starts."""
+    import inspect
+
+    from rl_rewards.custom_loading import load_custom_reward
+
+    parameters = list(inspect.signature(load_custom_reward(spec)).parameters)
+    if parameters[:2] == ["args", "sample"]:
+        raise InputError(
+            f"--custom-rm-path {spec}: slime's signature reward_func(args, sample, **kwargs) is not supported yet;"
+            " write it as `def score(*, prompt, response, label, metadata) -> float` (or a dict with --reward-key)"
+        )
+
+
 def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None = None) -> Path:
     """Run the whole training with `loop(config, parts, sink, eval_sink)` (the synchronous `train_loop` by
     default); returns the metrics file (one JSON line per rollout; evaluations go to eval_metrics.jsonl)."""
     check_inputs(config)
-    from rl_apps.cluster import placed_parts
+    from rl_apps.cluster import placed_parts, placement_notice
+
+    print(f"rl-train: {placement_notice(config)}", flush=True)
     from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink, plot_reward_curve
 
     output_dir = Path(config.output_dir)

@@ -10,7 +10,6 @@ their own, so --colocate is refused.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 from pydantic import model_validator
@@ -31,13 +30,9 @@ class AsyncTrainConfig(TrainConfig):
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(AsyncTrainConfig, argv, "rl-train-async", __doc__.splitlines()[0])
-    from rl_apps.cluster import PlacementError
-    from rl_apps.train import InputError, run
+    from rl_apps.train import exit_on_failure, run
 
-    try:
-        run(config, loop=async_train_loop)
-    except (InputError, PlacementError) as e:
-        sys.exit(f"rl-train-async: error: {e}")
+    exit_on_failure("rl-train-async", lambda: run(config, loop=async_train_loop))
 
 
 def async_train_loop(config: AsyncTrainConfig, parts: Any, sink: Any, eval_sink: Any) -> None:

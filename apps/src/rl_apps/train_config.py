@@ -89,6 +89,9 @@ class RewardConfig(Section):
     """Key of the reward to train on when the reward function returns a dict."""
     reward_timeout: float = Field(10.0, gt=0.0)
     """Seconds one sample may take to grade before it gets the error reward."""
+    max_reward_error_ratio: float = Field(0.25, ge=0.0, le=1.0)
+    """Stop the run when more than this share of a rollout's samples fail to grade (the grader raises, times
+    out or returns no number); a rollout whose every sample failed always stops it."""
 
     @model_validator(mode="after")
     def _one_reward_source(self) -> RewardConfig:
@@ -115,7 +118,7 @@ class EvalConfig(Section):
     eval_prompt_data: list[str] = Field(default_factory=list)
     """Evaluation sets as name/path pairs: `--eval-prompt-data math500 math500.jsonl gsm8k gsm8k.jsonl`."""
     eval_interval: int | None = Field(None, ge=1)
-    """Evaluate whenever the engines hold a policy N, 2N, ... train steps old (after that weight sync)."""
+    """Evaluate whenever the engines hold policy version N, 2N, ... (the rollouts trained on; after that weight sync)."""
     skip_eval_before_train: bool = False
     """Do not evaluate the starting policy before the first rollout."""
     n_samples_per_eval_prompt: int = Field(1, ge=1)
