@@ -152,14 +152,18 @@ def _refuse_reward_kl(config: AdvantageConfig) -> None:
         )
 
 
-def _last_policy_token(masks: Sequence[torch.Tensor]) -> list[int]:
-    """Index of each sample's last loss-mask token: where the scalar reward lands."""
-    last = []
+def _last_policy_token(masks: Sequence[torch.Tensor]) -> list[int | None]:
+    """Index of each sample's last loss-mask token, where the scalar reward lands; None for an empty
+    response (an aborted sample), which has no token to carry it and is not trained on."""
+    last: list[int | None] = []
     for i, m in enumerate(masks):
         on = m.nonzero()
-        if on.numel() == 0:
+        if m.numel() == 0:
+            last.append(None)
+        elif on.numel() == 0:
             raise ValueError(f"sample {i}: the loss mask is all zeros, so there is no token to give the reward to")
-        last.append(int(on[-1]))
+        else:
+            last.append(int(on[-1]))
     return last
 
 
@@ -171,8 +175,10 @@ def _token_rewards(inputs: AdvantageInputs, config: AdvantageConfig) -> torch.Te
     else:
         penalties = [torch.zeros_like(m) for m in masks]
     rewards = pad_right(penalties)
-    rows = torch.arange(len(masks))
-    rewards[rows, torch.tensor(_last_policy_token(masks), dtype=torch.long)] += inputs.reward_tensor()
+    scalar = inputs.reward_tensor()
+    for row, position in enumerate(_last_policy_token(masks)):
+        if position is not None:
+            rewards[row, position] += scalar[row]
     return rewards
 
 
