@@ -102,8 +102,13 @@ def test_rewards_multiple_choice_label_without_a_letter_is_an_error() -> None:
         default_registry.create("multiple_choice")(prompt="", response="A", label="42", metadata={})
 
 
-def test_rewards_import_leaves_torch_out() -> None:
-    code = "import sys, rl_rewards; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+def test_rewards_import_leaves_torch_and_sympy_out() -> None:
+    """The apps import the registry to parse flags; sympy loads only when an answer needs it."""
+    code = (
+        "import sys, rl_rewards; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'sympy' not in sys.modules, 'sympy imported'; print(rl_rewards.default_registry.names()[0]); "
+        "assert rl_rewards.math_answers_equal('e^{i\\pi}', '-1'); assert 'sympy' in sys.modules; print('ok')"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -112,4 +117,4 @@ def test_rewards_import_leaves_torch_out() -> None:
         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.split() == ["code", "ok"]

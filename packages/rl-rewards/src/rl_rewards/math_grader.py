@@ -1,23 +1,16 @@
 """The `math` reward: extract the final answer, then compare it to the label exactly, numerically, and
-symbolically through math-verify.
+symbolically through math-verify (`rl_rewards.symbolic_equivalence`, imported on first use).
 
-math-verify's own timeouts use `signal.alarm`, which only works on the main thread; the hub runs graders in
-worker threads, so they are switched off here (`parsing_timeout=None`, `timeout_seconds=None`) and the hub's
-per-item timeout bounds the time instead. Inputs that make sympy blow up in memory (power towers, deep
-nesting) are refused before they reach it, and so are parsed expressions that would multiply out into
-thousands of terms (`(1+x)^{999}`), because a timeout cannot take memory back; for what the filters miss, `--rm-type math` with `isolate=True` runs this grader in memory-limited worker processes
-(`rl_rewards.isolated_grader`).
+Inputs that make sympy blow up in memory (power towers, deep nesting, powers of sums) are refused before
+they reach it, because a timeout cannot take memory back; for what the filters miss, `--rm-type math`
+with `isolate=True` runs this grader in memory-limited worker processes (`rl_rewards.isolated_grader`).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from fractions import Fraction
 from typing import Any
-
-import sympy
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rl_rewards.answer_extraction import extract_math_answer, last_boxed
 from rl_rewards.labels import label_alternatives
@@ -27,7 +20,6 @@ MAX_SYMBOLIC_CHARS = 400
 MAX_SYMBOLIC_NESTING = 6
 """math-verify's LaTeX parser is exponential in bracket depth (15 nested parentheses take seconds)."""
 _RELATIVE_TOLERANCE = Fraction(1, 10**6)
-_EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 _EXPENSIVE = re.compile(
     r"\^[-+\s]*\d{6,}"  # huge literal exponent: 9^{99999999}
     r"|\^[-+\s]*\d+\s*\^"  # numeric power tower: 9^9^9, 10^{10^{10}}, 2^{(2^{100})}
@@ -35,12 +27,6 @@ _EXPENSIVE = re.compile(
     r"|\d[eE][-+]?\d{4,}"  # huge scientific exponent
 )
 """Checked on the text with brackets removed, so grouping cannot hide a tower from it."""
-MAX_EXPANDED_TERMS = 200
-"""sympy's simplification multiplies powers of sums out: `(1+x)^{99}` (100 terms) takes ~0.7 s, `(1+x)^{999}`
-minutes. Expressions whose expansion would exceed this are refused (no real final answer comes near it)."""
-_CONSTANTS = {"i": sympy.I, "e": sympy.E}
-"""math-verify leaves `i` (and `\\mathrm{e}`) as plain symbols; as in competition maths they are the imaginary
-unit and Euler's number, so `e^{i\\pi}` is -1 and `i^2 = -1`."""
 
 
 def _nesting_depth(text: str) -> int:
@@ -79,46 +65,12 @@ def _numeric_equal(predicted: NormalizedAnswer, gold: NormalizedAnswer) -> bool 
     return any(_numbers_match(p, g) for p, g in candidates)
 
 
-def _expanded_terms(expression: sympy.Basic, limit: int) -> int:
-    """An upper bound on the terms of `expression` multiplied out, capped at `limit + 1`."""
-    if not expression.args:
-        return 1
-    if isinstance(expression, sympy.Pow) and expression.exp.is_Integer:
-        base_terms = _expanded_terms(expression.base, limit)
-        power = abs(int(expression.exp)) if abs(expression.exp) <= 10 * limit else 10 * limit
-        return min(math.comb(power + base_terms - 1, base_terms - 1), limit + 1)
-    parts = [_expanded_terms(arg, limit) for arg in expression.args]
-    if isinstance(expression, sympy.Mul):
-        return min(math.prod(min(part, limit + 1) for part in parts), limit + 1)
-    return min(sum(parts), limit + 1)
-
-
-def _with_constants(expression: Any) -> Any:
-    """`expression` with the symbols `i` and `e` read as the imaginary unit and Euler's number."""
-    if not isinstance(expression, sympy.Basic):
-        return expression  # math-verify's parse also returns the answer's text
-    mapping = {symbol: _CONSTANTS[symbol.name] for symbol in expression.free_symbols if symbol.name in _CONSTANTS}
-    return expression.xreplace(mapping) if mapping else expression
-
-
-def _parse_for_sympy(latex: str) -> list[Any] | None:
-    """math-verify's parse with constants read as such; None when it fails or would be too costly to compare."""
-    parsed = [_with_constants(item) for item in parse(f"${latex}$", extraction_config=_EXTRACTION_CONFIG, parsing_timeout=None)]
-    if not parsed or any(
-        isinstance(item, sympy.Basic) and _expanded_terms(item, MAX_EXPANDED_TERMS) > MAX_EXPANDED_TERMS for item in parsed
-    ):
-        return None
-    return parsed
-
-
 def _symbolic_equal(predicted: str, gold: str) -> bool:
     if _too_expensive_for_sympy(predicted) or _too_expensive_for_sympy(gold):
         return False
-    gold_parsed = _parse_for_sympy(gold)
-    predicted_parsed = _parse_for_sympy(predicted) if gold_parsed else None
-    if not gold_parsed or not predicted_parsed:
-        return False
-    return verify(gold_parsed, predicted_parsed, timeout_seconds=None)
+    from rl_rewards.symbolic_equivalence import symbolically_equal  # sympy loads on the first answer that needs it
+
+    return symbolically_equal(predicted, gold)
 
 
 def math_answers_equal(predicted: str, gold: str) -> bool:
