@@ -105,7 +105,7 @@ class RewardConfig(Section):
             raise ValueError("--rm-type remote needs --rm-url, the reward model's endpoint")
         for name in ("reward_memory_limit_mb", "reward_num_workers"):
             if getattr(self, name) is not None and not self.reward_isolation:
-                raise ValueError(f"--{name.replace('_', '-')} sizes the grading workers of --reward-isolation; add it")
+                raise ValueError(f"--{name.replace('_', '-')} needs --reward-isolation (it sizes the grading workers)")
         isolatable = self.rm_type is None or reward_registry.takes_option(self.rm_type, "isolate")
         if self.reward_isolation and not isolatable:
             raise ValueError(
