@@ -116,13 +116,15 @@ class RolloutManager:
         self.data_source = build_data_source(config, tokenizer) if config.prompt_data is not None else None
         self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
-        self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
-                                   timeout_s=config.reward_timeout)
+        self.reward = build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
+        self.eval_reward = self.reward.with_reward_key(config.eval_reward_key or config.reward_key)
+        request_timeout = config.rollout_request_timeout_s()  # the clients' own HTTP timeout must not fire first
         self.router = RouterThread(
-            Router({f"engine{i}": SGLangClient(url) for i, url in enumerate(engine_urls)},
+            Router({f"engine{i}": SGLangClient(url, timeout_s=request_timeout + 30)
+                    for i, url in enumerate(engine_urls)},
                    policy=config.router_policy, middleware=[MetricsMiddleware(), *config.router_middleware_paths],
                    health_interval_s=config.rollout_health_check_interval if config.use_fault_tolerance else None,
-                   health_timeout_s=config.rollout_health_check_timeout)
+                   health_timeout_s=config.rollout_health_check_timeout, engine_timeout_s=request_timeout)
         )
         self.router_address = self.router.start()
         self._client = None
@@ -177,7 +179,7 @@ class RolloutManager:
             source = JsonlDataSource(rows, n_samples_per_prompt=self.config.n_samples_per_eval_prompt)
             samples = [s for group in source.get_samples(len(rows)) for s in group]
             await generate_samples(client, samples, self.config.eval_sampling_params())
-            await score_samples(self.reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
+            await score_samples(self.eval_reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
             for key, value in rollout_metrics(samples).items():
                 out[f"eval/{name}/{key.removeprefix('rollout/')}"] = value
             out[f"eval/{name}/time"] = time.perf_counter() - start

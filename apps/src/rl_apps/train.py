@@ -54,7 +54,7 @@ def check_inputs(config: TrainConfig) -> None:
             build_data_source(config, tokenizer)
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
-        build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
+        build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
         if config.custom_rm_path is not None:
             refuse_slime_reward_signature(config.custom_rm_path)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:

@@ -119,6 +119,20 @@ class RewardHub:
         self.last_failed: list[int] = []
         self._is_async = _is_async_grader(grader)
 
+    def with_reward_key(self, reward_key: str | None) -> RewardHub:
+        """A hub over the same grader (one worker pool, one remote client) and settings that picks `reward_key`
+        from the grader's dicts: evaluation may report another component than the one trained on."""
+        if reward_key == self.reward_key:
+            return self
+        return RewardHub(
+            self.grader,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+            error_reward=self.error_reward,
+            reward_key=reward_key,
+            max_abandoned_threads=self.max_abandoned_threads,
+        )
+
     def _scalar(self, value: Any) -> float:
         if isinstance(value, dict):
             if self.reward_key is None:
