@@ -125,7 +125,8 @@ def test_colocate_without_a_gpu_is_refused_and_cpu_ranks_are_announced(tiny_task
         placement_notice(TrainConfig(colocate=True, **common))
     notice = placement_notice(TrainConfig(actor_num_gpus_per_node=4, rollout_num_engines=2, **common))
     assert notice == ("placing 4 fsdp trainer rank(s), 2 embedded engine(s) as CPU processes (no CUDA GPU in use: gloo,"
-                      " one process per rank; --actor-num-gpus-per-node 4 starts 4 CPU trainer processes)")
+                      " one process per rank; 4 trainer rank(s) from --actor-num-nodes x --actor-num-gpus-per-node start 4 CPU"
+                      " trainer processes)")
 
 
 def test_temperature_zero_reaches_the_engine_as_greedy_and_the_trainer_scores_at_temperature_one(tiny_task):

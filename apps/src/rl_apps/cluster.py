@@ -8,11 +8,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from rl_apps.placement import Placement, PlacementError, check_fits, plan_placement
 from rl_apps.train_config import TrainConfig
 
-
-class PlacementError(RuntimeError):
-    """Ray could not find room for the parts; the message lists what was asked and what the cluster has."""
+__all__ = ["Parts", "PlacementError", "placed_parts", "placement_notice", "placement_for"]
 
 
 def _free_port(taken: tuple[int, ...] = ()) -> int:
@@ -26,15 +25,15 @@ def _free_port(taken: tuple[int, ...] = ()) -> int:
     raise RuntimeError(f"no free loopback port outside {taken} in 100 tries")
 
 
-def actor_resources(config: TrainConfig) -> tuple[dict[str, float], dict[str, float]]:
-    """Ray resources of one trainer rank and one engine: a GPU each on CUDA machines, half of one with --colocate."""
+def _on_gpu(config: TrainConfig) -> bool:
     import torch
 
-    on_gpu = torch.cuda.is_available() and "cpu" not in (config.train_device, config.rollout_device)
-    if not on_gpu:
-        return {"num_cpus": 1}, {"num_cpus": 1}
-    share = 0.5 if config.colocate else 1.0
-    return {"num_cpus": 1, "num_gpus": share}, {"num_cpus": 1, "num_gpus": share}
+    return torch.cuda.is_available() and "cpu" not in (config.train_device, config.rollout_device)
+
+
+def placement_for(config: TrainConfig, *, trainers: bool = True) -> Placement:
+    """The bundles this machine's devices call for (GPUs when torch sees CUDA and no part is put on the CPU)."""
+    return plan_placement(config, on_gpu=_on_gpu(config), trainers=trainers)
 
 
 def placement_notice(config: TrainConfig, *, trainers: bool = True) -> str:
@@ -49,24 +48,21 @@ def placement_notice(config: TrainConfig, *, trainers: bool = True) -> str:
             + ("torch sees no CUDA GPU" if gpus == 0 else "--train-device/--rollout-device put a part on the CPU")
             + ": every part already runs as its own CPU process, so drop --colocate"
         )
-    ranks = config.actor_num_gpus_per_node if trainers else 0
+    ranks = config.actor_world_size() if trainers else 0
     parts = [f"{ranks} {config.train_backend} trainer rank(s)"] if trainers else []
     if trainers and config.use_critic:
         parts.append(f"{ranks} critic rank(s)")
-    parts.append(f"{config.rollout_num_engines} {config.engine_type} engine(s)")
+    per_engine = f" of {config.rollout_num_gpus_per_engine} GPUs (tp)" if on_gpu and config.rollout_num_gpus_per_engine > 1 else ""
+    parts.append(f"{config.rollout_num_engines} {config.engine_type} engine(s){per_engine}")
     where = (
         f"on {gpus} visible GPU(s)" + (", trainer and engines sharing them (--colocate)" if config.colocate else "")
         if on_gpu
         else "as CPU processes (no CUDA GPU in use: gloo, one process per rank"
-        + (f"; --actor-num-gpus-per-node {ranks} starts {ranks} CPU trainer processes" if ranks > 1 else "")
+        + (f"; {ranks} trainer rank(s) from --actor-num-nodes x --actor-num-gpus-per-node start {ranks} CPU trainer"
+           " processes" if ranks > 1 else "")
         + ")"
     )
     return f"placing {', '.join(parts)} {where}"
-
-
-def _bundle(resources: dict[str, float]) -> dict[str, float]:
-    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
-    return {names[k]: v for k, v in resources.items()}
 
 
 @dataclass
@@ -94,6 +90,14 @@ class Parts:
                 pass
 
 
+def _rank_zero_address(taken: int = 0) -> tuple[str, int]:
+    """The node address of rank 0's bundle and a free port there: torch.distributed's rendezvous."""
+    import ray
+
+    on_one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    return ("127.0.0.1" if on_one_node else ray.util.get_node_ip_address()), _free_port(taken=(taken,))
+
+
 @contextlib.contextmanager
 def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Parts]:
     """Start Ray (unless already connected), reserve one placement group for every part, start the parts;
@@ -109,44 +113,44 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
     from rl_apps.trainer_group import TrainerGroup
 
-    world, num_engines = config.actor_num_gpus_per_node if trainers else 0, config.rollout_num_engines
-    num_critics = world if config.use_critic else 0
-    trainer_res, engine_res = actor_resources(config)
+    plan = placement_for(config, trainers=trainers)
+    world, num_critics = len(plan.trainers), len(plan.critics)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(num_cpus=max(os.cpu_count() or 1, world + num_critics + num_engines), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(sum(b["CPU"] for b in plan.bundles))), include_dashboard=False,
                  configure_logging=False)
-    # Bundles: trainer ranks, engines, then critic ranks (each critic rank gets what a trainer rank gets).
-    bundles = [_bundle(trainer_res)] * world + [_bundle(engine_res)] * num_engines + [_bundle(trainer_res)] * num_critics
-    group = placement_group(bundles, strategy="PACK")
+    rank_zero_address = ray.remote(_rank_zero_address)
+    try:
+        check_fits(plan, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    except PlacementError:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    group = placement_group(plan.bundles, strategy="PACK")
     parts = Parts()
     try:
         try:
             ray.get(group.ready(), timeout=config.placement_timeout)
         except ray.exceptions.GetTimeoutError:
             raise PlacementError(
-                f"Ray could not place {world} trainer rank(s) and {num_critics} critic rank(s) with {trainer_res} and"
-                f" {num_engines} engine(s) with {engine_res} within {config.placement_timeout}s; the cluster has"
-                f" {ray.cluster_resources()}"
+                f"Ray could not place {plan.asked()} within {config.placement_timeout}s (--placement-timeout); the"
+                f" cluster has {ray.cluster_resources()}, of which {ray.available_resources()} is free"
             ) from None
-        placed = lambda i: PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)  # noqa: E731
-        parts.engines = [
-            EngineActor.options(scheduling_strategy=placed(world + i), **engine_res).remote(config, i) for i in range(num_engines)
-        ]
+        on = lambda part: PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=part.bundle)  # noqa: E731
+        placed = lambda part: dict(scheduling_strategy=on(part), **part.resources)  # noqa: E731
+        parts.engines = [EngineActor.options(**placed(part)).remote(config, i) for i, part in enumerate(plan.engines)]
         parts.engine_urls = ray.get([e.start.remote() for e in parts.engines])
-        master_port = _free_port()
+        master_addr, master_port = ray.get(rank_zero_address.options(scheduling_strategy=on(plan.trainers[0]), num_cpus=0).remote()) if world else ("", 0)
         parts.trainers = [
-            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(
-                config, "policy", rank, world, "127.0.0.1", master_port
-            )
-            for rank in range(world)
+            TrainerActor.options(**placed(part)).remote(config, "policy", rank, world, master_addr, master_port)
+            for rank, part in enumerate(plan.trainers)
         ]
-        critic_port = _free_port(taken=(master_port,))
+        critic_addr, critic_port = (
+            ray.get(rank_zero_address.options(scheduling_strategy=on(plan.critics[0]), num_cpus=0).remote(master_port)) if num_critics else ("", 0)
+        )
         parts.critics = [
-            TrainerActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
-                config, "critic", rank, world, "127.0.0.1", critic_port
-            )
-            for rank in range(num_critics)
+            TrainerActor.options(**placed(part)).remote(config, "critic", rank, num_critics, critic_addr, critic_port)
+            for rank, part in enumerate(plan.critics)
         ]
         parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
         ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])

@@ -40,8 +40,14 @@ class TrainerConfig(Section):
     clip_grad: float = Field(1.0, ge=0.0)
     """Gradient norm clipping threshold; 0 disables clipping."""
     seed: int = 1234
+    actor_num_nodes: int = Field(1, gt=0)
+    """Nodes of the trainer; it runs actor_num_nodes x actor_num_gpus_per_node ranks."""
     actor_num_gpus_per_node: int = Field(1, gt=0)
-    """Trainer ranks (one per GPU on CUDA machines, one process each on CPU)."""
+    """Trainer ranks per node (one per GPU on CUDA machines, one process each on CPU)."""
+    critic_num_nodes: int | None = Field(None, gt=0)
+    """Nodes of PPO's critic; it runs one rank per trainer rank, so only --actor-num-nodes is accepted (as slime sets it)."""
+    critic_num_gpus_per_node: int | None = Field(None, gt=0)
+    """Critic ranks per node; only --actor-num-gpus-per-node is accepted (as slime sets it)."""
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the trainer; master weights and optimizer state stay float32."""
@@ -54,8 +60,15 @@ class TrainerConfig(Section):
 class RolloutEngineConfig(Section):
     engine_type: Literal["embedded", "sglang"] = "embedded"
     """`sglang` launches sglang.launch_server; `embedded` the built-in engine with the same HTTP API."""
-    rollout_num_engines: int = Field(1, gt=0)
-    """Engine servers behind the router."""
+    rollout_num_engines: int | None = Field(None, gt=0)
+    """Engine servers behind the router (default: --rollout-num-gpus / --rollout-num-gpus-per-engine, else 1,
+    or one per trainer GPU with --colocate)."""
+    rollout_num_gpus: int | None = Field(None, ge=0)
+    """GPUs of all engines together (slime's name); on CPU it counts engine processes the same way."""
+    rollout_num_gpus_per_engine: int = Field(1, gt=0)
+    """GPUs one engine spans: its Ray bundle gets that many and SGLang's --tp-size follows (default: --sglang-tp-size or 1)."""
+    num_gpus_per_node: int = Field(8, gt=0)
+    """GPUs per node; an engine may not span more (engines across nodes are not supported)."""
     rollout_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device of the embedded engine."""
     colocate: bool = False
@@ -296,9 +309,76 @@ class TrainConfig(
             raise ValueError("--eval-interval needs --eval-prompt-data")
         if self.critic_lr is None:
             object.__setattr__(self, "critic_lr", self.lr)
-        if self.global_batch_size % self.actor_num_gpus_per_node:
+        world = self.actor_world_size()
+        if self.global_batch_size % world:
             raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) does not split over actor_num_gpus_per_node"
-                f" ({self.actor_num_gpus_per_node}) trainer ranks"
+                f"global_batch_size ({self.global_batch_size}) does not split over actor_num_nodes x"
+                f" actor_num_gpus_per_node ({world}) trainer ranks"
             )
+        return self
+
+    def actor_world_size(self) -> int:
+        return self.actor_num_nodes * self.actor_num_gpus_per_node
+
+    @model_validator(mode="after")
+    def _resources(self) -> TrainConfig:
+        """slime's resource flags: derive the engine count and refuse what this project cannot place."""
+        for name, actor in (("critic_num_nodes", "actor_num_nodes"), ("critic_num_gpus_per_node", "actor_num_gpus_per_node")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not self.use_critic:
+                raise ValueError(f"{name} is set but advantage_estimator {self.advantage_estimator!r} trains no critic")
+            if value != getattr(self, actor):
+                raise ValueError(
+                    f"{name} ({value}) must equal {actor} ({getattr(self, actor)}): the critic runs one rank per"
+                    " trainer rank (slime sets it so as well)"
+                )
+        tp = self.sglang_args.get("tp_size")
+        per_engine = self.rollout_num_gpus_per_engine
+        if tp is not None:
+            if "rollout_num_gpus_per_engine" not in self.model_fields_set:
+                object.__setattr__(self, "rollout_num_gpus_per_engine", per_engine := int(tp))
+            elif int(tp) != per_engine:
+                raise ValueError(
+                    f"--sglang-tp-size {tp} differs from rollout_num_gpus_per_engine ({per_engine}): an engine's"
+                    " tensor-parallel size is the GPUs it spans; give one of them"
+                )
+        if per_engine > 1 and self.engine_type == "embedded":
+            raise ValueError(
+                f"rollout_num_gpus_per_engine ({per_engine}) > 1 needs --engine-type sglang: the embedded engine"
+                " runs on one device (no tensor parallelism)"
+            )
+        if per_engine > self.num_gpus_per_node:
+            raise ValueError(
+                f"rollout_num_gpus_per_engine ({per_engine}) exceeds num_gpus_per_node ({self.num_gpus_per_node}):"
+                " an engine spanning nodes is not supported"
+            )
+        if per_engine > 1 and self.colocate:
+            raise ValueError(
+                f"rollout_num_gpus_per_engine ({per_engine}) > 1 with --colocate is not supported: Ray gives an"
+                " actor the GPUs of one bundle, and colocated bundles hold one GPU each"
+            )
+        if self.rollout_num_gpus == 0:
+            raise ValueError("rollout_num_gpus 0 (slime: a router over external engines only) is not supported here")
+        if self.rollout_num_gpus is not None:
+            if self.rollout_num_gpus % per_engine:
+                lower = self.rollout_num_gpus // per_engine * per_engine
+                nearest = [v for v in (lower, lower + per_engine) if v > 0]
+                raise ValueError(
+                    f"rollout_num_gpus ({self.rollout_num_gpus}) is not a multiple of rollout_num_gpus_per_engine"
+                    f" ({per_engine}); nearest that work: {' or '.join(map(str, nearest))}"
+                )
+            engines = self.rollout_num_gpus // per_engine
+            if self.rollout_num_engines is not None and self.rollout_num_engines != engines:
+                raise ValueError(
+                    f"rollout_num_engines ({self.rollout_num_engines}) disagrees with rollout_num_gpus"
+                    f" ({self.rollout_num_gpus}) / rollout_num_gpus_per_engine ({per_engine}) = {engines}; give one"
+                )
+        elif self.rollout_num_engines is not None:
+            engines = self.rollout_num_engines
+        else:
+            engines = self.actor_world_size() if self.colocate else 1
+        object.__setattr__(self, "rollout_num_engines", engines)
+        object.__setattr__(self, "rollout_num_gpus", engines * per_engine)
         return self
