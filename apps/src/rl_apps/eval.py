@@ -37,18 +37,18 @@ def evaluate_model(config: EvalAppConfig) -> dict[str, float]:
     import ray
 
     from rl_apps.cluster import placed_parts, placement_notice
-    from rl_apps.metrics import JsonlSink
+    from rl_apps.metrics import open_sinks
     from rl_apps.train import check_inputs
 
     check_inputs(config)
     print(f"rl-eval: {placement_notice(config, trainers=False)}", flush=True)
     with placed_parts(config, trainers=False) as parts:
         metrics = ray.get(parts.rollout.evaluate.remote())
-    sink = JsonlSink(Path(config.output_dir) / "eval_metrics.jsonl")
+    sinks = open_sinks(config)  # eval_metrics.jsonl, and TensorBoard / W&B as their flags ask
     try:
-        sink.log(config.eval_step, metrics)
+        sinks.evals.log(config.eval_step, metrics)
     finally:
-        sink.close()
+        sinks.close()
     return metrics
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 
 class MetricSink(Protocol):
@@ -19,14 +20,17 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file: Any = None  # opened at the first row, so a run that logs nothing here leaves no empty file
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class TensorBoardSink:
@@ -44,6 +48,68 @@ class TensorBoardSink:
         self._writer.close()
 
 
+WANDB_MISSING = (
+    "--use-wandb needs the wandb package, an optional extra of rl-apps: pip install 'rl-apps[wandb]'"
+    " (in this repository: uv sync --extra wandb, or uv pip install wandb)"
+)
+
+
+class WandbRun:
+    """One W&B run of `rl-train` (slime's --wandb-* flags); `sink(step_key)` gives a MetricSink logging into it.
+
+    Rollout rows and evaluation rows have their own step axes (`rollout_step`, `eval_step`): W&B drops a row
+    whose `step=` goes backwards, and an evaluation of policy version k+1 is logged before rollout k+1 is."""
+
+    def __init__(self, config: Any) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(WANDB_MISSING) from None
+        mode = config.wandb_mode
+        if config.wandb_key is not None and mode not in ("offline", "disabled"):
+            wandb.login(key=config.wandb_key)
+        group = config.wandb_group or Path(config.output_dir).name
+        if not config.disable_wandb_random_suffix:
+            group = f"{group}_{wandb.util.generate_id()}"
+        folder = Path(config.wandb_dir or config.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=config.wandb_project, entity=config.wandb_team, group=group, name=group, dir=str(folder),
+            id=config.wandb_run_id, resume="allow" if config.wandb_run_id else None, mode=mode,
+            config=config.model_dump(mode="json", exclude={"wandb_key"}),
+        )
+        self._bound: set[str] = set()
+        self._open = 0
+
+    def log(self, step_key: str, step: int, metrics: dict[str, float]) -> None:
+        for key in metrics.keys() - self._bound:
+            self.run.define_metric(key, step_metric=step_key)
+        self._bound.update(metrics)
+        self.run.log({**metrics, step_key: step})
+
+    def sink(self, step_key: str) -> "WandbSink":
+        """A sink whose rows are plotted against `step_key` (each of its metrics is bound to that axis)."""
+        self._open += 1
+        return WandbSink(self, step_key)
+
+    def release(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self.run.finish()
+
+
+class WandbSink:
+    def __init__(self, run: WandbRun, step_key: str) -> None:
+        self._run = run
+        self.step_key = step_key
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(self.step_key, step, metrics)
+
+    def close(self) -> None:
+        self._run.release()
+
+
 class FanOutSink:
     def __init__(self, sinks: Sequence[MetricSink]) -> None:
         self.sinks = list(sinks)
@@ -55,6 +121,38 @@ class FanOutSink:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+@dataclass
+class RunSinks:
+    """The sinks of one run: every row goes to all of them (JSON lines, TensorBoard, W&B)."""
+
+    rollouts: FanOutSink
+    """Rollout rows: metrics.jsonl, TensorBoard, W&B (axis rollout_step)."""
+    evals: FanOutSink
+    """Evaluation rows: eval_metrics.jsonl, TensorBoard, W&B (axis eval_step)."""
+    wandb_run: WandbRun | None = None
+
+    def close(self) -> None:
+        for sink in {id(s): s for s in self.rollouts.sinks + self.evals.sinks}.values():
+            sink.close()
+
+
+def open_sinks(config: Any) -> RunSinks:
+    """metrics.jsonl and eval_metrics.jsonl in --output-dir, plus TensorBoard and W&B when their flags ask."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rollouts: list[MetricSink] = [JsonlSink(output_dir / "metrics.jsonl")]
+    evals: list[MetricSink] = [JsonlSink(output_dir / "eval_metrics.jsonl")]
+    if config.use_tensorboard:
+        tensorboard = TensorBoardSink(config.tensorboard_dir())
+        rollouts.append(tensorboard)
+        evals.append(tensorboard)
+    wandb_run = WandbRun(config) if config.use_wandb else None
+    if wandb_run is not None:
+        rollouts.append(wandb_run.sink("rollout_step"))
+        evals.append(wandb_run.sink("eval_step"))
+    return RunSinks(FanOutSink(rollouts), FanOutSink(evals), wandb_run)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

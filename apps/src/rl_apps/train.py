@@ -57,6 +57,13 @@ def check_inputs(config: TrainConfig) -> None:
         build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
         if config.custom_rm_path is not None:
             refuse_slime_reward_signature(config.custom_rm_path)
+        if config.use_wandb:
+            import importlib.util
+
+            from rl_apps.metrics import WANDB_MISSING
+
+            if importlib.util.find_spec("wandb") is None:
+                raise InputError(WANDB_MISSING)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
     if config.load is not None:
@@ -95,22 +102,34 @@ def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None =
     from rl_apps.cluster import placed_parts, placement_notice
 
     print(f"rl-train: {placement_notice(config)}", flush=True)
-    from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink, plot_reward_curve
+    from rl_apps.metrics import open_sinks, plot_reward_curve
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / "metrics.jsonl"
-    files = [JsonlSink(metrics_path), JsonlSink(output_dir / "eval_metrics.jsonl")]
-    tensorboard = [TensorBoardSink(output_dir / "tensorboard")] if config.use_tensorboard else []
+    sinks = open_sinks(config)
     try:
         with placed_parts(config) as parts:
-            (loop or train_loop)(config, parts, FanOutSink([files[0], *tensorboard]), FanOutSink([files[1], *tensorboard]))
+            (loop or train_loop)(config, parts, sinks.rollouts, sinks.evals)
     finally:
-        for sink in files + tensorboard:
-            sink.close()
+        sinks.close()
+    metrics_path = output_dir / "metrics.jsonl"
     if config.save_reward_curve and metrics_path.exists():
         plot_reward_curve(metrics_path, output_dir / "reward_curve.png")
+    print(f"rl-train: outputs in {output_dir}: " + ", ".join(written_outputs(config, sinks.wandb_run)), flush=True)
     return metrics_path
+
+
+def written_outputs(config: TrainConfig, wandb_run: Any) -> list[str]:
+    """What this run wrote, for the line printed at its end."""
+    output_dir = Path(config.output_dir)
+    written = [p.name for p in (output_dir / "metrics.jsonl", output_dir / "eval_metrics.jsonl", output_dir / "reward_curve.png")
+               if p.exists() and p.stat().st_size]
+    if config.use_tensorboard:
+        written.append(f"TensorBoard logs {config.tensorboard_dir()} (tensorboard --logdir {config.tensorboard_dir()})")
+    if wandb_run is not None and getattr(wandb_run.run, "dir", None):
+        written.append(f"W&B run files {Path(wandb_run.run.dir).parent}")
+    if config.save is not None:
+        written.append(f"checkpoints {config.save}")
+    return written
 
 
 def train_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any) -> None:

@@ -164,8 +164,57 @@ class LoggingConfig(Section):
     output_dir: Path = Path("outputs/run")
     """Where metrics.jsonl, TensorBoard logs, the reward curve and weight-sync files go."""
     use_tensorboard: bool = True
+    """Write TensorBoard event files (under output_dir/tensorboard, or as --tb-project-name says)."""
+    tb_project_name: str | None = None
+    """TensorBoard logs go to output_dir/tensorboard/<this>/<--tb-experiment-name> (slime's names; $TENSORBOARD_DIR wins)."""
+    tb_experiment_name: str | None = None
+    """Sub-folder of --tb-project-name (default: the start time, as slime)."""
     save_reward_curve: bool = True
     """Write reward_curve.png into output_dir at the end."""
+    use_wandb: bool = False
+    """Log the same metrics to Weights & Biases (needs the extra: pip install 'rl-apps[wandb]')."""
+    wandb_project: str | None = None
+    """W&B project of the run."""
+    wandb_group: str | None = None
+    """W&B group; the run is named after it (default: the --output-dir folder's name)."""
+    wandb_team: str | None = None
+    """W&B entity (team or user) that owns the project."""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """online uploads; offline writes the run under --wandb-dir only (`wandb sync` uploads it later); disabled logs nothing (default: $WANDB_MODE, else online)."""
+    wandb_dir: Path | None = None
+    """Folder of W&B's local files (default: output_dir)."""
+    wandb_run_id: str | None = None
+    """Log into this W&B run id, resuming it when it exists (e.g. with --load)."""
+    wandb_key: str | None = None
+    """W&B API key to log in with (online mode); never written to the run's config."""
+    disable_wandb_random_suffix: bool = False
+    """Name the W&B group and run exactly --wandb-group, without slime's random 8-character suffix."""
+
+    @model_validator(mode="after")
+    def _logging_flags_need_their_sink(self) -> LoggingConfig:
+        wandb_flags = [name for name in type(self).model_fields if name.startswith(("wandb_", "disable_wandb"))]
+        if not self.use_wandb:
+            for name in wandb_flags:
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} is set but W&B is off: add --use-wandb")
+        for name in ("tb_project_name", "tb_experiment_name"):
+            if getattr(self, name) is not None and not self.use_tensorboard:
+                raise ValueError(f"{name} is set but --no-use-tensorboard turns TensorBoard off")
+        if self.tb_experiment_name is not None and self.tb_project_name is None:
+            raise ValueError("tb_experiment_name needs tb_project_name (it names a folder inside it)")
+        return self
+
+    def tensorboard_dir(self) -> Path:
+        """Where TensorBoard event files go: $TENSORBOARD_DIR, or the --tb-project-name folders, or output_dir/tensorboard."""
+        import datetime
+        import os
+
+        if os.environ.get("TENSORBOARD_DIR"):
+            return Path(os.environ["TENSORBOARD_DIR"])
+        if self.tb_project_name is None:
+            return Path(self.output_dir) / "tensorboard"
+        experiment = self.tb_experiment_name or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        return Path(self.output_dir) / "tensorboard" / self.tb_project_name / experiment
 
 
 def _absolute_file_spec(spec: str) -> str:
@@ -273,7 +322,7 @@ class TrainConfig(
     @model_validator(mode="after")
     def _absolute_paths(self) -> TrainConfig:
         """Ray actors do not share the driver's working directory, so relative paths are resolved here."""
-        for name in ("hf_checkpoint", "prompt_data", "output_dir", "save", "load"):
+        for name in ("hf_checkpoint", "prompt_data", "output_dir", "save", "load", "wandb_dir"):
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
