@@ -22,10 +22,13 @@ def test_help_answers_fast_without_importing_torch():
     assert time.perf_counter() - start < 10
 
 
-def test_batch_arithmetic_error_names_the_flags(tiny_task, run_cli):
+def test_batch_arithmetic_error_names_the_flags_as_typed_and_the_nearest_values_that_work(tiny_task, run_cli):
     code, err = run_cli(base_args(tiny_task) + ["--rollout-batch-size", "3", "--n-samples-per-prompt", "4", "--global-batch-size", "5"])
     assert code == 2
-    assert "rollout_batch_size (3) x n_samples_per_prompt (4)" in err and "global_batch_size (5)" in err
+    assert "--rollout-batch-size (3) x --n-samples-per-prompt (4) = 12" in err and "--global-batch-size (5)" in err
+    # 12 samples split into batches of 4 or 6 (its divisors next to 5)
+    assert "nearest that work: --global-batch-size 4 or 6" in err
+    assert "rollout_batch_size" not in err and "usage:" not in err
 
 
 def test_malformed_jsonl_line_names_file_and_line(tiny_task, run_cli, tmp_path):

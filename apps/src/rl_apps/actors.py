@@ -33,8 +33,10 @@ class EngineActor:
         if self.config.engine_type == "embedded":
             args.setdefault("device", self.config.rollout_device)
             args.setdefault("seed", self.config.rollout_seed + self.index)
-        elif self.config.rollout_num_gpus_per_engine > 1:  # Ray gave this actor that many GPUs (CUDA_VISIBLE_DEVICES)
-            args["tp_size"] = self.config.rollout_num_gpus_per_engine
+        else:
+            args.setdefault("random_seed", self.config.rollout_seed + self.index)
+            if self.config.rollout_num_gpus_per_engine > 1:  # the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES)
+                args["tp_size"] = self.config.rollout_num_gpus_per_engine
         self.process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args)
         self.process.wait_until_healthy(timeout_s)
         return self.process.url

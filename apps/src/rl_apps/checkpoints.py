@@ -71,17 +71,17 @@ def find_checkpoint(config: TrainConfig) -> tuple[Path, dict[str, Any]]:
 
 def resume(config: TrainConfig, parts: Any) -> int:
     """Load the newest checkpoint into the trainer, critic and data source, hand the engines the loaded
-    weights, and return the first rollout id still to run (0 without --load)."""
+    weights, and return the first rollout id still to run (--start-rollout-id if given, else 0 without --load)."""
     import ray
 
     if config.load is None:
-        return 0
+        return config.start_rollout_id or 0
     folder, state = find_checkpoint(config)
     parts.policy.load(str(folder / "policy"))
     if parts.critic is not None:
         parts.critic.load(str(folder / "critic"))
     ray.get(parts.rollout.load_data_state.remote(state["data_source"]))
-    start = state["rollout_id"] + 1
+    start = state["rollout_id"] + 1 if config.start_rollout_id is None else config.start_rollout_id
     parts.policy.push_weights(parts.engine_urls, str(start))
     return start
 

@@ -29,6 +29,8 @@ def load_eval_rows(config: TrainConfig, tokenizer: Any | None = None) -> dict[st
             tokenizer=tokenizer,
             apply_chat_template=config.apply_chat_template,
             max_prompt_len=config.rollout_max_prompt_len,
+            tool_key=config.tool_key,
+            apply_chat_template_kwargs=config.apply_chat_template_kwargs,
         )
         for name, path in config.eval_datasets()
     }
@@ -43,6 +45,8 @@ def build_data_source(config: TrainConfig, tokenizer: Any | None = None) -> Json
         tokenizer=tokenizer or load_tokenizer(config),
         apply_chat_template=config.apply_chat_template,
         max_prompt_len=config.rollout_max_prompt_len,
+        tool_key=config.tool_key,
+        apply_chat_template_kwargs=config.apply_chat_template_kwargs,
     )
     buffer_filter = load_function(config.buffer_filter_path, flag="--buffer-filter-path") if config.buffer_filter_path else pop_first
     return JsonlDataSource(

@@ -17,6 +17,7 @@ from rl_apps.train_config import TrainConfig
 
 
 class EvalAppConfig(TrainConfig):
+    help_section: ClassVar[str] = "eval"
     required_flags: ClassVar[tuple[str, ...]] = ("hf_checkpoint", "eval_prompt_data")
     eval_step: int = Field(0, ge=0)
     """The `step` of the row written (e.g. the policy version of the checkpoint evaluated: the rollouts it was trained on)."""

@@ -39,7 +39,8 @@ class InputError(Exception):
 
 
 def check_inputs(config: TrainConfig) -> None:
-    """Fail on bad data or a bad reward function before Ray and the engines start."""
+    """Fail on bad data or a bad reward function before Ray and the engines start; --num-epoch becomes
+    --num-rollout here, where the number of prompts is known."""
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
     from rl_router import load_middleware
@@ -51,7 +52,9 @@ def check_inputs(config: TrainConfig) -> None:
     try:
         tokenizer = load_tokenizer(config)
         if config.prompt_data is not None:
-            build_data_source(config, tokenizer)
+            source = build_data_source(config, tokenizer)
+            if config.num_epoch is not None:
+                set_num_rollout_from_epochs(config, len(source.rows))
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
@@ -78,6 +81,19 @@ def check_inputs(config: TrainConfig) -> None:
             load_middleware(spec)
         except (ValueError, ImportError, TypeError) as e:
             raise InputError(f"--router-middleware-paths: {e}") from None
+
+
+def set_num_rollout_from_epochs(config: TrainConfig, num_prompts: int) -> None:
+    """--num-epoch as slime: num_rollout = num_epoch x (prompts // rollout_batch_size)."""
+    per_epoch = num_prompts // config.rollout_batch_size
+    if per_epoch == 0:
+        raise InputError(
+            f"--num-epoch: --prompt-data has {num_prompts} prompt(s), fewer than one rollout (--rollout-batch-size"
+            f" {config.rollout_batch_size})"
+        )
+    object.__setattr__(config, "num_rollout", config.num_epoch * per_epoch)
+    if config.start_rollout_id is not None and config.start_rollout_id >= config.num_rollout:
+        raise InputError(f"--start-rollout-id {config.start_rollout_id} >= the {config.num_rollout} rollouts of --num-epoch")
 
 
 def refuse_slime_reward_signature(spec: str) -> None:

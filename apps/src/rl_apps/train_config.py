@@ -11,35 +11,46 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rl_core.config import DataConfig, RLStepConfig, SamplingConfig, Section
+from rl_core.config import DataConfig, RLStepConfig, SamplingConfig, Section, nearest_divisors
 from rl_rewards import default_registry as reward_registry
 
 
 class ModelConfig(Section):
+    help_section: ClassVar[str] = "data"
+
     hf_checkpoint: Path | None = None
     """Hugging Face model folder (config, tokenizer, weights) that both trainer and engines load."""
 
 
 class TrainerConfig(Section):
+    help_section: ClassVar[str] = "trainer"
+
     train_backend: Literal["fsdp", "megatron"] = "fsdp"
     """Training backend: PyTorch FSDP2 over Hugging Face models, or megatron-core (TP/PP/CP)."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """adam is AdamW (decoupled weight decay), as Megatron's."""
     lr: float = Field(1e-6, gt=0.0)
+    """Learning rate of the policy (the peak, with warm-up and decay)."""
     min_lr: float = Field(0.0, ge=0.0)
     """Learning rate floor of --lr-decay-style linear/cosine."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """How the learning rate falls from --lr to --min-lr over --lr-decay-iters."""
     lr_decay_iters: int | None = Field(None, gt=0)
     """Optimizer steps over which the rate decays from --lr to --min-lr (default: all steps of the run)."""
     lr_warmup_iters: int = Field(0, ge=0)
     """Optimizer steps of linear warm-up from 0 to --lr."""
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """Adam's first-moment decay."""
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """Adam's second-moment decay."""
     adam_eps: float = Field(1e-8, gt=0.0)
+    """Adam's denominator epsilon."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay (AdamW) or L2 (sgd)."""
     clip_grad: float = Field(1.0, ge=0.0)
     """Gradient norm clipping threshold; 0 disables clipping."""
     seed: int = 1234
+    """Seed of the trainer: torch.manual_seed before the model is built (a random init, value heads)."""
     actor_num_nodes: int = Field(1, gt=0)
     """Nodes of the trainer; it runs actor_num_nodes x actor_num_gpus_per_node ranks."""
     actor_num_gpus_per_node: int = Field(1, gt=0)
@@ -49,6 +60,7 @@ class TrainerConfig(Section):
     critic_num_gpus_per_node: int | None = Field(None, gt=0)
     """Critic ranks per node; only --actor-num-gpus-per-node is accepted (as slime sets it)."""
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the trainer; auto is cuda when torch sees a GPU."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the trainer; master weights and optimizer state stay float32."""
     gradient_checkpointing: bool = False
@@ -58,6 +70,8 @@ class TrainerConfig(Section):
 
 
 class RolloutEngineConfig(Section):
+    help_section: ClassVar[str] = "engines"
+
     engine_type: Literal["embedded", "sglang"] = "embedded"
     """`sglang` launches sglang.launch_server; `embedded` the built-in engine with the same HTTP API."""
     rollout_num_engines: int | None = Field(None, gt=0)
@@ -104,6 +118,8 @@ _ISOLATABLE_REWARDS = ", ".join(n for n in reward_registry.names() if reward_reg
 
 
 class RewardConfig(Section):
+    help_section: ClassVar[str] = "rewards"
+
     rm_type: str | None = Field(
         None, description=f"Built-in grader by name: {', '.join(reward_registry.names())} (remote needs --rm-url)."
     )
@@ -161,6 +177,8 @@ class RewardConfig(Section):
 
 
 class LoggingConfig(Section):
+    help_section: ClassVar[str] = "logging"
+
     output_dir: Path = Path("outputs/run")
     """Where metrics.jsonl, TensorBoard logs, the reward curve and weight-sync files go."""
     use_tensorboard: bool = True
@@ -224,6 +242,8 @@ def _absolute_file_spec(spec: str) -> str:
 
 
 class EvalConfig(Section):
+    help_section: ClassVar[str] = "eval"
+
     eval_prompt_data: list[str] = Field(default_factory=list)
     """Evaluation sets as name/path pairs: `--eval-prompt-data math500 math500.jsonl gsm8k gsm8k.jsonl`."""
     eval_interval: int | None = Field(None, ge=1)
@@ -231,25 +251,35 @@ class EvalConfig(Section):
     skip_eval_before_train: bool = False
     """Do not evaluate the starting policy before the first rollout."""
     n_samples_per_eval_prompt: int = Field(1, ge=1)
+    """Responses sampled per evaluation prompt (pass@k is reported for k up to this)."""
     eval_temperature: float | None = Field(None, ge=0.0)
     """Sampling temperature of evaluation (default: --rollout-temperature); also --eval-top-p/-top-k/-max-response-len."""
     eval_top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Top-p of evaluation (default: --rollout-top-p)."""
     eval_top_k: int | None = None
+    """Top-k of evaluation (default: --rollout-top-k)."""
     eval_max_response_len: int | None = Field(None, gt=0)
+    """Most tokens per evaluation response (default: --rollout-max-response-len)."""
     eval_input_key: str | None = None
     """Prompt key of the evaluation files (default: --input-key); --eval-label-key likewise."""
     eval_label_key: str | None = None
+    """Label key of the evaluation files (default: --label-key)."""
     eval_reward_key: str | None = None
     """Key of the reward to report in evaluation when the reward function returns a dict (default: --reward-key)."""
 
 
 class CheckpointConfig(Section):
+    help_section: ClassVar[str] = "checkpoints"
+
     save: Path | None = None
     """Folder for training checkpoints (policy and critic weights with their optimizer state, data position)."""
     save_interval: int | None = Field(None, ge=1)
     """Save every N rollouts (with --save); the last rollout is always saved."""
     load: Path | None = None
     """Resume from the newest checkpoint in this folder (a --save folder of an earlier run)."""
+    start_rollout_id: int | None = Field(None, ge=0)
+    """Id of the first rollout to run (default: the one after the --load checkpoint, else 0); metrics steps,
+    checkpoint names, policy versions and --num-critic-only-steps count from it."""
 
     @model_validator(mode="after")
     def _interval_needs_a_folder(self) -> CheckpointConfig:
@@ -326,13 +356,17 @@ class TrainConfig(
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
-        if self.custom_rm_path and ".py:" in self.custom_rm_path:
-            object.__setattr__(self, "custom_rm_path", _absolute_file_spec(self.custom_rm_path))
+        from rl_core.hooks import is_file_spec
+
+        for name in ("custom_rm_path", "dynamic_sampling_filter_path", "buffer_filter_path"):
+            spec = getattr(self, name)
+            if spec and is_file_spec(spec):
+                object.__setattr__(self, name, _absolute_file_spec(spec))
         object.__setattr__(self, "eval_prompt_data", [
             item if i % 2 == 0 else str(Path(item).resolve()) for i, item in enumerate(self.eval_prompt_data)
         ])
         object.__setattr__(self, "router_middleware_paths", [
-            _absolute_file_spec(spec) if ".py:" in spec else spec for spec in self.router_middleware_paths
+            _absolute_file_spec(spec) if is_file_spec(spec) else spec for spec in self.router_middleware_paths
         ])
         return self
 
@@ -360,10 +394,31 @@ class TrainConfig(
             object.__setattr__(self, "critic_lr", self.lr)
         world = self.actor_world_size()
         if self.global_batch_size % world:
+            samples = self.rollout_batch_size * self.n_samples_per_prompt
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) does not split over actor_num_nodes x"
-                f" actor_num_gpus_per_node ({world}) trainer ranks"
+                f" actor_num_gpus_per_node ({world}) trainer ranks; for these ranks"
+                f" {nearest_divisors(samples, self.global_batch_size, 'global_batch_size', multiple_of=world)},"
+                f" for this batch on one node {nearest_divisors(self.global_batch_size, world, 'actor_num_gpus_per_node')}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_flags(self) -> TrainConfig:
+        if self.rollout_stop and self.engine_type == "embedded":
+            raise ValueError(
+                "rollout_stop (stop strings) is not supported by the embedded engine: use --rollout-stop-token-ids,"
+                " or --engine-type sglang"
+            )
+        if self.apply_chat_template_kwargs and not self.apply_chat_template:
+            raise ValueError("apply_chat_template_kwargs is set but --apply-chat-template is off")
+        if self.num_epoch is not None and "num_rollout" in self.model_fields_set:
+            raise ValueError(
+                f"num_epoch ({self.num_epoch}) and num_rollout ({self.num_rollout}) are both set: give one"
+                " (slime ignores --num-epoch then; here it is refused)"
+            )
+        if self.start_rollout_id is not None and self.num_epoch is None and self.start_rollout_id >= self.num_rollout:
+            raise ValueError(f"start_rollout_id ({self.start_rollout_id}) >= num_rollout ({self.num_rollout}): nothing to run")
         return self
 
     def actor_world_size(self) -> int:

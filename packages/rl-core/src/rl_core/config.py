@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from typing import TYPE_CHECKING
 
@@ -18,9 +18,13 @@ if TYPE_CHECKING:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    help_section: ClassVar[str] = "other"
+    """The `--help` group of the fields this class declares."""
 
 
 class DataConfig(Section):
+    help_section: ClassVar[str] = "data"
+
     prompt_data: Path | None = None
     """JSONL (one JSON object per line) or Parquet file of prompts; `path@[start:end]` takes a slice of its rows."""
     input_key: str = "prompt"
@@ -31,19 +35,29 @@ class DataConfig(Section):
     """Key of a per-row dict copied into each sample's metadata."""
     apply_chat_template: bool = False
     """Render prompts with the tokenizer's chat template (with the generation prompt)."""
+    apply_chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """JSON object of extra keywords for the chat template, e.g. '{"enable_thinking": false}' (with --apply-chat-template)."""
+    tool_key: str | None = "tools"
+    """Key of a row's tool list (a JSON list or its string): passed to the chat template as tools= and kept in metadata["tools"]."""
+    num_epoch: int | None = Field(None, gt=0)
+    """Passes over the prompts: sets num_rollout to num_epoch x prompts // rollout_batch_size (give it or --num-rollout)."""
     rollout_shuffle: bool = False
     """Shuffle the prompts each epoch."""
     rollout_seed: int = 42
-    """Seed of the prompt shuffle and of sampling."""
+    """Seed of the prompt shuffle; engine i samples with seed rollout_seed + i (embedded: --seed, SGLang: --random-seed)."""
     rollout_max_prompt_len: int | None = None
     """Prompts longer than this many tokens are refused with the file and line."""
     dynamic_sampling_filter_path: str | None = None
-    """Group filter `pkg.module.function(group) -> bool`, e.g. rl_core.dynamic_sampling.check_reward_nonzero_std."""
+    """Group filter `function(group) -> bool` as `module:function` or `path/to/file.py:function`, e.g.
+    rl_core.dynamic_sampling:check_reward_nonzero_std."""
     buffer_filter_path: str | None = None
-    """Buffer selection `pkg.module.function(buffer, num_groups) -> indices`; default: oldest groups first."""
+    """Buffer selection `function(buffer, num_groups) -> indices` as `module:function` or `path/to/file.py:function`;
+    default: oldest groups first."""
 
 
 class BatchConfig(Section):
+    help_section: ClassVar[str] = "rollout"
+
     rollout_batch_size: int = Field(8, gt=0)
     """Prompts per rollout."""
     n_samples_per_prompt: int = Field(8, gt=0)
@@ -70,16 +84,26 @@ class BatchConfig(Section):
             object.__setattr__(self, "global_batch_size", samples)
         if self.global_batch_size is None:
             if samples % self.num_steps_per_rollout:
-                raise ValueError(f"{where} do not split into num_steps_per_rollout ({self.num_steps_per_rollout}) steps")
+                raise ValueError(
+                    f"{where} do not split into num_steps_per_rollout ({self.num_steps_per_rollout}) steps;"
+                    f" {nearest_divisors(samples, self.num_steps_per_rollout, 'num_steps_per_rollout')}"
+                )
             object.__setattr__(self, "global_batch_size", samples // self.num_steps_per_rollout)
         if self.num_steps_per_rollout is None:
             if samples % self.global_batch_size:
-                raise ValueError(f"{where} is not a multiple of global_batch_size ({self.global_batch_size})")
+                raise ValueError(
+                    f"{where} is not a multiple of global_batch_size ({self.global_batch_size});"
+                    f" {nearest_divisors(samples, self.global_batch_size, 'global_batch_size')}"
+                )
             object.__setattr__(self, "num_steps_per_rollout", samples // self.global_batch_size)
         if self.global_batch_size * self.num_steps_per_rollout != samples:
             raise ValueError(
                 f"{where}, but global_batch_size ({self.global_batch_size}) x num_steps_per_rollout"
-                f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout}"
+                f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout};"
+                f" give one of them (num_steps_per_rollout {samples // self.global_batch_size} goes with"
+                f" global_batch_size {self.global_batch_size})" if samples % self.global_batch_size == 0 else
+                f"{where}, but global_batch_size ({self.global_batch_size}) x num_steps_per_rollout"
+                f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout}; give one of them"
             )
         if self.over_sampling_batch_size is not None and self.over_sampling_batch_size < self.rollout_batch_size:
             raise ValueError(
@@ -88,19 +112,41 @@ class BatchConfig(Section):
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) is not a multiple of micro_batch_size ({self.micro_batch_size})"
+                f"global_batch_size ({self.global_batch_size}) is not a multiple of micro_batch_size ({self.micro_batch_size});"
+                f" {nearest_divisors(self.global_batch_size, self.micro_batch_size, 'micro_batch_size')}"
             )
         return self
 
 
+def nearest_divisors(total: int, wanted: int, name: str, *, multiple_of: int = 1) -> str:
+    """'nearest that work: name A or B': the divisors of `total` (multiples of `multiple_of`) just below and above `wanted`."""
+    fits = [d for d in range(multiple_of, total + 1, multiple_of) if total % d == 0]
+    below = [d for d in fits if d < wanted][-1:]
+    above = [d for d in fits if d > wanted][:1]
+    options = below + above
+    if not options:
+        return f"no value of {name} works"
+    return f"nearest that work: {name} {' or '.join(map(str, options))}"
+
+
 class SamplingConfig(Section):
+    help_section: ClassVar[str] = "rollout"
+
     rollout_temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature; 0 is greedy (as SGLang)."""
     rollout_top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest token set of this probability mass."""
     rollout_top_k: int = -1
     """-1 keeps every token."""
     rollout_max_response_len: int = Field(256, gt=0)
     """Most tokens generated per response."""
     rollout_stop_token_ids: list[int] | None = None
+    """Token ids that end a response (kept in it), e.g. a chat template's end-of-turn token."""
+    rollout_stop: list[str] | None = None
+    """Strings that end a response; kept in the response text, as slime asks SGLang (no_stop_trim). SGLang engines only."""
+    rollout_skip_special_tokens: bool | None = None
+    """Drop special tokens from the response text the reward sees (default: the engine's, which drops them;
+    slime sends false unless given)."""
 
     def sampling_params(self) -> dict:
         """The SGLang `sampling_params` these settings mean."""
@@ -112,10 +158,17 @@ class SamplingConfig(Section):
         }
         if self.rollout_stop_token_ids:
             params["stop_token_ids"] = list(self.rollout_stop_token_ids)
+        if self.rollout_stop:
+            params["stop"] = list(self.rollout_stop)
+            params["no_stop_trim"] = True  # the text keeps the stop string, as the response tokens do
+        if self.rollout_skip_special_tokens is not None:
+            params["skip_special_tokens"] = self.rollout_skip_special_tokens
         return params
 
 
 class AlgorithmConfig(Section):
+    help_section: ClassVar[str] = "algorithm"
+
     advantage_estimator: str = "grpo"
     """Advantage estimator by name: grpo, gspo, cispo, reinforce_plus_plus, reinforce_plus_plus_baseline, ppo."""
     disable_grpo_std_normalization: bool = False
@@ -135,6 +188,7 @@ class AlgorithmConfig(Section):
     use_kl_loss: bool = False
     """Add kl_loss_coef x KL(policy || reference) to the loss."""
     kl_loss_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL loss (with --use-kl-loss)."""
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
     """KL estimator of the KL loss and of the reward penalty."""
     use_unbiased_kl: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,19 @@ class PromptRow:
     metadata: dict[str, Any]
 
 
-def _render(prompt: str | list[dict[str, Any]], tokenizer: PromptTokenizer, apply_chat_template: bool) -> str:
+def _render(
+    prompt: str | list[dict[str, Any]],
+    tokenizer: PromptTokenizer,
+    apply_chat_template: bool,
+    tools: list[Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
     if apply_chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kwargs = dict(template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     if not isinstance(prompt, str):
         raise TypeError("chat messages need --apply-chat-template")
     return prompt
@@ -50,10 +60,13 @@ def load_prompt_rows(
     tokenizer: PromptTokenizer,
     apply_chat_template: bool = False,
     max_prompt_len: int | None = None,
+    tool_key: str | None = None,
+    apply_chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[PromptRow]:
     """Read, check and tokenize every row of a JSONL or Parquet file, or of its `path@[start:end]` slice; the
     first bad row raises a DataError naming `path:line` (JSONL) or `path: row N` (Parquet). The tokenizer is
-    required: a prompt without token ids reaches the engine as an empty request."""
+    required: a prompt without token ids reaches the engine as an empty request. A row's `tool_key` list (or
+    its JSON string) goes to the chat template as `tools=` and into the sample's metadata["tools"], as slime does."""
     rows: list[PromptRow] = []
     for where, record in read_records(path):
         if not isinstance(record, dict):
@@ -65,8 +78,9 @@ def load_prompt_rows(
             raise DataError(f"{where}: {input_key!r} must be a string or a list of chat messages")
         if label_key is not None and label_key not in record:
             raise DataError(f"{where}: no key {label_key!r} (--label-key); keys are {sorted(record)}")
+        tools = _tools(record, tool_key, where)
         try:
-            text = _render(prompt, tokenizer, apply_chat_template)
+            text = _render(prompt, tokenizer, apply_chat_template, tools, apply_chat_template_kwargs)
         except TypeError as e:
             raise DataError(f"{where}: {e}") from None
         token_ids = tokenizer.encode(text, add_special_tokens=False)
@@ -78,10 +92,28 @@ def load_prompt_rows(
         if not isinstance(metadata, dict):
             raise DataError(f"{where}: {metadata_key!r} must be an object")
         label = record.get(label_key) if label_key is not None else None
-        rows.append(PromptRow(prompt, text, list(token_ids), label, dict(metadata)))
+        metadata = dict(metadata)
+        if tools is not None:
+            metadata["tools"] = tools
+        rows.append(PromptRow(prompt, text, list(token_ids), label, metadata))
     if not rows:
         raise DataError(f"{path}: no prompts in file")
     return rows
+
+
+def _tools(record: Mapping[str, Any], tool_key: str | None, where: str) -> list[Any] | None:
+    """The row's tool list under `tool_key` (a list, or a JSON string of one); None when the row has none."""
+    if tool_key is None or record.get(tool_key) is None:
+        return None
+    tools = record[tool_key]
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {tool_key!r} (--tool-key) is a string but not JSON ({e})") from None
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: {tool_key!r} (--tool-key) must be a list of tools, got {type(tools).__name__}")
+    return tools
 
 
 def pop_first(buffer: Sequence[list[Sample]], num_groups: int) -> list[int]:
