@@ -37,7 +37,8 @@ class EngineActor:
             args.setdefault("random_seed", self.config.rollout_seed + self.index)
             if self.config.rollout_num_gpus_per_engine > 1:  # the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES)
                 args["tp_size"] = self.config.rollout_num_gpus_per_engine
-        self.process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args)
+        python = str(self.config.engine_python) if self.config.engine_python is not None else None
+        self.process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args, python=python)
         self.process.wait_until_healthy(timeout_s)
         return self.process.url
 

@@ -110,6 +110,9 @@ class RolloutEngineConfig(Section):
     per request, so long generations are not cut; raise it when many long requests queue on few engines."""
     update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
     """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
+    engine_python: Path | None = None
+    """Python interpreter of an environment of SGLang's own (e.g. /opt/sglang/.venv/bin/python), which runs
+    `-m sglang.launch_server` for --engine-type sglang; default: this one."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
     """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
 
@@ -448,6 +451,8 @@ class TrainConfig(
                     f"--sglang-tp-size {tp} differs from rollout_num_gpus_per_engine ({per_engine}): an engine's"
                     " tensor-parallel size is the GPUs it spans; give one of them"
                 )
+        if self.engine_python is not None and self.engine_type != "sglang":
+            raise ValueError("engine_python is set but --engine-type is embedded, which runs in this environment")
         if per_engine > 1 and self.engine_type == "embedded":
             raise ValueError(
                 f"rollout_num_gpus_per_engine ({per_engine}) > 1 needs --engine-type sglang: the embedded engine"

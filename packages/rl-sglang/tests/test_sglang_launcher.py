@@ -56,6 +56,20 @@ def test_kind_sglang_without_sglang_raises_an_import_error_naming_the_version():
     assert "embedded" in str(caught.value)
 
 
+def test_sglang_can_run_from_an_environment_of_its_own(tmp_path):
+    fake = tmp_path / "venv" / "bin"
+    (fake / "sglang").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text("")
+    python = tmp_path / "python"  # an interpreter whose path holds an importable `sglang`
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    assert sglang_available(str(python)) and not sglang_available(str(tmp_path / "missing"))
+    argv = build_sglang_argv("/m", "127.0.0.1", 1, python=str(python))
+    assert argv[:3] == [str(python), "-m", "sglang.launch_server"]
+    with pytest.raises(ImportError, match=r"missing cannot import"):
+        launch_engine("sglang", "/m", python=str(tmp_path / "missing"))
+
+
 @pytest.mark.slow
 async def test_an_embedded_engine_launched_as_a_subprocess_becomes_healthy_and_generates(model_dir):
     process = launch_engine(

@@ -48,8 +48,12 @@ def _flag_args(args: dict[str, Any]) -> list[str]:
     return argv
 
 
-def build_sglang_argv(model_path: str, host: str, port: int, sglang_args: dict[str, Any] | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
+def build_sglang_argv(
+    model_path: str, host: str, port: int, sglang_args: dict[str, Any] | None = None, *, python: str | None = None
+) -> list[str]:
+    """argv for `python -m sglang.launch_server`; `python` is the interpreter of an environment of SGLang's own
+    (SGLang pins its torch), this one by default."""
+    argv = [python or sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
     argv += ["--host", host, "--port", str(port)]
     return argv + _flag_args(sglang_args or {})
 
@@ -66,8 +70,16 @@ def build_embedded_argv(model_path: str, host: str, port: int, embedded_args: di
     return argv + _flag_args(embedded_args)
 
 
-def sglang_available() -> bool:
-    return importlib.util.find_spec("sglang") is not None
+def sglang_available(python: str | None = None) -> bool:
+    """Whether `python` (default: this interpreter) can import sglang."""
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        return importlib.util.find_spec("sglang") is not None
+    try:
+        found = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('sglang') is not None)"],
+                               capture_output=True, text=True, timeout=60)
+    except OSError:
+        return False
+    return found.stdout.strip() == "True"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,19 +150,21 @@ def launch_engine(
     port: int | None = None,
     sglang_args: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> EngineProcess:
     """Start an engine. For kind "embedded", `sglang_args` keys it understands (device, dtype,
     max_running_requests, seed) are passed on and the SGLang-only rest is logged and skipped, so
-    one set of `--sglang-*` flags serves both kinds."""
+    one set of `--sglang-*` flags serves both kinds. `python` runs SGLang from an environment of its own."""
     port = free_port(host) if port is None else port
     child_env = dict(os.environ if env is None else env)
     if kind == "sglang":
-        if not sglang_available():
+        if not sglang_available(python):
             raise ImportError(
-                f"kind='sglang' needs SGLang (coded against sglang=={SGLANG_VERSION_CODED_AGAINST}), which is "
-                "not importable here; install it or use kind='embedded'"
+                f"kind='sglang' needs SGLang (coded against sglang=={SGLANG_VERSION_CODED_AGAINST}), which "
+                f"{python or sys.executable} cannot import; install it (or point --engine-python at its environment's"
+                " python) or use kind='embedded'"
             )
-        argv = build_sglang_argv(model_path, host, port, sglang_args)
+        argv = build_sglang_argv(model_path, host, port, sglang_args, python=python)
     elif kind == "embedded":
         args = dict(sglang_args or {})
         skipped = sorted(set(args) - set(EMBEDDED_FLAGS))
