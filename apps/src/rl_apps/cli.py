@@ -54,7 +54,7 @@ def section_of(model: type[BaseModel], name: str) -> str:
 def field_help(model: type[BaseModel], name: str) -> str:
     """The help line of a field: its docstring, then (required) or its default."""
     field = model.model_fields[name]
-    text = (field.description or "").strip()
+    text = with_flag_names((field.description or "").strip(), list(model.model_fields))
     if name in getattr(model, "required_flags", ()):
         return f"{text} (required)".strip()
     default = field.get_default(call_default_factory=True)
