@@ -36,3 +36,14 @@ def test_a_two_turn_tool_calling_generate_function_trains_with_the_tool_tokens_m
             assert all(lp < 0.0 for lp, m in zip(sample["rollout_log_probs"], sample["loss_mask"]) if m)
             assert sample["weight_versions"] == ["default" if rollout_id == 0 else str(rollout_id)] * 2
             assert 0.0 <= sample["reward"] <= 1.0
+
+
+def test_a_rollout_saved_with_debug_rollout_only_replays_into_debug_train_only(tiny_run_config, tmp_path):
+    debug = str(tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl")
+    quiet = dict(num_rollout=1, use_tensorboard=False, save_reward_curve=False)
+    (generated,) = read_metrics(run(tiny_run_config(tmp_path / "gen", debug_rollout_only=True, save_debug_rollout_data=debug, **quiet)))
+    assert "train/loss" not in generated and generated["rollout/reward_mean"] >= 0.0
+    (trained,) = read_metrics(run(tiny_run_config(tmp_path / "train", debug_train_only=True, load_debug_rollout_data=debug, **quiet)))
+    assert trained["train/grad_norm"] > 0
+    # The replayed samples are the saved ones: the same rewards, hence the same reward mean.
+    assert trained["rollout/reward_mean"] == generated["rollout/reward_mean"]

@@ -109,7 +109,8 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
     from rl_apps.trainer_group import TrainerGroup
 
-    world, num_engines = config.actor_num_gpus_per_node if trainers else 0, config.rollout_num_engines
+    world = config.actor_num_gpus_per_node if trainers else 0
+    num_engines = 0 if config.debug_train_only else config.rollout_num_engines
     num_critics = world if config.use_critic else 0
     trainer_res, engine_res = actor_resources(config)
     owns_ray = not ray.is_initialized()

@@ -330,6 +330,8 @@ class TrainConfig(
         names = self.eval_prompt_data[::2]
         if len(set(names)) != len(names):
             raise ValueError(f"--eval-prompt-data names must differ, got {names}")
+        if self.debug_train_only and self.eval_prompt_data:
+            raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:
             raise ValueError("--eval-interval needs --eval-prompt-data")
         if self.critic_lr is None:
