@@ -133,7 +133,7 @@ class MegatronBackend:
             self.dp_size = parallel_state.get_data_parallel_world_size()
             self.vocab_local = padded_vocab_size(self.shape, config.tensor_model_parallel_size) // config.tensor_model_parallel_size
 
-            self.tf_config = transformer_config(config, self.shape, self.hf_config)
+            self.tf_config = transformer_config(config, self.shape, self.hf_config, on_cpu=self._cpu)
             if self._cpu:
                 self.tf_config.batch_p2p_comm = False  # batched p2p waits on CUDA
             weights = HFWeights(config.model_path, self.hf_config, config.seed)

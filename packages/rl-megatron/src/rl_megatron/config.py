@@ -49,6 +49,8 @@ class MegatronConfig(BackendConfig):
     def _check_megatron_flags(self) -> MegatronConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1 (it splits the sequence over TP ranks)")
+        if self.use_distributed_optimizer and self.optimizer != "adam":
+            raise ValueError("use_distributed_optimizer=True needs optimizer='adam': megatron-core shards and checkpoints Adam state only")
         if not self.attention_softmax_in_fp32:
             raise ValueError(
                 "attention_softmax_in_fp32=False is refused: the SDPA and flash attention kernels always"

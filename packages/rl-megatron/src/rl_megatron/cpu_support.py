@@ -29,13 +29,15 @@ def _is_cuda(device: Any) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Any tensor factory or `.to()`/`.cuda()` asked for a CUDA device gets the CPU instead."""
+    """Any tensor factory or `.to()`/`.cuda()` asked for a CUDA device gets the CPU instead (and no pinning)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
-        if func is torch.Tensor.cuda:
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         if func is torch.Tensor.to and args[1:2] and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])

@@ -29,7 +29,7 @@ def padded_vocab_size(shape: TransformerShape, tp_size: int) -> int:
     return -(-shape.vocab_size // tp_size) * tp_size
 
 
-def transformer_config(config: MegatronConfig, shape: TransformerShape, hf_config: Any) -> TransformerConfig:
+def transformer_config(config: MegatronConfig, shape: TransformerShape, hf_config: Any, on_cpu: bool) -> TransformerConfig:
     granularity, method, num_layers = config.recompute()
     dtype = DTYPES[config.param_dtype]
     return TransformerConfig(
@@ -62,8 +62,10 @@ def transformer_config(config: MegatronConfig, shape: TransformerShape, hf_confi
         # The rl-core losses return each micro-batch's share of the global-batch loss: gradients are summed
         # over micro-batches and data-parallel ranks, never averaged (see MegatronBackend.train_step).
         calculate_per_token_loss=True,
-        use_cpu_initialization=True,
-        perform_initialization=False,
+        # Initialisation is overwritten by the HF weights, but it is also what marks parameters as
+        # tensor-parallel (the grad norm and checkpoint sharding read those marks).
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
         apply_rope_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
