@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 from rl_core.config import RLStepConfig
 from rl_core.losses import TrainLoss
 from rl_core.micro_batches import batch_denominators, loss_inputs, make_micro_batch
@@ -55,6 +56,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, re
     )
     torch.set_num_threads(1)
     try:
+        # The rank owns the process group, so backends built one after another in it share the group
+        # (re-creating a group on the same port races with its previous store).
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         # As bytes: a tensor put on the queue travels as a shared-memory handle that dies with this process.
         buffer = io.BytesIO()
         torch.save(fn(rank, *args), buffer)
@@ -351,10 +355,11 @@ def _weights_only(rank: int, config: MegatronConfig) -> dict[str, torch.Tensor]:
 def test_a_config_without_weights_starts_from_the_hf_models_seeded_init(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    MODELS["qwen3"]().config.save_pretrained(tmp_path)
+    hf_config = MODELS["qwen3"]().config
+    hf_config.save_pretrained(tmp_path)
     [weights] = run_ranks(1, _weights_only, _config(tmp_path, seed=7))
     torch.manual_seed(7)
-    expected = AutoModelForCausalLM.from_config(MODELS["qwen3"]().config, dtype=torch.float32).state_dict()
+    expected = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).state_dict()
     _assert_weights_close(weights, expected, atol=0.0)
 
 

@@ -45,9 +45,26 @@ def _layout(backend: MegatronBackend) -> dict[str, int]:
 def _sharded(backend: MegatronBackend, is_loading: bool, with_optimizer: bool) -> dict:
     model = backend.gpt.sharded_state_dict()
     state = {"model": model}
+    if with_optimizer and is_loading:
+        # A distributed optimizer that never stepped has no state to describe; give it placeholder state.
+        for optimizer in getattr(backend.optimizer, "chained_optimizers", [backend.optimizer]):
+            init = getattr(optimizer, "_init_optimizer_states_with_dummy_values", None)
+            if init is not None:
+                init()
     if with_optimizer:
         state["optimizer"] = backend.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
     return state
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """megatron-core restores torch Adam's per-parameter `step` as one tensor shared by every parameter;
+    torch increments each parameter's counter in place, so a shared one would advance once per parameter
+    per step (wrong bias correction). Give each parameter its own copy."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        for param_state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
 
 
 def save_checkpoint(backend: MegatronBackend, directory: Path) -> None:
@@ -77,6 +94,7 @@ def load_checkpoint(backend: MegatronBackend, directory: Path) -> None:
         backend.gpt.load_state_dict(state["model"], strict=False)
         if load_optimizer:
             backend.optimizer.load_state_dict(state["optimizer"])
+            _unshare_step_counters(backend.optimizer)
         else:
             # The model's new values must reach the optimizer's float32 master copy.
             reload = getattr(backend.optimizer, "reload_model_params", None)

@@ -74,6 +74,15 @@ _CUDA_STUBS = {
 }
 
 
+def _megatron_rng_stubs() -> dict[str, Any]:
+    """Activation recompute saves and restores the CUDA RNG around each checkpointed block; on CPU only
+    the CPU generator (which megatron-core saves and restores beside it) exists."""
+    return {
+        "_get_cuda_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "_set_cuda_rng_state": lambda *a, **k: None,
+    }
+
+
 @contextlib.contextmanager
 def on_cpu(enabled: bool = True) -> Iterator[None]:
     """Redirect megatron-core's CUDA-only calls to the CPU inside the block (re-entrant; no-op if not enabled)."""
@@ -86,6 +95,11 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
             for name, stub in _CUDA_STUBS.items():
                 _saved[name] = getattr(torch.cuda, name)
                 setattr(torch.cuda, name, stub)
+            from megatron.core.tensor_parallel import random as megatron_random
+
+            for name, stub in _megatron_rng_stubs().items():
+                _saved["random." + name] = getattr(megatron_random, name)
+                setattr(megatron_random, name, stub)
             _saved["Tensor.type"] = torch.Tensor.type
             torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
         _depth += 1
@@ -99,3 +113,7 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 for name in _CUDA_STUBS:
                     setattr(torch.cuda, name, _saved.pop(name))
                 torch.Tensor.type = _saved.pop("Tensor.type")  # type: ignore[method-assign]
+                from megatron.core.tensor_parallel import random as megatron_random
+
+                for name in _megatron_rng_stubs():
+                    setattr(megatron_random, name, _saved.pop("random." + name))
