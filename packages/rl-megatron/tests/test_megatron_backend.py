@@ -165,11 +165,18 @@ def _config(model_dir: Path, **overrides: Any) -> MegatronConfig:
     return MegatronConfig(**{**settings, **overrides})
 
 
-def _forward_and_step(rank: int, config: MegatronConfig) -> dict[str, Any]:
-    """Log-probs, one GRPO step through rl_step, and the exported weights (every rank iterates them)."""
+def _forward_and_step(rank: int, config: MegatronConfig, offload: bool = False) -> dict[str, Any]:
+    """Log-probs, one GRPO step through rl_step, and the exported weights (every rank iterates them);
+    with `offload`, the backend gives its memory away and takes it back between the forward and the step."""
     backend = build_backend(config)
     samples = scored_samples()
     log_probs = backend.forward(_batch(samples))
+    if offload:
+        backend.offload()
+        assert all(p.untyped_storage().nbytes() == 0 for p in backend.gpt.parameters())
+        with pytest.raises(RuntimeError, match="call onload"):
+            backend.forward(_batch(samples))
+        backend.onload()
     metrics = rl_step(RL_CONFIG, samples, backend)
     weights = {name: tensor.clone() for name, tensor in backend.weights()}
     protocol = isinstance(backend, TrainingBackend) and isinstance(backend, StepBackend)
@@ -281,6 +288,11 @@ def test_two_rank_layouts_give_the_one_process_log_probs_step_and_hf_weights(lay
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_activation_recompute_gives_the_same_step(granularity, model_dirs, hf_reference):
     [result] = run_ranks(1, _forward_and_step, _config(model_dirs["qwen3"], recompute_granularity=granularity))
+    _assert_matches(result, hf_reference("qwen3"))
+
+
+def test_offload_and_onload_between_forward_and_step_change_nothing(model_dirs, hf_reference):
+    [result] = run_ranks(1, _forward_and_step, _config(model_dirs["qwen3"], ref_model=True), True)
     _assert_matches(result, hf_reference("qwen3"))
 
 

@@ -37,6 +37,7 @@ from rl_megatron.export import export_plan, gather_full
 from rl_megatron.gpt_model import HFWeights, build_gpt, load_stage, padded_vocab_size, stage_state, transformer_config
 from rl_megatron.hf_config import check_config, read_hf_config
 from rl_megatron.layers import cp_positions
+from rl_megatron.offload import Offloader, training_tensors
 from rl_megatron.vocab_parallel import vocab_parallel_log_probs
 from rl_megatron.weight_mapping import megatron_tensor_to_hf
 
@@ -161,6 +162,7 @@ class MegatronBackend:
             self.tf_config.no_sync_func = self.model.no_sync
             self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.model])
             self.steps = 0
+            self._offloader = Offloader()
 
     # --- building -------------------------------------------------------------------------------------
 
@@ -222,29 +224,34 @@ class MegatronBackend:
 
     def _response_outputs(self, fed: _Fed, logits: torch.Tensor, entropy: bool, entropy_grad: bool):
         """[B, T] log-probs (and entropy) of the response tokens from this rank's vocab-parallel logits."""
+        mb = fed.mb
+        cp = self.config.context_parallel_size
+        if cp == 1:
+            # Only the positions that predict response tokens go through the float32 softmax.
+            index = mb.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+            logits, targets = logits.gather(1, index), mb.response_tokens
+        else:
+            targets = fed.targets
         log_probs, ent = vocab_parallel_log_probs(
             logits,
-            fed.targets,
+            targets,
             vocab_start=self.tp_rank * self.vocab_local,
             vocab_size=self.shape.vocab_size,
             temperature=self.config.rollout_temperature,
             with_entropy=entropy,
             entropy_grad=entropy_grad,
         )
-        mb = fed.mb
 
         def response(x: torch.Tensor | None) -> torch.Tensor | None:
             if x is None:
                 return None
-            if self.config.context_parallel_size > 1:
-                cp = self.config.context_parallel_size
-                group = parallel_state.get_context_parallel_group()
-                x = _GatherReplicated.apply(x, group)
+            if cp > 1:
+                # Every CP rank holds two chunks of positions: gather them all, back in sequence order.
+                x = _GatherReplicated.apply(x, parallel_state.get_context_parallel_group())
                 local = x.shape[1] // cp
                 order = torch.cat([cp_positions(local, r, cp, x.device) for r in range(cp)])
-                x = x[:, torch.argsort(order)]
-            picked = x.gather(1, mb.response_positions)
-            return torch.where(mb.response_valid, picked, torch.zeros_like(picked))
+                x = x[:, torch.argsort(order)].gather(1, mb.response_positions)
+            return torch.where(mb.response_valid, x, torch.zeros_like(x))
 
         return response(log_probs), response(ent)
 
@@ -281,6 +288,7 @@ class MegatronBackend:
     def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
         if model == "reference" and self.reference is None:
             raise ValueError("forward(model='reference') needs the reference model: set MegatronConfig.ref_model=True")
+        self._check_onloaded()
         net = self.reference if model == "reference" else self.model
         with on_cpu(self._cpu), torch.no_grad():
             fed, seq_len, rows = self._feed(batch)
@@ -303,6 +311,7 @@ class MegatronBackend:
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
         if "values" in loss.needs:
             raise ValueError("an LM-head backend has no values; the Megatron backend has no value head yet")
+        self._check_onloaded()
         with on_cpu(self._cpu):
             ref = self.forward(batch, "reference") if "ref_log_probs" in loss.needs else None
             fed, seq_len, rows = self._feed(batch, ref)
@@ -352,6 +361,7 @@ class MegatronBackend:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors one at a time: TP shards all-gathered on the owning stage, then broadcast
         over the pipeline so every rank yields the same sequence."""
+        self._check_onloaded()
         for item in export_plan(self.shape, self.config.pipeline_model_parallel_size):
             with on_cpu(self._cpu):
                 full = gather_full(self.gpt, item, self.pp_rank, self.device)
@@ -359,6 +369,7 @@ class MegatronBackend:
                 yield hf_name, tensor
 
     def save(self, directory: str | Path) -> None:
+        self._check_onloaded()
         with on_cpu(self._cpu):
             save_checkpoint(self, Path(directory))
 
@@ -367,10 +378,16 @@ class MegatronBackend:
             load_checkpoint(self, Path(directory))
 
     def offload(self) -> None:
-        raise NotImplementedError("offload is not implemented by the Megatron backend yet (colocated runs)")
+        """Parameters, gradient buffers, master weights and optimizer state (and the reference model) to
+        host memory; the device storages are emptied in place."""
+        self._offloader.offload(training_tensors(self.model, self.optimizer, self.reference))
 
     def onload(self) -> None:
-        raise NotImplementedError("onload is not implemented by the Megatron backend yet (colocated runs)")
+        self._offloader.onload()
+
+    def _check_onloaded(self) -> None:
+        if self._offloader.offloaded:
+            raise RuntimeError("MegatronBackend is offloaded: call onload() before forward, train_step, weights or save")
 
     def close(self) -> None:
         del self.model, self.gpt, self.reference, self.optimizer
