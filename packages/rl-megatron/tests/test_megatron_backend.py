@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from rl_core.config import RLStepConfig
-from rl_core.losses import TrainLoss
+from rl_core.losses import TrainLoss, ValueLoss
 from rl_core.micro_batches import batch_denominators, loss_inputs, make_micro_batch
 from rl_core.protocols import StepBackend, TrainingBackend
 from rl_core.rl_step import rl_step
@@ -310,6 +310,68 @@ def test_adam_with_clipping_under_the_distributed_optimizer_equals_torch_adamw(m
         assert result["metrics"]["train/lr"] == pytest.approx(0.5e-3)
         assert result["metrics"]["train/grad_norm"] == pytest.approx(metrics["train/grad_norm"], rel=1e-5)
         _assert_weights_close(result["weights"], {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def _critic_batch() -> TrainBatch:
+    samples = scored_samples()
+    gen = torch.Generator().manual_seed(3)
+    returns = [torch.randn(s.response_length, generator=gen).tolist() for s in samples]
+    return TrainBatch.from_samples(
+        samples, [[0.0] * s.response_length for s in samples], returns=returns, values=[[0.0] * s.response_length for s in samples]
+    )
+
+
+def _critic_steps(rank: int, config: MegatronConfig) -> dict[str, Any]:
+    """Two value-loss steps (the head starts at zero, so the body moves only in the second), then values."""
+    backend = build_backend(config)
+    batch = _critic_batch()
+    metrics = [backend.train_step(batch, ValueLoss()) for _ in range(2)]
+    values = backend.forward(batch)
+    weights = {n: t.clone() for n, t in backend.weights()}
+    backend.close()
+    return {"metrics": metrics, "values": values, "weights": weights}
+
+
+@pytest.mark.parametrize("layout", ["one-rank", "tp2-sequence-parallel", "cp2"])
+def test_a_value_head_critic_trains_as_an_hf_body_with_a_zero_linear_head(layout, model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    overrides = {"one-rank": {}, "tp2-sequence-parallel": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                 "cp2": dict(context_parallel_size=2)}[layout]
+    results = run_ranks(1 if layout == "one-rank" else 2, _critic_steps, _config(model_dirs["llama"], head="value", lr=0.1, **overrides))
+
+    body = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32, attn_implementation="eager").model
+    head = torch.nn.Linear(body.config.hidden_size, 1)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    params = [*body.parameters(), *head.parameters()]
+    sgd = torch.optim.SGD(params, lr=0.1)
+    batch = _critic_batch()
+    mb = make_micro_batch(batch, list(range(len(batch))), torch.device("cpu"))
+
+    def values() -> torch.Tensor:
+        hidden = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        v = head(hidden)[..., 0].gather(1, mb.response_positions)
+        return torch.where(mb.response_valid, v, torch.zeros_like(v))
+
+    grad_norms = []
+    for _ in range(2):
+        value, _ = ValueLoss()(loss_inputs(mb, batch_denominators(batch), values=values()))
+        value.backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, float("inf"))))
+        sgd.step()
+        sgd.zero_grad()
+    with torch.no_grad():
+        expected_values = values()
+    expected = {f"model.{k}": v for k, v in body.state_dict().items()}
+    expected.update({"model.embed_tokens.weight": body.embed_tokens.weight.detach(), "lm_head.weight": body.embed_tokens.weight.detach()})
+    expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    expected.update({"value_head.weight": head.weight.detach(), "value_head.bias": head.bias.detach()})
+    assert float(expected_values.abs().max()) > 1e-3
+    for result in results:
+        assert [m["grad_norm"] for m in result["metrics"]] == pytest.approx(grad_norms, rel=1e-5)
+        for i, v in enumerate(result["values"]):
+            torch.testing.assert_close(v, expected_values[i, : batch.response_lengths[i]], atol=1e-5, rtol=1e-5)
+        _assert_weights_close({k: v for k, v in result["weights"].items() if k != "lm_head.weight"}, expected)
 
 
 def _save_resume(rank: int, save_config: MegatronConfig, directory: Path) -> dict[str, Any]:

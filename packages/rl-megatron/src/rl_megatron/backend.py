@@ -108,8 +108,6 @@ class MegatronBackend:
     result_rank = 0
 
     def __init__(self, config: MegatronConfig) -> None:
-        if config.head != "lm":
-            raise ValueError("head='value' is not implemented by the Megatron backend yet; build the critic with type 'fsdp'")
         self.config = config
         self.hf_config = read_hf_config(config.model_path)
         self.shape = check_config(config, self.hf_config)
@@ -145,6 +143,7 @@ class MegatronBackend:
                 self.tp_rank,
                 config.pipeline_model_parallel_size,
                 self.pp_rank,
+                lm_head=config.head == "lm",
             )
             del weights
             self.gpt = self._build(self.tf_config, state)
@@ -242,18 +241,32 @@ class MegatronBackend:
             entropy_grad=entropy_grad,
         )
 
-        def response(x: torch.Tensor | None) -> torch.Tensor | None:
-            if x is None:
-                return None
-            if cp > 1:
-                # Every CP rank holds two chunks of positions: gather them all, back in sequence order.
-                x = _GatherReplicated.apply(x, parallel_state.get_context_parallel_group())
-                local = x.shape[1] // cp
-                order = torch.cat([cp_positions(local, r, cp, x.device) for r in range(cp)])
-                x = x[:, torch.argsort(order)].gather(1, mb.response_positions)
-            return torch.where(mb.response_valid, x, torch.zeros_like(x))
+        if cp > 1:
+            return self._sequence_to_response(fed, log_probs), self._sequence_to_response(fed, ent)
+        valid = lambda x: None if x is None else torch.where(mb.response_valid, x, torch.zeros_like(x))  # noqa: E731
+        return valid(log_probs), valid(ent)
 
-        return response(log_probs), response(ent)
+    def _sequence_to_response(self, fed: _Fed, x: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, T] at the response positions from [B, S_local] over this rank's positions: under CP every
+        rank holds two chunks, so they are all gathered and put back in sequence order first."""
+        if x is None:
+            return None
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            x = _GatherReplicated.apply(x, parallel_state.get_context_parallel_group())
+            local = x.shape[1] // cp
+            order = torch.cat([cp_positions(local, r, cp, x.device) for r in range(cp)])
+            x = x[:, torch.argsort(order)]
+        x = x.gather(1, fed.mb.response_positions)
+        return torch.where(fed.mb.response_valid, x, torch.zeros_like(x))
+
+    def _outputs(self, fed: _Fed, output: torch.Tensor, needs: frozenset[str], entropy_grad: bool) -> dict:
+        """What a loss (or forward) asks of this micro-batch's output: values from a value head's [B, S, 1],
+        log-probs and entropy from an LM head's vocab-parallel logits."""
+        if self.config.head == "value":
+            return {"values": self._sequence_to_response(fed, output[..., 0].float())}
+        log_probs, entropy = self._response_outputs(fed, output, "entropy" in needs, entropy_grad)
+        return {"log_probs": log_probs, "entropy": entropy, "ref_log_probs": fed.ref_log_probs}
 
     def _run(self, model, fed: list[_Fed], seq_len: int, rows: int, loss_func: Callable, forward_only: bool) -> None:
         def step(data_iterator, net):
@@ -297,11 +310,13 @@ class MegatronBackend:
                 offsets.append(offsets[-1] + length)
             flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
 
-            def collect(item: _Fed, logits: torch.Tensor):
-                log_probs, _ = self._response_outputs(item, logits, entropy=False, entropy_grad=False)
+            what = "values" if self.config.head == "value" else "log_probs"
+
+            def collect(item: _Fed, output: torch.Tensor):
+                result = self._outputs(item, output, frozenset({what}), entropy_grad=False)[what]
                 for row, i in enumerate(item.mb.sample_indices):
-                    flat[offsets[i] : offsets[i + 1]] = log_probs[row, : batch.response_lengths[i]]
-                return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+                    flat[offsets[i] : offsets[i + 1]] = result[row, : batch.response_lengths[i]]
+                return output.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
             net.eval()
             self._run(net, fed, seq_len, rows, collect, forward_only=True)
@@ -309,8 +324,10 @@ class MegatronBackend:
         return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
 
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
-        if "values" in loss.needs:
-            raise ValueError("an LM-head backend has no values; the Megatron backend has no value head yet")
+        if self.config.head == "value" and not loss.needs <= {"values"}:
+            raise ValueError(f"a value-head backend cannot compute {sorted(loss.needs - {'values'})}")
+        if self.config.head == "lm" and "values" in loss.needs:
+            raise ValueError("an LM-head backend has no values; build the critic with head='value'")
         self._check_onloaded()
         with on_cpu(self._cpu):
             ref = self.forward(batch, "reference") if "ref_log_probs" in loss.needs else None
@@ -318,9 +335,8 @@ class MegatronBackend:
             denominators = batch_denominators(batch)
             sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
 
-            def loss_func(item: _Fed, logits: torch.Tensor):
-                log_probs, entropy = self._response_outputs(item, logits, "entropy" in loss.needs, loss.entropy_grad)
-                outputs = {"log_probs": log_probs, "entropy": entropy, "ref_log_probs": item.ref_log_probs}
+            def loss_func(item: _Fed, output: torch.Tensor):
+                outputs = self._outputs(item, output, loss.needs, loss.entropy_grad)
                 value, metrics = loss(loss_inputs(item.mb, denominators, **outputs))
                 for key, metric in metrics.items():
                     sums[key] += metric.detach().float()
@@ -362,7 +378,7 @@ class MegatronBackend:
         """HF-named full tensors one at a time: TP shards all-gathered on the owning stage, then broadcast
         over the pipeline so every rank yields the same sequence."""
         self._check_onloaded()
-        for item in export_plan(self.shape, self.config.pipeline_model_parallel_size):
+        for item in export_plan(self.shape, self.config.pipeline_model_parallel_size, value_head=self.config.head == "value"):
             with on_cpu(self._cpu):
                 full = gather_full(self.gpt, item, self.pp_rank, self.device)
             for hf_name, tensor in megatron_tensor_to_hf(item.name, full, self.shape):

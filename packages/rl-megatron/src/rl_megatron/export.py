@@ -34,10 +34,13 @@ class ExportedTensor:
     """The pipeline stage that holds it."""
     local_name: str
     """Its name in that stage's GPTModel."""
+    replicated: bool = False
+    """The same on every TP rank (no gathering)."""
 
 
-def export_plan(shape: TransformerShape, pp_size: int) -> list[ExportedTensor]:
-    """Every Megatron tensor of the model (a tied model's output layer is the embedding, listed once)."""
+def export_plan(shape: TransformerShape, pp_size: int, value_head: bool = False) -> list[ExportedTensor]:
+    """Every Megatron tensor of the model (a tied model's output layer is the embedding, listed once; a
+    critic's value head as `value_head.weight`/`.bias`)."""
     plan = [ExportedTensor("embedding.word_embeddings.weight", 0, "embedding.word_embeddings.weight")]
     for stage in range(pp_size):
         for local, layer in enumerate(stage_layers(shape, pp_size, stage)):
@@ -49,7 +52,9 @@ def export_plan(shape: TransformerShape, pp_size: int) -> list[ExportedTensor]:
                 plan.append(ExportedTensor(f"decoder.layers.{layer}.{suffix}", stage, f"decoder.layers.{local}.{suffix}"))
     last = pp_size - 1
     plan.append(ExportedTensor("decoder.final_layernorm.weight", last, "decoder.final_layernorm.weight"))
-    if not shape.tie_word_embeddings:
+    if value_head:
+        plan += [ExportedTensor(f"value_head.{p}", last, f"output_layer.{p}", replicated=True) for p in ("weight", "bias")]
+    elif not shape.tie_word_embeddings:
         plan.append(ExportedTensor("output_layer.weight", last, "output_layer.weight"))
     return plan
 
@@ -61,7 +66,7 @@ def gather_full(model: nn.Module, item: ExportedTensor, pp_rank: int, device: to
     if pp_rank == item.stage:
         shard = model.get_parameter(item.local_name).detach()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        if tp_size > 1:
+        if tp_size > 1 and not item.replicated:
             shards = [torch.empty_like(shard) for _ in range(tp_size)]
             dist.all_gather(shards, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
             full = merge_tp_shards(item.name, shards)

@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rl_megatron.config import MegatronConfig
 from rl_megatron.hf_config import rope_of
-from rl_megatron.layers import local_sdpa_block_spec, transformer_engine_block_spec
+from rl_megatron.layers import ValueHead, local_sdpa_block_spec, transformer_engine_block_spec
 from rl_megatron.tensor_parallel import split_tp
 from rl_megatron.transformer_shape import TransformerShape
 from rl_megatron.weight_mapping import hf_layer_to_megatron
@@ -92,12 +92,14 @@ def build_gpt(config: MegatronConfig, shape: TransformerShape, hf_config: Any, t
         max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings and config.head == "lm",
         position_embedding_type="rope",
         rotary_base=rope.base,
         rope_scaling=rope.llama3_factor is not None,
         rope_scaling_factor=rope.llama3_factor or 8.0,
     )
+    if config.head == "value" and model.post_process:
+        model.output_layer = ValueHead(tf_config, shape.hidden_size)
     return model.to(dtype=tf_config.params_dtype)
 
 
@@ -150,9 +152,16 @@ def stage_layers(shape: TransformerShape, pp_size: int, pp_rank: int) -> range:
 
 
 def stage_state(
-    take: Callable[..., torch.Tensor], shape: TransformerShape, tp_size: int, tp_rank: int, pp_size: int, pp_rank: int
+    take: Callable[..., torch.Tensor],
+    shape: TransformerShape,
+    tp_size: int,
+    tp_rank: int,
+    pp_size: int,
+    pp_rank: int,
+    lm_head: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """This rank's Megatron state dict: its TP shard of every tensor on its pipeline stage."""
+    """This rank's Megatron state dict: its TP shard of every tensor on its pipeline stage (without the
+    output layer when `lm_head` is False: a critic's value head starts at zero)."""
     vocab = padded_vocab_size(shape, tp_size)
     h = shape.hidden_size
     full: dict[str, torch.Tensor] = {}
@@ -167,7 +176,9 @@ def stage_state(
         full.update(hf_layer_to_megatron(take, layer, local, shape))
     if last:
         full["decoder.final_layernorm.weight"] = take("model.norm.weight", (h,))
-        if not shape.tie_word_embeddings:
+        if not lm_head:
+            pass
+        elif not shape.tie_word_embeddings:
             full["output_layer.weight"] = vocab_rows(take("lm_head.weight", (shape.vocab_size, h)))
         elif not first:
             # A tied model's last stage keeps its own copy of the embedding as the output layer.
@@ -176,7 +187,9 @@ def stage_state(
 
 
 def load_stage(model: GPTModel, state: dict[str, torch.Tensor]) -> None:
+    """Fill `model` from `state`; only a value head (which starts at zero) may be left out."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not name.endswith("_extra_state")]
+    value_head = isinstance(getattr(model, "output_layer", None), ValueHead)
+    missing = [n for n in missing if not n.endswith("_extra_state") and not (value_head and n.startswith("output_layer."))]
     if missing or unexpected:
         raise ValueError(f"HF weights do not fill the Megatron model: missing {missing[:5]}, unexpected {unexpected[:5]}")

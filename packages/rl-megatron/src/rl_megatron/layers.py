@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -107,6 +108,24 @@ class SDPAttention(MegatronModule):
             enable_gqa=True,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+class ValueHead(nn.Module):
+    """A scalar per position in place of GPTModel's output layer (a critic): Linear(hidden, 1), replicated on
+    every TP rank and starting at zero, so every value is 0 before the first update. Under sequence
+    parallelism the sequence is gathered with a split (not summed) backward: every TP rank computes the
+    same loss from the same values."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=config.params_dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return F.linear(hidden, self.weight, self.bias), None
 
 
 def local_sdpa_block_spec(config: TransformerConfig, qk_norm: bool) -> TransformerBlockSubmodules:

@@ -170,8 +170,10 @@ _QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.we
 def megatron_tensor_to_hf(name: str, tensor: Tensor, config: TransformerShape) -> list[tuple[str, Tensor]]:
     """One full (TP-merged) Megatron tensor with a global layer number as (HF name, tensor) pairs: a fused
     QKV gives q, k, v; fc1 gives gate and up; vocabulary padding is dropped. A tied embedding also gives
-    `lm_head.weight`, as a tied HF model's state dict lists it."""
+    `lm_head.weight`, as a tied HF model's state dict lists it. A critic's `value_head.*` keeps its name."""
     c = config
+    if name.startswith("value_head."):
+        return [(name, tensor)]
     if name == "embedding.word_embeddings.weight":
         embed = _trim_vocab(name, tensor, c)
         return [("model.embed_tokens.weight", embed)] + ([("lm_head.weight", embed)] if c.tie_word_embeddings else [])
