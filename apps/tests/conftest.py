@@ -1,7 +1,30 @@
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir():
+    """Every `ray.init` writes a session folder (logs, sockets, spilled objects: hundreds of MB) under the
+    system temp dir and never removes it: point Ray (and the rl-train processes tests start) at a folder
+    of this test run and remove it at the end. Short on purpose: Ray's Unix sockets live under it."""
+    previous = os.environ.get("RAY_TMPDIR")
+    path = tempfile.mkdtemp(prefix="rl-ray-")
+    os.environ["RAY_TMPDIR"] = path
+    try:
+        yield Path(path)
+    finally:
+        if "ray" in sys.modules:  # a failed test may have left Ray running
+            sys.modules["ray"].shutdown()
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
-"""rl-train's advantage step on fixed forward-pass outputs: the reward KL (--kl-coef) and the critic's
-values (ppo) reach the estimator. No Ray: the trainers' outputs are given."""
+"""The RL step's advantages on fixed forward-pass outputs, configured as rl-train configures them: the reward
+KL (--kl-coef) and the critic's values (ppo) reach the estimator. No Ray: the trainers' outputs are given."""
 
 import pytest
 import torch
+from rl_core.rl_step import rollout_advantages
 from rl_core.sample import Sample
 
-from rl_apps.train import rollout_advantages
 from rl_apps.train_config import TrainConfig
 
 
@@ -18,8 +18,8 @@ SAMPLES = [
     Sample(tokens=[1, 2, 3, 4, 5], response_length=3, reward=1.0),
     Sample(tokens=[1, 2, 6, 7], response_length=2, reward=0.0, loss_mask=[1, 0]),
 ]
-LOG_PROBS = [[-1.0, -2.0, -0.5], [-0.3, -0.7]]
-REF_LOG_PROBS = [[-1.2, -1.6, -1.1], [-0.4, -0.2]]
+LOG_PROBS = [torch.tensor(r) for r in [[-1.0, -2.0, -0.5], [-0.3, -0.7]]]
+REF_LOG_PROBS = [torch.tensor(r) for r in [[-1.2, -1.6, -1.1], [-0.4, -0.2]]]
 
 
 def test_kl_coef_subtracts_the_discounted_token_kl_from_reinforce_plus_plus_returns():
@@ -31,7 +31,7 @@ def test_kl_coef_subtracts_the_discounted_token_kl_from_reinforce_plus_plus_retu
     expected = []
     for sample, lp, ref in zip(SAMPLES, LOG_PROBS, REF_LOG_PROBS):
         mask = sample.effective_loss_mask()
-        rewards = [-0.1 * (a - b) * m for a, b, m in zip(lp, ref, mask)]
+        rewards = [-0.1 * (a - b) * m for a, b, m in zip(lp.tolist(), ref.tolist(), mask)]
         rewards[max(i for i, m in enumerate(mask) if m)] += sample.reward
         returns, carry = [], 0.0
         for r in reversed(rewards):
@@ -46,7 +46,7 @@ def test_kl_coef_subtracts_the_discounted_token_kl_from_reinforce_plus_plus_retu
 def test_ppo_returns_are_gae_advantages_plus_the_critics_values():
     values = [[0.2, 0.4, 0.6], [0.1, -0.1]]
     config = train_config(advantage_estimator="ppo", gamma=0.9, lambd=0.8)
-    out = rollout_advantages(config, SAMPLES, values=values)
+    out = rollout_advantages(config, SAMPLES, values=[torch.tensor(v) for v in values])
     for adv, ret, v in zip(out.advantages, out.returns, values):
         assert ret.tolist() == pytest.approx((adv + torch.tensor(v)).tolist(), rel=1e-6)
     # Last token of sample 0: delta = r - V = 1 - 0.6 (no value after the last token).

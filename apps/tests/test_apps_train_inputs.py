@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 def base_args(task, data=None):
     return ["--hf-checkpoint", str(task / "model"), "--prompt-data", str(data or task / "train.jsonl"), "--rm-type", "math",
@@ -100,3 +102,38 @@ def test_eval_flags_are_checked_with_the_file_and_line_named(tiny_task, run_cli,
     bad.write_text(json.dumps({"prompt": "1+1=", "label": "2"}) + "\n" + "{not json\n")
     code, err = run_cli(base_args(tiny_task) + ["--eval-prompt-data", "sums", str(bad)])
     assert code == 1 and f"{bad}:2: invalid JSON" in err
+
+
+def test_a_slime_signature_reward_function_is_refused_before_anything_starts(tiny_task, run_cli, tmp_path):
+    reward_file = tmp_path / "slime_reward.py"
+    reward_file.write_text("async def reward_func(args, sample, **kwargs):\n    return 1.0\n")
+    args = [a for a in base_args(tiny_task) if a not in ("--rm-type", "math")]
+    code, err = run_cli(args + ["--custom-rm-path", f"{reward_file}:reward_func"])
+    assert code == 1 and "slime's signature reward_func(args, sample, **kwargs)" in err and str(reward_file) in err
+
+
+def test_colocate_without_a_gpu_is_refused_and_cpu_ranks_are_announced(tiny_task, tmp_path):
+    import torch
+
+    from rl_apps.cluster import PlacementError, placement_notice
+    from rl_apps.train_config import TrainConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU to share")
+    common = dict(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math")
+    with pytest.raises(PlacementError, match="--colocate shares GPUs .* torch sees no CUDA GPU.*drop --colocate"):
+        placement_notice(TrainConfig(colocate=True, **common))
+    notice = placement_notice(TrainConfig(actor_num_gpus_per_node=4, rollout_num_engines=2, **common))
+    assert notice == ("placing 4 fsdp trainer rank(s), 2 embedded engine(s) as CPU processes (no CUDA GPU in use: gloo,"
+                      " one process per rank; --actor-num-gpus-per-node 4 starts 4 CPU trainer processes)")
+
+
+def test_temperature_zero_reaches_the_engine_as_greedy_and_the_trainer_scores_at_temperature_one(tiny_task):
+    from rl_apps.train_config import TrainConfig
+
+    common = dict(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math")
+    greedy = TrainConfig(rollout_temperature=0.0, **common)
+    assert greedy.sampling_params()["temperature"] == 0.0  # SGLang's greedy
+    # SGLang reports a greedy token's log-prob under the unscaled logits, so the trainer divides by 1.
+    assert greedy.backend_config("policy").rollout_temperature == 1.0
+    assert TrainConfig(rollout_temperature=0.6, **common).backend_config("policy").rollout_temperature == 0.6

@@ -1,11 +1,13 @@
 """Throughput of the `math` grader (samples/second) on deterministic synthetic responses.
 
-Run: uv run --frozen python bench/rewards/bench_math.py [--samples 10000] [--seed 0] [--modes direct,hub,isolated]
+Run: uv run --frozen python bench/rewards/bench_math.py [--samples 10000] [--seed 0] [--modes direct,hub,isolated,adversarial]
 
 Responses mix the answer forms the grader meets (boxed integers, fractions, decimals, percentages,
 answer phrases, last-number fallbacks, surds and polynomials that reach math-verify), about a third of
 them wrong. Modes: `direct` calls the grader in a loop; `hub` goes through `RewardHub` (daemon threads,
-concurrency 32); `isolated` through `RewardHub` with `isolate=True` (worker processes, JSON lines).
+concurrency 32); `isolated` through `RewardHub` with `isolate=True` (worker processes, JSON lines);
+`adversarial` times `math_reward` on each of a fixed set of huge and hostile responses against label "7"
+(only the first holds that answer, in a box: every other one must score 0).
 """
 
 from __future__ import annotations
@@ -84,6 +86,32 @@ def bench_hub(items: list[dict], **grader_options) -> tuple[float, list[float]]:
     return elapsed, rewards
 
 
+ADVERSARIAL = {
+    "2 MB of digits, then a box": "1234567890 " * 190_000 + r"\boxed{7}",
+    "300k unclosed boxes": r"\boxed{" * 300_000,
+    "300k unclosed boxes, then a number": r"\boxed{" * 300_000 + "7",
+    "10k unclosed braces, then a number": r"\boxed{" + "{" * 10_000 + "7",
+    "box, then 40 unclosed boxes": r"\boxed{8}" + r" \boxed{" * 40 + " 7",
+    "10k nested braces": r"\boxed{" + "{" * 10_000 + "8" + "}" * 10_000 + "}",
+    "power tower": r"\boxed{2^{2^{2^{2^{10}}}}}",
+    "power of a sum": r"\boxed{(1+x)^{9999}}",
+    "power of a trinomial": r"\boxed{(x+y+z)^{99}}",
+    "big factorial": r"\boxed{100000!}",
+}
+
+
+def bench_adversarial(repeats: int = 3) -> None:
+    """Seconds per response (the worst of `repeats` runs) and the reward each got against label 7."""
+    math_reward(prompt="", response=r"\boxed{x+1}", label="x+1", metadata={})  # math-verify's lazy imports
+    for name, response in ADVERSARIAL.items():
+        worst, reward = 0.0, None
+        for _ in range(repeats):
+            started = time.perf_counter()
+            reward = math_reward(prompt="", response=response, label="7", metadata={})
+            worst = max(worst, time.perf_counter() - started)
+        print(f"{name:>36}: {worst * 1000:8.1f} ms  reward {reward}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10_000)
@@ -95,6 +123,9 @@ def main() -> None:
     reference = None
     print(f"{args.samples} responses, seed {args.seed}")
     for mode in args.modes.split(","):
+        if mode == "adversarial":
+            bench_adversarial()
+            continue
         if mode == "direct":
             elapsed, rewards = bench_direct(items)
         elif mode == "hub":
@@ -103,7 +134,7 @@ def main() -> None:
             elapsed, rewards = bench_hub(items, isolate=True, workers=args.workers)
             mode = f"isolated ({args.workers} workers)"
         else:
-            raise SystemExit(f"unknown mode {mode!r}; use direct, hub, isolated")
+            raise SystemExit(f"unknown mode {mode!r}; use direct, hub, isolated, adversarial")
         reference = reference or rewards
         assert rewards == reference, f"{mode} disagrees with the first mode"
         print(

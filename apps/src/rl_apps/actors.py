@@ -45,46 +45,31 @@ class EngineActor:
 
 @ray.remote
 class TrainerActor:
-    """One rank of the FSDP trainer; rank 0 also pushes weights to the engines."""
+    """One rank of a training backend (the policy or PPO's critic), built by the backend's factory from the
+    run's config; the backend's result rank also pushes the policy's weights to the engines."""
 
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    def __init__(self, config: TrainConfig, role: str, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         _set_rank_env(rank, world_size, master_addr, master_port)
-        from rl_fsdp import FSDPBackend, FSDPConfig
+        from rl_apps.backends import build_backend
 
         self.config = config
-        self.rank = rank
-        self.backend = FSDPBackend(
-            FSDPConfig(
-                model_path=str(config.hf_checkpoint),
-                lr=config.lr,
-                weight_decay=config.weight_decay,
-                clip_grad=config.clip_grad,
-                micro_batch_size=config.micro_batch_size,
-                loss=config.policy_loss_config(),
-                rollout_temperature=config.rollout_temperature or 1.0,
-                use_rollout_logprobs=config.use_rollout_logprobs,
-                ref_model=config.use_kl_loss or config.kl_coef > 0.0,
-                device=config.train_device,
-                param_dtype=config.param_dtype,
-                seed=config.seed,
-            )
-        )
+        self.backend = build_backend(config.backend_config(role))
         self.transport = None
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        return self.backend.train_step(batch)
+    def result_rank(self) -> int:
+        return self.backend.result_rank
 
-    def compute_log_probs(self, batch: Any) -> list[list[float]]:
-        return [lp.tolist() for lp in self.backend.compute_log_probs(batch)]
+    def forward(self, batch: Any, model: str) -> list[Any]:
+        return self.backend.forward(batch, model)
 
-    def compute_ref_log_probs(self, batch: Any) -> list[list[float]]:
-        return [lp.tolist() for lp in self.backend.compute_ref_log_probs(batch)]
+    def train_step(self, batch: Any, loss: Any) -> dict[str, float]:
+        return self.backend.train_step(batch, loss)
 
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
-        """Gather full weights (all ranks take part) and push them from rank 0; returns seconds spent."""
+        """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent."""
         start = time.perf_counter()
-        weights = self.backend.named_weights()
-        if self.rank != 0:
+        weights = self.backend.weights()
+        if int(os.environ["RANK"]) != self.backend.result_rank:
             for _ in weights:
                 pass
             return time.perf_counter() - start
@@ -93,64 +78,26 @@ class TrainerActor:
         self.transport.update(weights, weight_version)
         return time.perf_counter() - start
 
-    def save_checkpoint(self, directory: str) -> None:
-        self.backend.save_checkpoint(directory)
+    def save(self, directory: str) -> None:
+        self.backend.save(directory)
 
-    def load_checkpoint(self, directory: str) -> None:
-        self.backend.load_checkpoint(directory)
+    def load(self, directory: str) -> None:
+        self.backend.load(directory)
 
     def _make_transport(self, engine_urls: list[str]) -> Any:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
         if self.config.update_weight_transport == "disk":
             return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
-        backend = "nccl" if self.backend.device.type == "cuda" else "gloo"
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
         return BroadcastWeightTransport(engine_urls, backend=backend)
 
     def shutdown(self) -> None:
         if self.transport is not None:
             self.transport.close()
         self.backend.close()
-
-
-@ray.remote
-class CriticActor:
-    """One rank of PPO's critic; the critic ranks form their own process group (their own MASTER_PORT)."""
-
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        _set_rank_env(rank, world_size, master_addr, master_port)
-        from rl_fsdp import CriticConfig, FSDPCritic
-
-        self.critic = FSDPCritic(
-            CriticConfig(
-                model_path=str(config.hf_checkpoint),
-                lr=config.critic_lr,
-                weight_decay=config.weight_decay,
-                clip_grad=config.clip_grad,
-                micro_batch_size=config.micro_batch_size,
-                value_clip=config.value_clip,
-                aggregation=config.loss_aggregation,
-                aggregation_constant=config.loss_aggregation_constant,
-                device=config.train_device,
-                param_dtype=config.param_dtype,
-                seed=config.seed,
-            )
-        )
-
-    def compute_values(self, batch: Any) -> list[list[float]]:
-        return [v.tolist() for v in self.critic.compute_values(batch)]
-
-    def save_checkpoint(self, directory: str) -> None:
-        self.critic.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.critic.load_checkpoint(directory)
-
-    def train_step(self, batch: Any) -> dict[str, float]:
-        return self.critic.train_step(batch)
-
-    def shutdown(self) -> None:
-        self.critic.close()
 
 
 @ray.remote
@@ -169,13 +116,15 @@ class RolloutManager:
         self.data_source = build_data_source(config, tokenizer) if config.prompt_data is not None else None
         self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
-        self.reward = build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key,
-                                   timeout_s=config.reward_timeout)
+        self.reward = build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
+        self.eval_reward = self.reward.with_reward_key(config.eval_reward_key or config.reward_key)
+        request_timeout = config.rollout_request_timeout_s()  # the clients' own HTTP timeout must not fire first
         self.router = RouterThread(
-            Router({f"engine{i}": SGLangClient(url) for i, url in enumerate(engine_urls)},
+            Router({f"engine{i}": SGLangClient(url, timeout_s=request_timeout + 30)
+                    for i, url in enumerate(engine_urls)},
                    policy=config.router_policy, middleware=[MetricsMiddleware(), *config.router_middleware_paths],
                    health_interval_s=config.rollout_health_check_interval if config.use_fault_tolerance else None,
-                   health_timeout_s=config.rollout_health_check_timeout)
+                   health_timeout_s=config.rollout_health_check_timeout, engine_timeout_s=request_timeout)
         )
         self.router_address = self.router.start()
         self._client = None
@@ -195,7 +144,7 @@ class RolloutManager:
             samples = [s for g in self.data_source.get_samples(self.config.rollout_batch_size) for s in g]
             await generate_samples(client, samples, self.config.sampling_params())
             timing["generate"] = time.perf_counter() - start
-            await score_samples(self.reward, samples)
+            await score_samples(self.reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
             timing["reward"] = time.perf_counter() - start - timing["generate"]
         else:
             # Dynamic sampling: generate and score rounds of groups until enough pass the filter.
@@ -205,6 +154,7 @@ class RolloutManager:
                 sampling_params=self.config.sampling_params(),
                 over_sampling_batch_size=self.config.over_sampling_batch_size,
                 sample_filter=self.sample_filter,
+                max_error_ratio=self.config.max_reward_error_ratio,
             )
             samples = [s for g in groups for s in g]
             timing["generate_and_reward"] = time.perf_counter() - start
@@ -229,7 +179,7 @@ class RolloutManager:
             source = JsonlDataSource(rows, n_samples_per_prompt=self.config.n_samples_per_eval_prompt)
             samples = [s for group in source.get_samples(len(rows)) for s in group]
             await generate_samples(client, samples, self.config.eval_sampling_params())
-            await score_samples(self.reward, samples)
+            await score_samples(self.eval_reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
             for key, value in rollout_metrics(samples).items():
                 out[f"eval/{name}/{key.removeprefix('rollout/')}"] = value
             out[f"eval/{name}/time"] = time.perf_counter() - start

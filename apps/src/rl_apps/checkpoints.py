@@ -41,8 +41,9 @@ def save_checkpoint(config: TrainConfig, parts: Any, rollout_id: int) -> Path:
     assert config.save is not None
     folder = Path(config.save) / f"rollout_{rollout_id:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    ray.get([t.save_checkpoint.remote(str(folder / "policy")) for t in parts.trainers]
-            + [c.save_checkpoint.remote(str(folder / "critic")) for c in parts.critics])
+    parts.policy.save(str(folder / "policy"))
+    if parts.critic is not None:
+        parts.critic.save(str(folder / "critic"))
     state = {"rollout_id": rollout_id, "data_source": ray.get(parts.rollout.data_state_before.remote(rollout_id + 1))}
     _write_atomically(folder / "state.json", json.dumps(state))
     _write_atomically(Path(config.save) / LATEST, folder.name + "\n")
@@ -76,11 +77,12 @@ def resume(config: TrainConfig, parts: Any) -> int:
     if config.load is None:
         return 0
     folder, state = find_checkpoint(config)
-    ray.get([t.load_checkpoint.remote(str(folder / "policy")) for t in parts.trainers]
-            + [c.load_checkpoint.remote(str(folder / "critic")) for c in parts.critics])
+    parts.policy.load(str(folder / "policy"))
+    if parts.critic is not None:
+        parts.critic.load(str(folder / "critic"))
     ray.get(parts.rollout.load_data_state.remote(state["data_source"]))
     start = state["rollout_id"] + 1
-    ray.get([t.update_weights.remote(parts.engine_urls, str(start)) for t in parts.trainers])
+    parts.policy.push_weights(parts.engine_urls, str(start))
     return start
 
 

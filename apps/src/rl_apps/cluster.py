@@ -37,6 +37,33 @@ def actor_resources(config: TrainConfig) -> tuple[dict[str, float], dict[str, fl
     return {"num_cpus": 1, "num_gpus": share}, {"num_cpus": 1, "num_gpus": share}
 
 
+def placement_notice(config: TrainConfig, *, trainers: bool = True) -> str:
+    """One line saying what will run where; refuses --colocate where there is no GPU to share."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = gpus > 0 and "cpu" not in (config.train_device, config.rollout_device)
+    if config.colocate and not on_gpu:
+        raise PlacementError(
+            "--colocate shares GPUs between the trainer and the engines, but "
+            + ("torch sees no CUDA GPU" if gpus == 0 else "--train-device/--rollout-device put a part on the CPU")
+            + ": every part already runs as its own CPU process, so drop --colocate"
+        )
+    ranks = config.actor_num_gpus_per_node if trainers else 0
+    parts = [f"{ranks} {config.train_backend} trainer rank(s)"] if trainers else []
+    if trainers and config.use_critic:
+        parts.append(f"{ranks} critic rank(s)")
+    parts.append(f"{config.rollout_num_engines} {config.engine_type} engine(s)")
+    where = (
+        f"on {gpus} visible GPU(s)" + (", trainer and engines sharing them (--colocate)" if config.colocate else "")
+        if on_gpu
+        else "as CPU processes (no CUDA GPU in use: gloo, one process per rank"
+        + (f"; --actor-num-gpus-per-node {ranks} starts {ranks} CPU trainer processes" if ranks > 1 else "")
+        + ")"
+    )
+    return f"placing {', '.join(parts)} {where}"
+
+
 def _bundle(resources: dict[str, float]) -> dict[str, float]:
     names = {"num_cpus": "CPU", "num_gpus": "GPU"}
     return {names[k]: v for k, v in resources.items()}
@@ -47,9 +74,13 @@ class Parts:
     engines: list[Any] = field(default_factory=list)
     engine_urls: list[str] = field(default_factory=list)
     trainers: list[Any] = field(default_factory=list)
+    """The policy's ranks (TrainerActor)."""
     critics: list[Any] = field(default_factory=list)
     """PPO's critic ranks, one per trainer rank; empty unless the estimator needs a critic."""
     rollout: Any = None
+    policy: Any = None
+    """The policy's ranks as one StepBackend (TrainerGroup); None without trainers (rl-eval)."""
+    critic: Any = None
 
     def shutdown(self) -> None:
         import ray
@@ -75,7 +106,8 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rl_apps.actors import CriticActor, EngineActor, RolloutManager, TrainerActor
+    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+    from rl_apps.trainer_group import TrainerGroup
 
     world, num_engines = config.actor_num_gpus_per_node if trainers else 0, config.rollout_num_engines
     num_critics = world if config.use_critic else 0
@@ -104,18 +136,22 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
         parts.engine_urls = ray.get([e.start.remote() for e in parts.engines])
         master_port = _free_port()
         parts.trainers = [
-            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(config, rank, world, "127.0.0.1", master_port)
+            TrainerActor.options(scheduling_strategy=placed(rank), **trainer_res).remote(
+                config, "policy", rank, world, "127.0.0.1", master_port
+            )
             for rank in range(world)
         ]
         critic_port = _free_port(taken=(master_port,))
         parts.critics = [
-            CriticActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
-                config, rank, world, "127.0.0.1", critic_port
+            TrainerActor.options(scheduling_strategy=placed(world + num_engines + rank), **trainer_res).remote(
+                config, "critic", rank, world, "127.0.0.1", critic_port
             )
             for rank in range(num_critics)
         ]
         parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
         ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])
+        parts.policy = TrainerGroup(parts.trainers) if parts.trainers else None
+        parts.critic = TrainerGroup(parts.critics) if parts.critics else None
         yield parts
     finally:
         parts.shutdown()

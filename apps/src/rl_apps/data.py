@@ -11,9 +11,10 @@ from rl_apps.train_config import TrainConfig
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
+    """The --hf-checkpoint tokenizer as saved (the engine loads it the same way)."""
+    from rl_sglang.tokenizer import load_tokenizer as load_saved_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(config.hf_checkpoint))
+    return load_saved_tokenizer(config.hf_checkpoint)
 
 
 def load_eval_rows(config: TrainConfig, tokenizer: Any | None = None) -> dict[str, list[Any]]:

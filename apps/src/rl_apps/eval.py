@@ -19,18 +19,14 @@ from rl_apps.train_config import TrainConfig
 class EvalAppConfig(TrainConfig):
     required_flags: ClassVar[tuple[str, ...]] = ("hf_checkpoint", "eval_prompt_data")
     eval_step: int = Field(0, ge=0)
-    """The `step` of the row written (e.g. the train steps behind the checkpoint evaluated)."""
+    """The `step` of the row written (e.g. the policy version of the checkpoint evaluated: the rollouts it was trained on)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(EvalAppConfig, argv, "rl-eval", __doc__.splitlines()[0])
-    from rl_apps.cluster import PlacementError
-    from rl_apps.train import InputError
+    from rl_apps.train import exit_on_failure
 
-    try:
-        metrics = evaluate_model(config)
-    except (InputError, PlacementError) as e:
-        sys.exit(f"rl-eval: error: {e}")
+    metrics = exit_on_failure("rl-eval", lambda: evaluate_model(config))
     for name, _ in config.eval_datasets():
         scores = {k.removeprefix(f"eval/{name}/"): v for k, v in metrics.items() if k.startswith(f"eval/{name}/")}
         print(f"{name}: " + " ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
@@ -40,11 +36,12 @@ def evaluate_model(config: EvalAppConfig) -> dict[str, float]:
     """Start the engines and the rollout manager, evaluate every set once, log the row, stop; returns the metrics."""
     import ray
 
-    from rl_apps.cluster import placed_parts
+    from rl_apps.cluster import placed_parts, placement_notice
     from rl_apps.metrics import JsonlSink
     from rl_apps.train import check_inputs
 
     check_inputs(config)
+    print(f"rl-eval: {placement_notice(config, trainers=False)}", flush=True)
     with placed_parts(config, trainers=False) as parts:
         metrics = ray.get(parts.rollout.evaluate.remote())
     sink = JsonlSink(Path(config.output_dir) / "eval_metrics.jsonl")

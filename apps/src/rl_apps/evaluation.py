@@ -1,7 +1,7 @@
 """Evaluation during training: the engines answer every --eval-prompt-data set, graded by the reward hub.
 
 Rows go to `eval_metrics.jsonl` (and TensorBoard) with `step` = the evaluated policy's version, the number
-of train steps behind it, so they line up with the rollout rows that policy generated.
+of rollouts it was trained on, so they line up with the rollout rows that policy generated.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rl_apps.train_config import TrainConfig
 
 
 def evaluate_if_due(config: TrainConfig, parts: Any, eval_sink: Any, version: int, *, before_training: bool = False) -> float | None:
-    """Evaluate the engines' current policy (`version` train steps in) when the config says so: before
+    """Evaluate the engines' current policy (`version`: rollouts trained on) when the config says so: before
     training unless --skip-eval-before-train, then at every multiple of --eval-interval. Call it only
     while no rollout is in flight. Returns the seconds spent, or None when nothing was due."""
     import ray
@@ -32,5 +32,5 @@ def evaluate_if_due(config: TrainConfig, parts: Any, eval_sink: Any, version: in
     eval_sink.log(version, metrics)
     rewards = " ".join(f"{name} {metrics[f'eval/{name}/reward_mean']:.3f}" for name, _ in config.eval_datasets()
                        if f"eval/{name}/reward_mean" in metrics)
-    tqdm.write(f"eval after {version} train step(s): {rewards}")
+    tqdm.write(f"eval of policy version {version} ({version} rollout(s) trained on): {rewards}")
     return time.perf_counter() - start

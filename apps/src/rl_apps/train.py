@@ -5,11 +5,9 @@ Flags are parsed before torch or Ray is imported, so `rl-train --help` and a bad
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from rl_apps.cli import parse_config
 from rl_apps.train_config import TrainConfig
@@ -17,12 +15,23 @@ from rl_apps.train_config import TrainConfig
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(TrainConfig, argv, "rl-train", __doc__.splitlines()[0])
+    exit_on_failure("rl-train", lambda: run(config))
+
+
+T = TypeVar("T")
+
+
+def exit_on_failure(prog: str, work: Callable[[], T]) -> T:
+    """Run `work`; bad input, a placement Ray cannot make, or rewards that fail to grade end the program
+    with one line naming the cause (not Ray's traceback around it). Rows already logged stay written."""
+    from rl_core.rollout import RewardFailure
+
     from rl_apps.cluster import PlacementError
 
     try:
-        run(config)
-    except (InputError, PlacementError) as e:
-        sys.exit(f"rl-train: error: {e}")
+        return work()
+    except (InputError, PlacementError, RewardFailure) as e:
+        sys.exit(f"{prog}: error: {getattr(e, 'cause', None) or e}")
 
 
 class InputError(Exception):
@@ -45,7 +54,9 @@ def check_inputs(config: TrainConfig) -> None:
             build_data_source(config, tokenizer)
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
-        build_reward(config.rm_type, config.custom_rm_path, reward_key=config.reward_key)
+        build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
+        if config.custom_rm_path is not None:
+            refuse_slime_reward_signature(config.custom_rm_path)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
     if config.load is not None:
@@ -62,11 +73,28 @@ def check_inputs(config: TrainConfig) -> None:
             raise InputError(f"--router-middleware-paths: {e}") from None
 
 
+def refuse_slime_reward_signature(spec: str) -> None:
+    """slime's `reward_func(args, sample, **kwargs)` would be called with keyword arguments it does not
+    take and fail on every sample; say so before anything starts."""
+    import inspect
+
+    from rl_rewards.custom_loading import load_custom_reward
+
+    parameters = list(inspect.signature(load_custom_reward(spec)).parameters)
+    if parameters[:2] == ["args", "sample"]:
+        raise InputError(
+            f"--custom-rm-path {spec}: slime's signature reward_func(args, sample, **kwargs) is not supported yet;"
+            " write it as `def score(*, prompt, response, label, metadata) -> float` (or a dict with --reward-key)"
+        )
+
+
 def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None = None) -> Path:
     """Run the whole training with `loop(config, parts, sink, eval_sink)` (the synchronous `train_loop` by
     default); returns the metrics file (one JSON line per rollout; evaluations go to eval_metrics.jsonl)."""
     check_inputs(config)
-    from rl_apps.cluster import placed_parts
+    from rl_apps.cluster import placed_parts, placement_notice
+
+    print(f"rl-train: {placement_notice(config)}", flush=True)
     from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink, plot_reward_curve
 
     output_dir = Path(config.output_dir)
@@ -86,160 +114,9 @@ def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None =
 
 
 def train_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any) -> None:
-    import ray
-    from tqdm import tqdm
+    from rl_apps.loop import training_loop
 
-    from rl_apps.checkpoints import resume, save_if_due
-    from rl_apps.evaluation import evaluate_if_due
-
-    start = resume(config, parts)
-    evaluate_if_due(config, parts, eval_sink, start, before_training=True)
-    for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
-        step_start = time.perf_counter()
-        result = ray.get(parts.rollout.generate.remote(rollout_id))
-        samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
-
-        train_start = time.perf_counter()
-        train_metrics = train_on_rollout(config, parts.trainers, samples, critics=parts.critics, rollout_id=rollout_id)
-        timing["train"] = time.perf_counter() - train_start
-
-        push_weights(config, parts, eval_sink, rollout_id + 1, timing)
-        save_if_due(config, parts, rollout_id, timing)
-        timing["step"] = time.perf_counter() - step_start
-        log_rollout(sink, rollout_id, metrics, train_metrics, timing)
-
-
-def push_weights(config: TrainConfig, parts: Any, eval_sink: Any, version: int, timing: dict[str, float]) -> None:
-    """Send the trainer's weights to the engines as `version` (train steps so far), then evaluate them if due."""
-    import ray
-
-    from rl_apps.evaluation import evaluate_if_due
-
-    start = time.perf_counter()
-    ray.get([t.update_weights.remote(parts.engine_urls, str(version)) for t in parts.trainers])
-    timing["weight_sync"] = time.perf_counter() - start
-    if (seconds := evaluate_if_due(config, parts, eval_sink, version)) is not None:
-        timing["eval"] = seconds
-
-
-def log_rollout(
-    sink: Any, rollout_id: int, metrics: dict[str, float], train_metrics: list[dict[str, float]], timing: dict[str, float]
-) -> None:
-    """Average the train steps' metrics key by key, add `time/...`, log the row and print a one-line summary."""
-    from tqdm import tqdm
-
-    for key in sorted({key for step in train_metrics for key in step}):
-        values = [step[key] for step in train_metrics if key in step]
-        metrics[key] = sum(values) / len(values)
-    metrics.update({f"time/{k}": v for k, v in timing.items()})
-    sink.log(rollout_id, metrics)
-    critic = f" value_loss {metrics['critic/value_loss']:.4f}" if "critic/value_loss" in metrics else ""
-    tqdm.write(
-        f"rollout {rollout_id}: reward {metrics.get('rollout/reward_mean', float('nan')):.3f}"
-        f" loss {metrics.get('train/loss', float('nan')):.4f}{critic} step {timing['step']:.2f}s"
-    )
-
-
-def rollout_advantages(
-    config: TrainConfig,
-    samples: Sequence[Any],
-    *,
-    log_probs: Sequence[Sequence[float]] | None = None,
-    ref_log_probs: Sequence[Sequence[float]] | None = None,
-    values: Sequence[Sequence[float]] | None = None,
-) -> Any:
-    """The configured estimator (and whitening) over the whole rollout. `log_probs` and `ref_log_probs`
-    (per sample, response tokens) carry the reward KL of --kl-coef; `values` are the critic's (ppo)."""
-    import torch
-    from rl_core.algorithms.advantages import AdvantageInputs, estimate_advantages
-
-    as_tensors = lambda rows: None if rows is None else [torch.tensor(r, dtype=torch.float32) for r in rows]  # noqa: E731
-    return estimate_advantages(
-        config.advantage_config(),
-        AdvantageInputs(
-            rewards=[float(s.reward) for s in samples],
-            group_size=config.n_samples_per_prompt,
-            response_lengths=[s.response_length for s in samples],
-            loss_masks=[torch.tensor(s.effective_loss_mask(), dtype=torch.float32) for s in samples],
-            log_probs=as_tensors(log_probs),
-            ref_log_probs=as_tensors(ref_log_probs),
-            values=as_tensors(values),
-        ),
-    )
-
-
-def mean_reward_kl(
-    config: TrainConfig, samples: Sequence[Any], log_probs: Sequence[Sequence[float]], ref_log_probs: Sequence[Sequence[float]]
-) -> float:
-    """Mean over loss-mask tokens of the KL estimate that --kl-coef weighs into the token rewards."""
-    import torch
-    from rl_core.algorithms.kl import approx_kl
-
-    total, tokens = 0.0, 0.0
-    for sample, lp, ref in zip(samples, log_probs, ref_log_probs):
-        mask = torch.tensor(sample.effective_loss_mask(), dtype=torch.float32)
-        total += float((approx_kl(torch.tensor(lp), torch.tensor(ref), config.kl_loss_type) * mask).sum())
-        tokens += float(mask.sum())
-    return total / max(tokens, 1.0)
-
-
-def train_on_rollout(
-    config: TrainConfig, trainers: list[Any], samples: list[Any], *, critics: Sequence[Any] = (), rollout_id: int = 0
-) -> list[dict[str, float]]:
-    """Forward passes over the whole rollout (policy and reference log-probs for --kl-coef and the old
-    policy, the critic's values for ppo), advantages, then `num_steps_per_rollout` optimizer steps of
-    `global_batch_size` for the policy and the critic side by side; the policy sits out the first
-    --num-critic-only-steps rollouts. Returns metric dicts that the loop averages key by key: one per step
-    (`train/...` for the policy, `critic/...`), and one with `train/reward_kl` under --kl-coef."""
-    import ray
-    from rl_core.train_batch import TrainBatch
-
-    # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
-    whole = TrainBatch.from_samples(samples, [[0.0] * s.response_length for s in samples])
-    recompute_old = config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs
-    if config.kl_coef > 0.0 and config.use_rollout_logprobs and whole.rollout_log_probs is None:
-        raise ValueError("--kl-coef with --use-rollout-logprobs takes the policy's log-probs from the engine, which sent none")
-    # Calls to one actor run in submission order, so every trainer rank meets the collectives in the same order.
-    pending = {}
-    if recompute_old or (config.kl_coef > 0.0 and not config.use_rollout_logprobs):
-        pending["log_probs"] = [t.compute_log_probs.remote(whole) for t in trainers]
-    if config.kl_coef > 0.0:
-        pending["ref_log_probs"] = [t.compute_ref_log_probs.remote(whole) for t in trainers]
-    if critics:
-        pending["values"] = [c.compute_values.remote(whole) for c in critics]
-    forward = {name: ray.get(refs)[0] for name, refs in pending.items()}
-    # As slime: the reward KL is taken from the engine's log-probs when they are the old policy.
-    log_probs = whole.rollout_log_probs if config.use_rollout_logprobs else forward.get("log_probs")
-
-    result = rollout_advantages(
-        config,
-        samples,
-        log_probs=log_probs if config.kl_coef > 0.0 else None,
-        ref_log_probs=forward.get("ref_log_probs"),
-        values=forward.get("values"),
-    )
-    whole = dataclasses.replace(
-        whole,
-        advantages=[a.tolist() for a in result.advantages],
-        # Every step's PPO ratio is taken against the policy that existed before the rollout's first step.
-        old_log_probs=forward["log_probs"] if recompute_old else None,
-        returns=[r.tolist() for r in result.returns] if critics else None,
-        values=forward.get("values"),
-    )
-    train_policy = rollout_id >= config.num_critic_only_steps
-    step = config.global_batch_size
-    steps = []
-    if config.kl_coef > 0.0:
-        steps.append({"train/reward_kl": mean_reward_kl(config, samples, log_probs, forward["ref_log_probs"])})
-    for start in range(0, len(samples), step):
-        part = whole.select(range(start, start + step))
-        policy = [t.train_step.remote(part) for t in trainers] if train_policy else []
-        critic = [c.train_step.remote(part) for c in critics]
-        metrics = {f"train/{k}": v for k, v in ray.get(policy)[0].items()} if policy else {}
-        if critic:
-            metrics.update({f"critic/{k}": v for k, v in ray.get(critic)[0].items()})
-        steps.append(metrics)
-    return steps
+    training_loop(config, parts, sink, eval_sink, asynchronous=False)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rl_core.config import DataConfig, RLStepConfig, SamplingConfig, Section
+from rl_rewards import default_registry as reward_registry
 
 
 class ModelConfig(Section):
@@ -20,15 +21,32 @@ class ModelConfig(Section):
 
 
 class TrainerConfig(Section):
+    train_backend: Literal["fsdp", "megatron"] = "fsdp"
+    """Training backend: PyTorch FSDP2 over Hugging Face models, or megatron-core (TP/PP/CP)."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """adam is AdamW (decoupled weight decay), as Megatron's."""
     lr: float = Field(1e-6, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    """Learning rate floor of --lr-decay-style linear/cosine."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_iters: int | None = Field(None, gt=0)
+    """Optimizer steps over which the rate decays from --lr to --min-lr (default: all steps of the run)."""
+    lr_warmup_iters: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to --lr."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    clip_grad: float = Field(1.0, gt=0.0)
-    """Gradient norm clipping threshold."""
+    clip_grad: float = Field(1.0, ge=0.0)
+    """Gradient norm clipping threshold; 0 disables clipping."""
     seed: int = 1234
     actor_num_gpus_per_node: int = Field(1, gt=0)
     """Trainer ranks (one per GPU on CUDA machines, one process each on CPU)."""
     train_device: Literal["auto", "cpu", "cuda"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the trainer; master weights and optimizer state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass to save memory."""
     critic_lr: float | None = Field(None, gt=0.0)
     """Learning rate of the critic (ppo); defaults to lr, as in slime."""
 
@@ -55,27 +73,78 @@ class RolloutEngineConfig(Section):
     """Seconds between engine health checks (with --use-fault-tolerance)."""
     rollout_health_check_timeout: float = Field(30.0, gt=0.0)
     """Seconds an engine may take to answer a health check, which runs a one-token generation."""
+    update_weights_interval: int = Field(1, ge=1)
+    """Send the trainer's weights to the engines every N rollouts (slime's name)."""
+    rollout_request_timeout: float | None = Field(None, gt=0.0)
+    """Seconds one generate request may take on an engine, queueing included, before the router aborts it there
+    and retries it on another engine (that engine leaves rotation; with --use-fault-tolerance it returns once
+    its health check passes, which usually finds a hung engine first). Default: 600 plus 0.1 per token of the
+    longest response allowed (--rollout-max-response-len, --eval-max-response-len), i.e. at least 10 tokens/s
+    per request, so long generations are not cut; raise it when many long requests queue on few engines."""
     update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
     """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
     """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
 
 
+_ISOLATABLE_REWARDS = ", ".join(n for n in reward_registry.names() if reward_registry.takes_option(n, "isolate"))
+
+
 class RewardConfig(Section):
-    rm_type: str | None = None
-    """Built-in grader by name (math, exact_match, f1, multiple_choice)."""
+    rm_type: str | None = Field(
+        None, description=f"Built-in grader by name: {', '.join(reward_registry.names())} (remote needs --rm-url)."
+    )
     custom_rm_path: str | None = None
     """Custom reward function as `module:function` or `path/to/file.py:function`."""
     reward_key: str | None = None
     """Key of the reward to train on when the reward function returns a dict."""
     reward_timeout: float = Field(10.0, gt=0.0)
     """Seconds one sample may take to grade before it gets the error reward."""
+    max_reward_error_ratio: float = Field(0.25, ge=0.0, le=1.0)
+    """Stop the run when more than this share of a rollout's samples fail to grade (the grader raises, times
+    out or returns no number); a rollout whose every sample failed always stops it."""
+    rm_url: str | None = None
+    """Endpoint of --rm-type remote: gets POST {"items": [{prompt, response, label, metadata}, ...]} and answers
+    {"rewards": [...]}, one per item."""
+    reward_isolation: bool = Field(False, description=(
+        f"Grade in worker processes under a memory limit (--rm-type {_ISOLATABLE_REWARDS} or --custom-rm-path):"
+        " a grader that hangs past --reward-timeout or runs out of memory is killed, not the rollout."
+    ))
+    reward_memory_limit_mb: int | None = Field(None, ge=64)
+    """Address-space limit of each grading worker, with --reward-isolation (default 1024)."""
+    reward_num_workers: int | None = Field(None, ge=1)
+    """Grading worker processes, with --reward-isolation (default 2)."""
 
     @model_validator(mode="after")
     def _one_reward_source(self) -> RewardConfig:
         if (self.rm_type is None) == (self.custom_rm_path is None):
             raise ValueError("give exactly one of --rm-type and --custom-rm-path")
+        if self.rm_url is not None and self.rm_type != "remote":
+            raise ValueError(f"--rm-url is only used with --rm-type remote (got --rm-type {self.rm_type})")
+        if self.rm_type == "remote" and self.rm_url is None:
+            raise ValueError("--rm-type remote needs --rm-url, the reward model's endpoint")
+        for name in ("reward_memory_limit_mb", "reward_num_workers"):
+            if getattr(self, name) is not None and not self.reward_isolation:
+                raise ValueError(f"--{name.replace('_', '-')} needs --reward-isolation (it sizes the grading workers)")
+        isolatable = self.rm_type is None or reward_registry.takes_option(self.rm_type, "isolate")
+        if self.reward_isolation and not isolatable:
+            raise ValueError(
+                f"--reward-isolation works with --rm-type {_ISOLATABLE_REWARDS} or --custom-rm-path, "
+                f"not --rm-type {self.rm_type}"
+            )
         return self
+
+    def reward_options(self) -> dict[str, Any]:
+        """Every keyword of `rl_rewards.build_reward` beyond --rm-type/--custom-rm-path, from these flags."""
+        options: dict[str, Any] = {
+            "reward_key": self.reward_key, "timeout_s": self.reward_timeout, "rm_url": self.rm_url,
+        }
+        if self.reward_isolation:  # a worker is killed when its call outlives --reward-timeout
+            pool = {"memory_mb": self.reward_memory_limit_mb, "workers": self.reward_num_workers}
+            options["grader_options"] = {
+                "isolate": True, "timeout_s": self.reward_timeout, **{k: v for k, v in pool.items() if v is not None}
+            }
+        return options
 
 
 class LoggingConfig(Section):
@@ -96,7 +165,7 @@ class EvalConfig(Section):
     eval_prompt_data: list[str] = Field(default_factory=list)
     """Evaluation sets as name/path pairs: `--eval-prompt-data math500 math500.jsonl gsm8k gsm8k.jsonl`."""
     eval_interval: int | None = Field(None, ge=1)
-    """Evaluate whenever the engines hold a policy N, 2N, ... train steps old (after that weight sync)."""
+    """Evaluate whenever the engines hold policy version N, 2N, ... (the rollouts trained on; after that weight sync)."""
     skip_eval_before_train: bool = False
     """Do not evaluate the starting policy before the first rollout."""
     n_samples_per_eval_prompt: int = Field(1, ge=1)
@@ -108,6 +177,8 @@ class EvalConfig(Section):
     eval_input_key: str | None = None
     """Prompt key of the evaluation files (default: --input-key); --eval-label-key likewise."""
     eval_label_key: str | None = None
+    eval_reward_key: str | None = None
+    """Key of the reward to report in evaluation when the reward function returns a dict (default: --reward-key)."""
 
 
 class CheckpointConfig(Section):
@@ -134,6 +205,44 @@ class TrainConfig(
         pairs = self.eval_prompt_data
         return [(pairs[i], Path(pairs[i + 1])) for i in range(0, len(pairs), 2)]
 
+    def backend_config(self, role: Literal["policy", "critic"]) -> Any:
+        """The BackendConfig of the policy (LM head, a reference copy when a KL needs one) or of PPO's
+        critic (value head, --critic-lr), typed for --train-backend."""
+        policy = role == "policy"
+        decay_iters = self.lr_decay_iters
+        if decay_iters is None and self.lr_decay_style != "constant":
+            decay_iters = self.num_rollout * self.num_steps_per_rollout  # type: ignore[operator]
+        common = dict(
+            model_path=self.hf_checkpoint,
+            head="lm" if policy else "value",
+            ref_model=policy and (self.use_kl_loss or self.kl_coef > 0.0),
+            # Temperature 0 is greedy; the engine reports log-probs of the unscaled logits then, as SGLang does.
+            rollout_temperature=self.rollout_temperature or 1.0,
+            seed=self.seed,
+            optimizer=self.optimizer,
+            lr=self.lr if policy else self.critic_lr,
+            min_lr=self.min_lr,
+            lr_decay_style=self.lr_decay_style,
+            lr_decay_iters=decay_iters,
+            lr_warmup_iters=self.lr_warmup_iters,
+            weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            adam_eps=self.adam_eps,
+            clip_grad=self.clip_grad,
+            micro_batch_size=self.micro_batch_size,
+            device=self.train_device,
+            param_dtype=self.param_dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        if self.train_backend == "megatron":
+            from rl_megatron import MegatronConfig
+
+            return MegatronConfig(**common)
+        from rl_fsdp import FSDPConfig
+
+        return FSDPConfig(**common)
+
     def eval_sampling_params(self) -> dict[str, Any]:
         """The rollout's sampling parameters with the --eval-* overrides."""
         params = self.sampling_params()
@@ -141,6 +250,12 @@ class TrainConfig(
                      "max_new_tokens": self.eval_max_response_len}
         params.update({k: v for k, v in overrides.items() if v is not None})
         return params
+
+    def rollout_request_timeout_s(self) -> float:
+        """--rollout-request-timeout, or its default scaled by the longest response allowed."""
+        if self.rollout_request_timeout is not None:
+            return self.rollout_request_timeout
+        return 600.0 + 0.1 * max(self.rollout_max_response_len, self.eval_max_response_len or 0)
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> TrainConfig:

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -197,3 +198,27 @@ def test_normalize_advantages_whitens_reinforce_plus_plus_over_the_batch():
 def test_ragged_whitening_keeps_each_samples_length():
     parts = whiten_advantages([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [torch.ones(2), torch.ones(1)])
     assert [p.tolist() for p in parts] == [pytest.approx([-1.0, 0.0], abs=1e-6), pytest.approx([1.0], rel=1e-6)]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gspo", "cispo"])
+@pytest.mark.parametrize("group_size", [2, 3, 4, 5, 8, 16, 64])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage_whatever_the_value(estimator, group_size):
+    values = [1 / 3, 0.7, 2.7, 0.1, -0.3, 1e-7, 123.456, 2 / 3, 0.2 + 0.1, torch.tensor(0.7).item()]
+    rewards = [v for v in values for _ in range(group_size)]
+    advantages = compute_advantages(estimator, rewards, group_size, [2] * len(rewards))
+    assert all(float(a.abs().max()) == 0.0 for a in advantages)
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 7])
+def test_group_advantages_of_unequal_rewards_match_a_float64_computation(group_size):
+    rng = random.Random(group_size)
+    groups = [[0.7] * group_size] + [[rng.choice([0.0, 1 / 3, 0.7, 1.0, 2.7]) for _ in range(group_size)] for _ in range(5)]
+    flat_rewards = [r for g in groups for r in g]
+    got = [a[0].item() for a in compute_advantages("grpo", flat_rewards, group_size, [1] * len(flat_rewards))]
+    expected = []
+    for g in groups:  # Python floats (float64), the textbook formula
+        mean = sum(g) / len(g)
+        std = math.sqrt(sum((r - mean) ** 2 for r in g) / (len(g) - 1))
+        expected += [0.0 if max(g) == min(g) else (r - mean) / (std + 1e-6) for r in g]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert got[:group_size] == [0.0] * group_size

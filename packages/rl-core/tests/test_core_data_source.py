@@ -42,15 +42,15 @@ def test_chat_messages_need_the_template_and_get_it(tmp_path):
 def test_malformed_line_error_names_file_and_line(tmp_path):
     path = write(tmp_path, [json.dumps({"prompt": "a", "label": 1}), "{not json"])
     with pytest.raises(DataError, match=r"data.jsonl:2: invalid JSON"):
-        load_prompt_rows(path)
+        load_prompt_rows(path, tokenizer=CharTokenizer())
 
 
 def test_missing_key_error_names_key_flag_and_line(tmp_path):
     path = write(tmp_path, [json.dumps({"question": "a", "label": 1})])
     with pytest.raises(DataError, match=r"data.jsonl:1: no key 'prompt' \(--input-key\); keys are \['label', 'question'\]"):
-        load_prompt_rows(path)
+        load_prompt_rows(path, tokenizer=CharTokenizer())
     with pytest.raises(DataError, match=r"--label-key"):
-        load_prompt_rows(path, input_key="question", label_key="answer")
+        load_prompt_rows(path, input_key="question", label_key="answer", tokenizer=CharTokenizer())
 
 
 def test_too_long_prompt_is_refused_with_its_length(tmp_path):

@@ -45,6 +45,9 @@ def test_the_filter_is_reachable_by_its_import_path():
 class AlternatingReward:
     """Prompt groups alternate: all-equal rewards (dropped), then mixed rewards (kept)."""
 
+    last_failed: list[int] = []
+    last_errors: list[str] = []
+
     def __init__(self, group_size):
         self.group_size = group_size
         self.groups_seen = 0
@@ -74,6 +77,9 @@ def test_over_sampling_generates_until_enough_groups_pass_and_returns_the_surplu
 
 def test_dynamic_sampling_gives_up_after_a_bounded_number_of_rounds():
     class AllOnes:
+        last_failed: list[int] = []
+        last_errors: list[str] = []
+
         async def score_batch(self, items):
             return [1.0] * len(items)
 

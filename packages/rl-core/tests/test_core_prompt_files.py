@@ -6,6 +6,11 @@ from rl_core.data_source import DataError, JsonlDataSource, load_prompt_rows
 from rl_core.prompt_files import read_records, split_row_slice
 
 
+class CharTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
 def jsonl(tmp_path, n, name="data.jsonl"):
     path = tmp_path / name
     lines = [json.dumps({"prompt": f"p{i}", "label": str(i)}) for i in range(n)]
@@ -24,7 +29,7 @@ def test_row_slice_syntax_is_split_from_the_path():
 @pytest.mark.parametrize(("spec", "expected"), [("@[1:4]", ["p1", "p2", "p3"]), ("@[-2:]", ["p4", "p5"]), ("@[:1]", ["p0"]), ("", None)])
 def test_a_row_slice_selects_records_like_a_python_slice(tmp_path, spec, expected):
     path = jsonl(tmp_path, 6)
-    rows = load_prompt_rows(f"{path}{spec}")
+    rows = load_prompt_rows(f"{path}{spec}", tokenizer=CharTokenizer())
     assert [r.prompt for r in rows] == (expected or [f"p{i}" for i in range(6)])
 
 
@@ -32,14 +37,14 @@ def test_errors_in_a_slice_still_name_the_file_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"prompt": "a", "label": 1}\n{"prompt": "b"}\n')
     with pytest.raises(DataError, match=r"data.jsonl:2: no key 'label'"):
-        load_prompt_rows(f"{path}@[1:]")
-    assert len(load_prompt_rows(f"{path}@[:1]")) == 1  # the broken row is outside this slice
+        load_prompt_rows(f"{path}@[1:]", tokenizer=CharTokenizer())
+    assert len(load_prompt_rows(f"{path}@[:1]", tokenizer=CharTokenizer())) == 1  # the broken row is outside this slice
 
 
 def test_an_empty_slice_is_refused(tmp_path):
     path = jsonl(tmp_path, 3)
     with pytest.raises(DataError, match=r"@\[5:9\]: no prompts"):
-        load_prompt_rows(f"{path}@[5:9]")
+        load_prompt_rows(f"{path}@[5:9]", tokenizer=CharTokenizer())
 
 
 def test_parquet_prompts_are_read_and_sliced(tmp_path):
@@ -49,9 +54,9 @@ def test_parquet_prompts_are_read_and_sliced(tmp_path):
     table = pa.table({"prompt": [f"q{i}" for i in range(5)], "label": [str(i) for i in range(5)],
                       "metadata": [{"level": i} for i in range(5)]})
     pq.write_table(table, path)
-    rows = load_prompt_rows(f"{path}@[1:3]")
+    rows = load_prompt_rows(f"{path}@[1:3]", tokenizer=CharTokenizer())
     assert [(r.prompt, r.label, r.metadata) for r in rows] == [("q1", "1", {"level": 1}), ("q2", "2", {"level": 2})]
-    source = JsonlDataSource(load_prompt_rows(path), n_samples_per_prompt=2)
+    source = JsonlDataSource(load_prompt_rows(path, tokenizer=CharTokenizer()), n_samples_per_prompt=2)
     assert [g[0].prompt for g in source.get_samples(5)] == [f"q{i}" for i in range(5)]
 
 
@@ -61,7 +66,7 @@ def test_a_bad_parquet_row_is_named_by_its_row_number(tmp_path):
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table({"prompt": ["a", None], "label": ["1", "2"]}), path)
     with pytest.raises(DataError, match=r"data.parquet: row 1: 'prompt' must be a string"):
-        load_prompt_rows(path)
+        load_prompt_rows(path, tokenizer=CharTokenizer())
 
 
 def test_a_corrupt_parquet_file_is_a_data_error(tmp_path):

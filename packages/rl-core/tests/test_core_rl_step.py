@@ -105,30 +105,46 @@ def test_the_policy_sits_out_the_critic_only_rollouts():
     policy, critic = BigramBackend(VOCAB), BigramBackend(VOCAB, head="value")
     initial = policy.model.logits.detach().clone()
     (metrics,) = rl_step(config, samples, policy, critic=critic, rollout_id=0)
-    assert not any(k.startswith("train/") for k in metrics) and "critic/value_loss" in metrics
+    assert "train/loss" not in metrics and "critic/value_loss" in metrics
     assert torch.equal(policy.model.logits.detach(), initial)
 
 
-def test_reward_kl_comes_from_the_reference_model_and_shapes_reinforce_plus_plus():
+def test_reward_kl_is_the_mean_token_kl_of_the_policy_before_the_step_from_its_reference():
     samples = scored_samples(groups=1, group_size=4, seed=3)
     config = RLStepConfig(
         rollout_batch_size=1, n_samples_per_prompt=4, advantage_estimator="reinforce_plus_plus",
         normalize_advantages=True, kl_coef=0.1, kl_loss_type="k1",
     )
     policy = BigramBackend(VOCAB, ref_model=True)
-    rl_step(config, samples, policy)
-    metrics = rl_step(config, samples, policy)
-    now, ref = policy.forward(rl_step_batch(samples)), policy.forward(rl_step_batch(samples), "reference")
+    first = rl_step(config, samples, policy)
+    assert first[0]["train/reward_kl"] == pytest.approx(0.0, abs=1e-7)  # the policy still is its reference
+    batch = rl_step_batch(samples)
+    now, ref = policy.forward(batch), policy.forward(batch, "reference")
+    expected = sum(float((a - b).sum()) for a, b in zip(now, ref)) / sum(s.response_length for s in samples)
+    second = rl_step(config, samples, policy)
+    assert second[0]["train/reward_kl"] == pytest.approx(expected, abs=1e-6) and abs(expected) > 1e-5
+
+
+def test_an_empty_response_counts_in_its_group_but_is_not_trained_on():
+    samples = scored_samples(groups=1, group_size=4, seed=4)
+    aborted = samples[1]
+    aborted.tokens, aborted.response_length, aborted.loss_mask, aborted.reward = aborted.tokens[:3], 0, [], 3.0
+    config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=4)
+    policy = BigramBackend(VOCAB, optimizer="sgd")
+    (metrics,) = rl_step(config, samples, policy)
+    assert metrics["train/empty_responses"] == 1.0
+    # The group's statistics include the aborted sample's reward 3; its own term is absent from the loss.
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    table = BigramBackend(VOCAB).model.logits.detach().double().clone().requires_grad_(True)
     tokens = sum(s.response_length for s in samples)
-    expected = sum(float((a - b).sum()) for a, b in zip(now, ref)) / tokens
-    # metrics[0] was measured before this second step's update, `now` after it: compare to the first step's
-    # policy by recomputing from a fresh run of one step.
-    fresh = BigramBackend(VOCAB, ref_model=True)
-    rl_step(config, samples, fresh)
-    after_one = fresh.forward(rl_step_batch(samples))
-    kl_before_second = sum(float((a - b).sum()) for a, b in zip(after_one, ref)) / tokens
-    assert metrics[0]["train/reward_kl"] == pytest.approx(kl_before_second, abs=1e-6)
-    assert abs(expected) > 0
+    loss = torch.zeros((), dtype=torch.float64)
+    for sample, advantage in zip(samples, advantages):
+        if sample.response_length:
+            ids, n = torch.tensor(sample.tokens), sample.response_length
+            loss = loss - advantage * torch.log_softmax(table[ids[-n - 1 : -1]], -1).gather(1, ids[-n:, None]).sum() / tokens
+    loss.backward()
+    torch.testing.assert_close(policy.model.logits.detach().double(), (table - 0.1 * table.grad).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_offloaded_fake_refuses_work_until_onloaded():

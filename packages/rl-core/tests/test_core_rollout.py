@@ -2,7 +2,7 @@ import pytest
 
 from rl_core.metrics import rollout_metrics
 from rl_core.protocols import RewardModel, RolloutEngine
-from rl_core.rollout import apply_generate_output, generate_payload, generate_samples, score_samples
+from rl_core.rollout import RewardFailure, apply_generate_output, generate_payload, generate_samples, score_samples
 from rl_core.sample import Sample, SampleStatus
 from rl_core.train_batch import TrainBatch
 
@@ -32,8 +32,24 @@ class EchoEngine:
 
 
 class LengthReward:
+    last_failed: list[int] = []
+    last_errors: list[str] = []
+
     async def score_batch(self, items):
         return [float(len(item["response"])) for item in items]
+
+
+class FailingReward:
+    """Fails (as a reward hub reports it: error reward 0, the item listed) on the given item indices."""
+
+    def __init__(self, failing):
+        self.failing = set(failing)
+        self.last_failed, self.last_errors = [], []
+
+    async def score_batch(self, items):
+        self.last_failed = sorted(i for i in self.failing if i < len(items))
+        self.last_errors = [f"item {i}: TypeError: score() got an unexpected keyword argument 'prompt'\n  more" for i in self.last_failed]
+        return [0.0 if i in self.failing else 1.0 for i in range(len(items))]
 
 
 def test_fakes_satisfy_the_protocols():
@@ -98,3 +114,18 @@ def test_old_log_probs_are_checked_per_sample_and_travel_with_shards():
         TrainBatch(**fields, old_log_probs=[[-1.0], [-3.0]])
     with pytest.raises(ValueError, match="TrainBatch.old_log_probs has 1 entries, tokens has 2"):
         TrainBatch(**fields, old_log_probs=[[-1.0, -2.0]])
+
+
+async def test_a_batch_whose_every_reward_failed_stops_with_the_first_error_and_its_sample():
+    samples = [Sample(index=10 + i, prompt=f"p{i}", tokens=[1], response="x") for i in range(4)]
+    with pytest.raises(RewardFailure, match=r"every one of the 4 samples failed to grade; the first, sample 10 \(prompt 'p0'\): "
+                                            r"TypeError: score\(\) got an unexpected keyword argument 'prompt'$"):
+        await score_samples(FailingReward(range(4)), samples, max_error_ratio=1.0)
+
+
+async def test_failures_up_to_the_ratio_are_tolerated_and_above_it_stop_the_run():
+    samples = [Sample(index=i, prompt="p", tokens=[1], response="x") for i in range(8)]
+    await score_samples(FailingReward([1, 5]), samples, max_error_ratio=0.25)  # 2 of 8 = 25%: goes on
+    assert [s.reward for s in samples] == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(RewardFailure, match=r"3 of the 8 samples \(38%\) failed to grade, more than --max-reward-error-ratio 0.25; the first, sample 0"):
+        await score_samples(FailingReward([0, 1, 5]), samples, max_error_ratio=0.25)

@@ -11,6 +11,8 @@ from pathlib import Path
 from rl_core.train_batch import TrainBatch
 from safetensors.torch import save_file
 
+from rl_core.losses import PolicyLoss
+
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 spec = json.loads(Path(sys.argv[1]).read_text())
@@ -18,14 +20,14 @@ out = Path(spec["out"])
 config = FSDPConfig(**spec["config"])
 batch = TrainBatch(**spec["batch"])
 trained = FSDPBackend(config)
-trained.train_step(batch)
-trained.save_checkpoint(out / "ckpt")
+trained.train_step(batch, PolicyLoss())
+trained.save(out / "ckpt")
 resumed = FSDPBackend(config)
-resumed.load_checkpoint(out / "ckpt")
-trained.train_step(batch)
-resumed.train_step(batch)
-want = {name: t.cpu().clone() for name, t in trained.named_weights()}
-got = {name: t.cpu().clone() for name, t in resumed.named_weights()}
+resumed.load(out / "ckpt")
+trained.train_step(batch, PolicyLoss())
+resumed.train_step(batch, PolicyLoss())
+want = {name: t.cpu().clone() for name, t in trained.weights()}
+got = {name: t.cpu().clone() for name, t in resumed.weights()}
 if trained.rank == 0:
     save_file(got, str(out / "weights.safetensors"))
     max_diff = max((got[name] - want[name]).abs().max().item() for name in want)

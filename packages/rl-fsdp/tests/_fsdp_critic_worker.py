@@ -11,16 +11,19 @@ from pathlib import Path
 from rl_core.train_batch import TrainBatch
 from safetensors.torch import save_file
 
-from rl_fsdp import CriticConfig, FSDPCritic
-from rl_fsdp.weights import gather_named_weights
+from rl_core.losses import ValueLoss
+
+from rl_fsdp import FSDPBackend, FSDPConfig
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 out = Path(spec["out"])
-critic = FSDPCritic(CriticConfig(**spec["config"]))
+config = dict(spec["config"])
+loss = ValueLoss(value_clip=config.pop("value_clip"))
+critic = FSDPBackend(FSDPConfig(head="value", **config))
 batch = TrainBatch(**spec["batch"])
-metrics = [critic.train_step(batch) for _ in range(2)]
-values = [t.tolist() for t in critic.compute_values(batch)]
-weights = {name: t.cpu().clone() for name, t in gather_named_weights(critic.model)}
+metrics = [critic.train_step(batch, loss) for _ in range(2)]
+values = [t.tolist() for t in critic.forward(batch)]
+weights = {name: t.cpu().clone() for name, t in critic.weights()}
 if critic.rank == 0:
     save_file(weights, str(out / "weights.safetensors"))
     (out / "result.json").write_text(json.dumps({"metrics": metrics, "values": values}))

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_fsdp import CriticConfig, FSDPBackend, FSDPConfig, FSDPCritic
+from rl_core.losses import PolicyLoss, ValueLoss
+
+from rl_fsdp import FSDPBackend, FSDPConfig
 
 
 def weights(backend):
-    return {name: t.cpu().clone() for name, t in backend.named_weights()}
+    return {name: t.cpu().clone() for name, t in backend.weights()}
 
 
 def adam_moments(optimizer):
@@ -22,9 +24,9 @@ def test_a_resumed_backend_holds_the_same_weights_and_adam_state_and_takes_the_s
     first, second = make_batch(4, seed=1), make_batch(4, seed=2)
     trained, resumed = FSDPBackend(config), FSDPBackend(config)
     try:
-        trained.train_step(first)
-        trained.save_checkpoint(tmp_path / "ckpt")
-        resumed.load_checkpoint(tmp_path / "ckpt")
+        trained.train_step(first, PolicyLoss())
+        trained.save(tmp_path / "ckpt")
+        resumed.load(tmp_path / "ckpt")
         for name, tensor in weights(trained).items():
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=0, rtol=0)
         for ours, theirs in zip(adam_moments(resumed.optimizer), adam_moments(trained.optimizer), strict=True):
@@ -32,8 +34,8 @@ def test_a_resumed_backend_holds_the_same_weights_and_adam_state_and_takes_the_s
             for key in ours:
                 torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)
 
-        trained.train_step(second)
-        resumed.train_step(second)
+        trained.train_step(second, PolicyLoss())
+        resumed.train_step(second, PolicyLoss())
         for name, tensor in weights(trained).items():
             torch.testing.assert_close(weights(resumed)[name], tensor, atol=1e-6, rtol=0)
     finally:
@@ -46,15 +48,15 @@ def test_weights_alone_without_adam_state_do_not_reproduce_the_next_step(llama_d
     first, second = make_batch(4, seed=1), make_batch(4, seed=2)
     trained = FSDPBackend(config)
     try:
-        trained.train_step(first)
+        trained.train_step(first, PolicyLoss())
         trained.save_pretrained(tmp_path / "hf")
-        trained.train_step(second)
+        trained.train_step(second, PolicyLoss())
         want = weights(trained)
     finally:
         trained.close()
     weights_only = FSDPBackend(config.model_copy(update={"model_path": tmp_path / "hf"}))
     try:
-        weights_only.train_step(second)
+        weights_only.train_step(second, PolicyLoss())
         got = weights(weights_only)
     finally:
         weights_only.close()
@@ -65,13 +67,13 @@ def test_loading_a_folder_without_a_checkpoint_names_it(llama_dir, tmp_path):
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir))
     try:
         with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
-            backend.load_checkpoint(tmp_path)
+            backend.load(tmp_path)
     finally:
         backend.close()
 
 
 def test_a_critic_resumes_with_its_value_head_and_optimizer(llama_dir, make_batch, tmp_path):
-    config = CriticConfig(model_path=llama_dir, lr=1e-2, param_dtype="float32")
+    config = FSDPConfig(model_path=llama_dir, head="value", lr=1e-2, param_dtype="float32")
     plain = make_batch(4, seed=3)
     rng = random.Random(3)
     batch = dataclasses.replace(
@@ -79,14 +81,14 @@ def test_a_critic_resumes_with_its_value_head_and_optimizer(llama_dir, make_batc
         returns=[[rng.uniform(-1, 1) for _ in range(n)] for n in plain.response_lengths],
         values=[[rng.uniform(-0.3, 0.3) for _ in range(n)] for n in plain.response_lengths],
     )
-    trained, resumed = FSDPCritic(config), FSDPCritic(config)
+    trained, resumed = FSDPBackend(config), FSDPBackend(config)
     try:
-        trained.train_step(batch)
-        trained.save_checkpoint(tmp_path / "critic")
-        resumed.load_checkpoint(tmp_path / "critic")
-        trained.train_step(batch)
-        resumed.train_step(batch)
-        for got, want in zip(resumed.compute_values(batch), trained.compute_values(batch), strict=True):
+        trained.train_step(batch, ValueLoss())
+        trained.save(tmp_path / "critic")
+        resumed.load(tmp_path / "critic")
+        trained.train_step(batch, ValueLoss())
+        resumed.train_step(batch, ValueLoss())
+        for got, want in zip(resumed.forward(batch), trained.forward(batch), strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     finally:
         trained.close()
@@ -102,8 +104,8 @@ def test_a_two_rank_checkpoint_resumes_on_two_ranks_and_on_one(run_two_ranks, ti
     # The same checkpoint, read by one rank (each rank's shards are reassembled), takes the same step.
     one = FSDPBackend(FSDPConfig(**config))
     try:
-        one.load_checkpoint(tmp_path / "ckpt")
-        one.train_step(batch)
+        one.load(tmp_path / "ckpt")
+        one.train_step(batch, PolicyLoss())
         for name, tensor in weights(one).items():
             torch.testing.assert_close(tensor, two_rank_weights[name], atol=1e-5, rtol=0)
     finally:

@@ -7,8 +7,9 @@ import torch
 from rl_core.train_batch import TrainBatch
 from transformers import AutoModel
 
-from rl_fsdp import CriticConfig, FSDPCritic
-from rl_fsdp.weights import gather_named_weights
+from rl_core.losses import ValueLoss
+
+from rl_fsdp import FSDPBackend, FSDPConfig
 
 WORKER = Path(__file__).with_name("_fsdp_critic_worker.py")
 # Adam's first step is g / (|g| + eps) with a large eps: proportional to the gradient, so a mis-scaled
@@ -24,17 +25,22 @@ def with_targets(batch: TrainBatch, seed: int) -> TrainBatch:
     return dataclasses.replace(batch, returns=returns, values=values)
 
 
-def weights_of(critic: FSDPCritic) -> dict[str, torch.Tensor]:
-    return {name: t.cpu().clone() for name, t in gather_named_weights(critic.model)}
+def make_critic(value_clip: float = 0.2, aggregation: str = "token_mean", **config) -> tuple[FSDPBackend, ValueLoss]:
+    """A value-head backend and the value loss it trains on."""
+    return FSDPBackend(FSDPConfig(head="value", **config)), ValueLoss(value_clip=value_clip, aggregation=aggregation)
+
+
+def weights_of(critic: FSDPBackend) -> dict[str, torch.Tensor]:
+    return {name: t.cpu().clone() for name, t in critic.weights()}
 
 
 def test_values_cover_each_response_token_and_match_a_plain_forward_of_the_same_weights(llama_dir, make_batch):
     batch = with_targets(make_batch(5, seed=1), seed=1)
-    critic = FSDPCritic(CriticConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=2, lr=1e-2))
+    critic, loss = make_critic(model_path=llama_dir, param_dtype="float32", micro_batch_size=2, lr=1e-2)
     try:
-        initial = critic.compute_values(batch)
-        critic.train_step(batch)  # the head starts at zero, so this step moves only the head
-        got = critic.compute_values(batch)
+        initial = critic.forward(batch)
+        critic.train_step(batch, loss)  # the head starts at zero, so this step moves only the head
+        got = critic.forward(batch)
         head = {n: t for n, t in weights_of(critic).items() if n.startswith("value_head.")}
     finally:
         critic.close()
@@ -53,13 +59,13 @@ def test_values_cover_each_response_token_and_match_a_plain_forward_of_the_same_
 
 def test_value_loss_falls_towards_the_returns_over_a_few_steps(llama_dir, make_batch):
     batch = with_targets(make_batch(4, seed=2), seed=2)
-    critic = FSDPCritic(CriticConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=2, lr=1e-2))
+    critic, loss = make_critic(model_path=llama_dir, param_dtype="float32", micro_batch_size=2, lr=1e-2)
     losses = []
     try:
         for _ in range(8):
-            old = critic.compute_values(batch)  # as PPO does: values at "rollout time" are the old values
+            old = critic.forward(batch)  # as PPO does: values at "rollout time" are the old values
             step = dataclasses.replace(batch, values=[v.tolist() for v in old])
-            metrics = critic.train_step(step)
+            metrics = critic.train_step(step, loss)
             losses.append(metrics["value_loss"])
             assert 0.0 <= metrics["value_clipfrac"] <= 1.0 and metrics["grad_norm"] > 0
     finally:
@@ -76,12 +82,12 @@ def test_micro_batch_size_one_and_four_give_the_same_update(llama_dir, make_batc
     batch = with_targets(make_batch(6, seed=3), seed=3)
     results = []
     for micro_batch_size in (1, 4):
-        critic = FSDPCritic(CriticConfig(model_path=llama_dir, micro_batch_size=micro_batch_size, value_clip=0.1,
-                                         aggregation=aggregation, **LINEAR_ADAM))
+        critic, loss = make_critic(model_path=llama_dir, micro_batch_size=micro_batch_size, value_clip=0.1,
+                                   aggregation=aggregation, **LINEAR_ADAM)
         try:
             before = weights_of(critic)
             # Two steps: the first moves only the zero-initialised head, the second the body too.
-            metrics = [critic.train_step(batch) for _ in range(2)]
+            metrics = [critic.train_step(batch, loss) for _ in range(2)]
             results.append((before, weights_of(critic), metrics))
         finally:
             critic.close()
@@ -96,10 +102,10 @@ def test_micro_batch_size_one_and_four_give_the_same_update(llama_dir, make_batc
 
 
 def test_a_batch_without_returns_is_refused_naming_the_field(llama_dir, make_batch):
-    critic = FSDPCritic(CriticConfig(model_path=llama_dir, param_dtype="float32"))
+    critic, loss = make_critic(model_path=llama_dir, param_dtype="float32")
     try:
-        with pytest.raises(ValueError, match="returns and .values; this batch has no returns and values"):
-            critic.train_step(make_batch(2))
+        with pytest.raises(ValueError, match="ValueLoss needs old_values, returns"):
+            critic.train_step(make_batch(2), loss)
     finally:
         critic.close()
 
@@ -110,10 +116,10 @@ def test_two_ranks_give_the_same_critic_update_as_one(run_two_ranks, tied_dir, m
     batch = with_targets(make_batch(5, seed=4), seed=4)  # 5 samples: one rank runs a filler micro-batch
     result, weights = run_two_ranks(WORKER, config, batch)
 
-    critic = FSDPCritic(CriticConfig(**config))
+    critic, loss = make_critic(**config)
     try:
-        metrics = [critic.train_step(batch) for _ in range(2)]
-        values = critic.compute_values(batch)
+        metrics = [critic.train_step(batch, loss) for _ in range(2)]
+        values = critic.forward(batch)
         expected = weights_of(critic)
     finally:
         critic.close()

@@ -3,6 +3,8 @@ import torch
 from rl_core.train_batch import TrainBatch
 from transformers import AutoModelForCausalLM
 
+from rl_core.losses import PolicyLoss
+
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 
@@ -24,7 +26,7 @@ def test_log_probs_equal_a_plain_hugging_face_forward_per_sample(llama_dir, make
     config = FSDPConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=micro_batch_size, rollout_temperature=0.7)
     backend = FSDPBackend(config)
     try:
-        got = backend.compute_log_probs(batch)
+        got = backend.forward(batch)
     finally:
         backend.close()
     expected = reference_log_probs(llama_dir, batch, 0.7)
@@ -41,9 +43,9 @@ def test_a_token_outside_the_vocabulary_is_refused_naming_the_sample(llama_dir, 
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
         with pytest.raises(ValueError, match=r"sample 2: token id 64 at position 1 is outside the model's vocabulary \(0\.\.63\)"):
-            backend.train_step(bad)
+            backend.train_step(bad, PolicyLoss())
         with pytest.raises(ValueError, match="sample 2"):
-            backend.compute_log_probs(bad)
+            backend.forward(bad)
     finally:
         backend.close()
 
@@ -53,7 +55,7 @@ def test_a_response_with_no_prompt_token_is_refused(llama_dir):
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
         with pytest.raises(ValueError, match="sample 0: response_length 3 leaves no prompt token"):
-            backend.compute_log_probs(batch)
+            backend.forward(batch)
     finally:
         backend.close()
 
@@ -66,7 +68,7 @@ def test_config_only_directory_gives_the_same_random_init_for_the_same_seed(tmp_
     runs = []
     for seed in (3, 3, 4):
         backend = FSDPBackend(FSDPConfig(model_path=config_dir, seed=seed, param_dtype="float32"))
-        runs.append(backend.compute_log_probs(batch))
+        runs.append(backend.forward(batch))
         backend.close()
     torch.testing.assert_close(runs[0], runs[1])
     assert not torch.allclose(runs[0][0], runs[2][0])

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from rl_core.algorithms.policy_loss import PolicyLossConfig
+from rl_core.losses import PolicyLoss
 from rl_core.train_batch import TrainBatch
 from transformers import AutoModelForCausalLM
 
@@ -53,12 +54,12 @@ def expected_update(model_dir, batch, token_weights, lr, eps):
     return {name: (-lr * p.grad / (p.grad.abs() + eps)).float() for name, p in model.named_parameters()}
 
 
-def step_delta(model_dir, batch, **overrides):
+def step_delta(model_dir, batch, loss=PolicyLossConfig(), **overrides):
     backend = FSDPBackend(FSDPConfig(model_path=model_dir, **(EXACT_ADAM | overrides)))
     try:
-        before = {name: t.cpu().clone() for name, t in backend.named_weights()}
-        metrics = backend.train_step(batch)
-        delta = {name: t.cpu() - before[name] for name, t in backend.named_weights()}
+        before = {name: t.cpu().clone() for name, t in backend.weights()}
+        metrics = backend.train_step(batch, PolicyLoss(loss))
+        delta = {name: t.cpu() - before[name] for name, t in backend.weights()}
     finally:
         backend.close()
     return delta, metrics
@@ -89,23 +90,23 @@ def test_tis_weights_each_token_loss_by_the_truncated_old_over_rollout_ratio(lla
 
 
 def test_tis_without_rollout_log_probs_is_refused_naming_the_flag(llama_dir):
-    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32", loss=PolicyLossConfig(use_tis=True)))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
-        with pytest.raises(ValueError, match="use_tis is set but the TrainBatch has no rollout_log_probs"):
-            backend.train_step(tiny_batch())
+        with pytest.raises(ValueError, match="use_tis is set but no rollout_log_probs"):
+            backend.train_step(tiny_batch(), PolicyLoss(PolicyLossConfig(use_tis=True)))
     finally:
         backend.close()
 
 
 def test_old_log_probs_of_the_batch_are_the_ratios_old_policy_even_over_rollout_log_probs(llama_dir, make_batch):
     batch = make_batch(4, seed=9, rollout_log_probs=True)
-    config = FSDPConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=3, use_rollout_logprobs=True)
+    config = FSDPConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=3)
     backend = FSDPBackend(config)
     try:
-        current = backend.compute_log_probs(batch)
+        current = backend.forward(batch)
         rng = random.Random(9)
         old = [[lp + rng.uniform(-0.1, 0.1) for lp in row.tolist()] for row in current]
-        metrics = backend.train_step(dataclasses.replace(batch, old_log_probs=old))
+        metrics = backend.train_step(dataclasses.replace(batch, old_log_probs=old), PolicyLoss(use_rollout_logprobs=True))
     finally:
         backend.close()
     masks = [torch.tensor(m, dtype=torch.float64) for m in batch.loss_masks]
@@ -124,11 +125,11 @@ def test_old_log_probs_of_the_batch_are_the_ratios_old_policy_even_over_rollout_
 def test_gspo_and_cispo_steps_move_the_log_probs_the_advantages_way(llama_dir, pg_loss_type, sign):
     batch = TrainBatch(tokens=[[5, 9, 17, 3, 40, 22, 8]], response_lengths=[4], loss_masks=[[1] * 4], advantages=[[sign] * 4])
     loss = PolicyLossConfig(pg_loss_type=pg_loss_type, eps_clip=1.0 if pg_loss_type == "cispo" else 0.2)
-    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-3, param_dtype="float32", loss=loss))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-3, param_dtype="float32"))
     try:
-        before = backend.compute_log_probs(batch)[0]
-        metrics = backend.train_step(batch)
-        after = backend.compute_log_probs(batch)[0]
+        before = backend.forward(batch)[0]
+        metrics = backend.train_step(batch, PolicyLoss(loss))
+        after = backend.forward(batch)[0]
     finally:
         backend.close()
     assert sign * (after.sum() - before.sum()) > 0.01
@@ -141,13 +142,14 @@ def test_gspo_clips_on_the_sequence_ratio_not_the_token_ratios(llama_dir):
     batch = TrainBatch(tokens=[[5, 9, 17, 3, 40, 22]], response_lengths=[3], loss_masks=[[1] * 3], advantages=[[1.0] * 3])
     metrics = {}
     for pg_loss_type in ("ppo", "gspo"):
-        backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32", loss=PolicyLossConfig(pg_loss_type=pg_loss_type)))
+        backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
         try:
-            current = backend.compute_log_probs(batch)[0].tolist()
+            current = backend.forward(batch)[0].tolist()
             # Token ratios e^0.5, e^0.5 (above 1 + eps_clip_high: clipped for A > 0) and e^-1; their
             # geometric mean is 1.
             old = [[current[0] - 0.5, current[1] - 0.5, current[2] + 1.0]]
-            metrics[pg_loss_type] = backend.train_step(dataclasses.replace(batch, old_log_probs=old))
+            loss = PolicyLoss(PolicyLossConfig(pg_loss_type=pg_loss_type))
+            metrics[pg_loss_type] = backend.train_step(dataclasses.replace(batch, old_log_probs=old), loss)
         finally:
             backend.close()
     assert metrics["ppo"]["pg_clipfrac"] == pytest.approx(2 / 3)
@@ -159,11 +161,11 @@ def test_reference_log_probs_equal_the_policys_before_any_step_and_stay_after_on
     batch = make_batch(3, seed=10)
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-2, param_dtype="float32", ref_model=True, micro_batch_size=2))
     try:
-        policy = backend.compute_log_probs(batch)
-        reference = backend.compute_ref_log_probs(batch)
-        backend.train_step(batch)
-        policy_after = backend.compute_log_probs(batch)
-        reference_after = backend.compute_ref_log_probs(batch)
+        policy = backend.forward(batch)
+        reference = backend.forward(batch, "reference")
+        backend.train_step(batch, PolicyLoss())
+        policy_after = backend.forward(batch)
+        reference_after = backend.forward(batch, "reference")
     finally:
         backend.close()
     for p, r, r_after in zip(policy, reference, reference_after):
@@ -175,7 +177,7 @@ def test_reference_log_probs_equal_the_policys_before_any_step_and_stay_after_on
 def test_reference_log_probs_without_a_reference_are_refused_naming_the_setting(llama_dir, make_batch):
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
-        with pytest.raises(ValueError, match="compute_ref_log_probs needs the reference model.*ref_model=True"):
-            backend.compute_ref_log_probs(make_batch(2))
+        with pytest.raises(ValueError, match="needs the reference model.*ref_model=True"):
+            backend.forward(make_batch(2), "reference")
     finally:
         backend.close()

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from rl_core.algorithms.policy_loss import PolicyLossConfig
+from rl_core.losses import PolicyLoss
 from rl_core.train_batch import TrainBatch
 
 from rl_fsdp import FSDPBackend, FSDPConfig
@@ -10,12 +11,12 @@ from rl_fsdp import FSDPBackend, FSDPConfig
 LINEAR_ADAM = dict(lr=0.5, adam_eps=1.0, param_dtype="float32")
 
 
-def one_step(model_dir, batch, **overrides):
+def one_step(model_dir, batch, loss=PolicyLossConfig(), **overrides):
     backend = FSDPBackend(FSDPConfig(model_path=model_dir, **(LINEAR_ADAM | overrides)))
     try:
-        before = {name: t.cpu().clone() for name, t in backend.named_weights()}
-        metrics = backend.train_step(batch)
-        after = {name: t.cpu().clone() for name, t in backend.named_weights()}
+        before = {name: t.cpu().clone() for name, t in backend.weights()}
+        metrics = backend.train_step(batch, PolicyLoss(loss))
+        after = {name: t.cpu().clone() for name, t in backend.weights()}
     finally:
         backend.close()
     return before, after, metrics
@@ -27,9 +28,9 @@ def test_positive_advantage_raises_the_sequence_log_prob_and_negative_lowers_it(
     batch = TrainBatch(tokens=[tokens], response_lengths=[4], loss_masks=[[1] * 4], advantages=[[sign] * 4])
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-3, param_dtype="float32"))
     try:
-        before = backend.compute_log_probs(batch)[0].sum()
-        metrics = backend.train_step(batch)
-        after = backend.compute_log_probs(batch)[0].sum()
+        before = backend.forward(batch)[0].sum()
+        metrics = backend.train_step(batch, PolicyLoss())
+        after = backend.forward(batch)[0].sum()
     finally:
         backend.close()
     assert sign * (after - before) > 0.01
@@ -64,10 +65,10 @@ def test_sample_mean_aggregation_is_split_invariant_too(llama_dir, make_batch):
 def test_kl_loss_is_zero_against_the_reference_at_start_and_positive_after_a_step(llama_dir, make_batch):
     batch = make_batch(4, seed=4)
     loss = PolicyLossConfig(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="low_var_kl")
-    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-2, param_dtype="float32", loss=loss, micro_batch_size=2))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, lr=1e-2, param_dtype="float32", ref_model=True, micro_batch_size=2))
     try:
-        first = backend.train_step(batch)
-        second = backend.train_step(batch)
+        first = backend.train_step(batch, PolicyLoss(loss))
+        second = backend.train_step(batch, PolicyLoss(loss))
     finally:
         backend.close()
     assert first["kl_loss"] == pytest.approx(0.0, abs=1e-7)
@@ -76,10 +77,10 @@ def test_kl_loss_is_zero_against_the_reference_at_start_and_positive_after_a_ste
 
 def test_rollout_logprob_diff_is_the_mean_gap_over_trained_tokens(llama_dir, make_batch):
     batch = make_batch(4, seed=5, rollout_log_probs=True)
-    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32", use_rollout_logprobs=True, micro_batch_size=3))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32", micro_batch_size=3))
     try:
-        current = backend.compute_log_probs(batch)
-        metrics = backend.train_step(batch)
+        current = backend.forward(batch)
+        metrics = backend.train_step(batch, PolicyLoss(use_rollout_logprobs=True))
     finally:
         backend.close()
     gap = sum(
@@ -97,18 +98,35 @@ def test_rollout_logprob_diff_is_the_mean_gap_over_trained_tokens(llama_dir, mak
 
 
 def test_use_rollout_logprobs_without_them_is_refused(llama_dir, make_batch):
-    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32", use_rollout_logprobs=True))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
-        with pytest.raises(ValueError, match="no rollout_log_probs"):
-            backend.train_step(make_batch(2))
+        with pytest.raises(ValueError, match="use_rollout_logprobs needs rollout_log_probs"):
+            backend.train_step(make_batch(2), PolicyLoss(use_rollout_logprobs=True))
     finally:
         backend.close()
 
 
-def test_kl_loss_without_a_reference_model_is_refused_naming_the_fields(llama_dir):
-    loss = PolicyLossConfig(use_kl_loss=True, kl_loss_coef=0.1)
-    with pytest.raises(ValueError, match="use_kl_loss.*ref_model is False"):
-        FSDPConfig(model_path=llama_dir, loss=loss, ref_model=False)
+def test_kl_loss_without_a_reference_model_is_refused_before_any_step(llama_dir, make_batch):
+    loss = PolicyLoss(PolicyLossConfig(use_kl_loss=True, kl_loss_coef=0.1))
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
+    try:
+        before = {name: t.clone() for name, t in backend.weights()}
+        with pytest.raises(ValueError, match="needs the reference model.*ref_model=True"):
+            backend.train_step(make_batch(2), loss)
+        assert all(torch.equal(before[name], t) for name, t in backend.weights())
+    finally:
+        backend.close()
+
+
+def test_a_value_loss_on_an_lm_head_is_refused(llama_dir, make_batch):
+    from rl_core.losses import ValueLoss
+
+    backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
+    try:
+        with pytest.raises(ValueError, match="head='value'"):
+            backend.train_step(make_batch(2), ValueLoss())
+    finally:
+        backend.close()
 
 
 def test_gradient_checkpointing_gives_the_same_update(llama_dir, make_batch):
@@ -124,14 +142,14 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_close_log_probs(llama
     batch = make_batch(3, seed=8)
     exact = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="float32"))
     try:
-        expected = exact.compute_log_probs(batch)
+        expected = exact.forward(batch)
     finally:
         exact.close()
     backend = FSDPBackend(FSDPConfig(model_path=llama_dir, param_dtype="bfloat16", lr=1e-3))
     try:
-        got = backend.compute_log_probs(batch)
-        metrics = backend.train_step(batch)
-        dtypes = {t.dtype for _, t in backend.named_weights()}
+        got = backend.forward(batch)
+        metrics = backend.train_step(batch, PolicyLoss())
+        dtypes = {t.dtype for _, t in backend.weights()}
     finally:
         backend.close()
     for g, e in zip(got, expected):

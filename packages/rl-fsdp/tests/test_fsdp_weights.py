@@ -2,6 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rl_core.losses import PolicyLoss
+
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 
@@ -10,9 +12,9 @@ def test_named_weights_are_the_hf_state_dict_and_load_strictly(request, make_bat
     model_dir = request.getfixturevalue(model_fixture)
     backend = FSDPBackend(FSDPConfig(model_path=model_dir, lr=1e-2, param_dtype="float32"))
     try:
-        backend.train_step(make_batch(3))
-        weights = {name: t.cpu() for name, t in backend.named_weights()}
-        log_probs = backend.compute_log_probs(make_batch(3, seed=9))
+        backend.train_step(make_batch(3), PolicyLoss())
+        weights = {name: t.cpu() for name, t in backend.weights()}
+        log_probs = backend.forward(make_batch(3, seed=9))
     finally:
         backend.close()
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -37,8 +39,8 @@ def test_save_pretrained_round_trips_through_from_pretrained(request, tmp_path, 
     (model_dir / "tokenizer_config.json").write_text("{}")
     backend = FSDPBackend(FSDPConfig(model_path=model_dir, lr=1e-2, param_dtype="float32"))
     try:
-        backend.train_step(make_batch(3))
-        weights = {name: t.cpu().clone() for name, t in backend.named_weights()}
+        backend.train_step(make_batch(3), PolicyLoss())
+        weights = {name: t.cpu().clone() for name, t in backend.weights()}
         backend.save_pretrained(tmp_path / "checkpoint")
     finally:
         backend.close()
@@ -52,7 +54,7 @@ def test_save_pretrained_round_trips_through_from_pretrained(request, tmp_path, 
     # And a backend resumes from the checkpoint with the same weights.
     resumed = FSDPBackend(FSDPConfig(model_path=tmp_path / "checkpoint", param_dtype="float32"))
     try:
-        for name, tensor in resumed.named_weights():
+        for name, tensor in resumed.weights():
             torch.testing.assert_close(tensor.cpu(), weights[name], atol=0, rtol=0)
     finally:
         resumed.close()

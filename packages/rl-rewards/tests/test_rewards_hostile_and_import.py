@@ -26,6 +26,12 @@ HOSTILE_RESPONSES = {
     "huge exponent": r"\boxed{9^{99999999}}",
     "huge scientific number": r"\boxed{1e999999999}",
     "big factorial": r"\boxed{100000!}",
+    "300k unclosed boxes before a number": r"\boxed{" * 300_000 + "7",
+    "unclosed braces before a number": r"\boxed{" + "{" * 10_000 + "7",
+    "power of a sum": r"\boxed{(1+x)^{99999}}",
+    "power of a trinomial": r"\boxed{(x+y+z)^{99}}",
+    "product of powers of sums": r"\boxed{(1+x)^{20}(1+y)^{20}(1+z)^{20}}",
+    "complex power": r"\boxed{(1+i)^{99999}}",
 }
 
 
@@ -38,6 +44,18 @@ def test_rewards_hostile_response_is_graded_in_a_few_seconds(grader_name: str, n
     reward = grader(prompt="", response=HOSTILE_RESPONSES[name], label=label, metadata={})
     assert time.monotonic() - started < 3.0
     assert reward in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("grader_name", ["math", "deepscaler"])
+@pytest.mark.parametrize("spam", [r"\boxed{", r"\fbox{", r"\boxed{{", r"\boxed{\frac{"])
+def test_rewards_unclosed_box_runs_score_zero_whatever_follows(grader_name: str, spam: str) -> None:
+    """However many unclosed boxes a response opens, the number or phrase after them earns nothing."""
+    grader = default_registry.create(grader_name)
+    for tail in ("7", " The answer is 7", " 7 apples", "\n7"):
+        for count in (1, 17, 5_000):
+            response = spam * count + tail
+            assert grader(prompt="", response=response, label="7", metadata={}) == 0.0, (spam, count, tail)
+            assert extract_math_answer(response) is None
 
 
 def test_rewards_two_megabyte_response_still_finds_its_final_answer() -> None:
@@ -84,8 +102,13 @@ def test_rewards_multiple_choice_label_without_a_letter_is_an_error() -> None:
         default_registry.create("multiple_choice")(prompt="", response="A", label="42", metadata={})
 
 
-def test_rewards_import_leaves_torch_out() -> None:
-    code = "import sys, rl_rewards; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+def test_rewards_import_leaves_torch_and_sympy_out() -> None:
+    """The apps import the registry to parse flags; sympy loads only when an answer needs it."""
+    code = (
+        "import sys, rl_rewards; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'sympy' not in sys.modules, 'sympy imported'; print(rl_rewards.default_registry.names()[0]); "
+        "assert rl_rewards.math_answers_equal('e^{i\\pi}', '-1'); assert 'sympy' in sys.modules; print('ok')"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -94,4 +117,4 @@ def test_rewards_import_leaves_torch_out() -> None:
         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.split() == ["code", "ok"]

@@ -192,3 +192,28 @@ async def test_rewards_hub_scores_an_empty_batch_as_empty() -> None:
 def test_rewards_hub_rejects_bad_settings(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         RewardHub(lambda **_: 1.0, **kwargs)
+
+
+def test_rewards_hub_with_another_reward_key_shares_the_grader_and_settings() -> None:
+    calls = []
+
+    def components(*, prompt, response, label, metadata):
+        calls.append(label)
+        return {"score": -1.0 + label, "acc": float(label % 2)}
+
+    train_hub = RewardHub(components, reward_key="score", timeout_s=3.0, concurrency=2, error_reward=-5.0)
+    eval_hub = train_hub.with_reward_key("acc")
+    assert train_hub.score_batch_sync(_items(3)) == [-1.0, 0.0, 1.0]
+    assert eval_hub.score_batch_sync(_items(3)) == [0.0, 1.0, 0.0]
+    assert eval_hub.grader is components and len(calls) == 6
+    assert (eval_hub.timeout_s, eval_hub.concurrency, eval_hub.error_reward) == (3.0, 2, -5.0)
+    assert train_hub.with_reward_key("score") is train_hub
+
+
+def test_rewards_registry_says_which_graders_take_an_option() -> None:
+    from rl_rewards import default_registry
+
+    assert {name for name in default_registry.names() if default_registry.takes_option(name, "isolate")} == {
+        "math", "dapo", "deepscaler",
+    }
+    assert default_registry.takes_option("remote", "url") and not default_registry.takes_option("nope", "url")

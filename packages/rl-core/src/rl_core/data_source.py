@@ -32,10 +32,10 @@ class PromptRow:
     metadata: dict[str, Any]
 
 
-def _render(prompt: str | list[dict[str, Any]], tokenizer: PromptTokenizer | None, apply_chat_template: bool) -> str:
+def _render(prompt: str | list[dict[str, Any]], tokenizer: PromptTokenizer, apply_chat_template: bool) -> str:
     if apply_chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[union-attr]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(prompt, str):
         raise TypeError("chat messages need --apply-chat-template")
     return prompt
@@ -47,15 +47,13 @@ def load_prompt_rows(
     input_key: str = "prompt",
     label_key: str | None = "label",
     metadata_key: str = "metadata",
-    tokenizer: PromptTokenizer | None = None,
+    tokenizer: PromptTokenizer,
     apply_chat_template: bool = False,
     max_prompt_len: int | None = None,
 ) -> list[PromptRow]:
-    """Read and check every row of a JSONL or Parquet file, or of its `path@[start:end]` slice; the first
-    bad row raises a DataError naming `path:line` (JSONL) or `path: row N` (Parquet)."""
-    file, _ = split_row_slice(path)
-    if (apply_chat_template or max_prompt_len is not None) and tokenizer is None:
-        raise DataError(f"{file}: apply_chat_template and rollout_max_prompt_len need a tokenizer")
+    """Read, check and tokenize every row of a JSONL or Parquet file, or of its `path@[start:end]` slice; the
+    first bad row raises a DataError naming `path:line` (JSONL) or `path: row N` (Parquet). The tokenizer is
+    required: a prompt without token ids reaches the engine as an empty request."""
     rows: list[PromptRow] = []
     for where, record in read_records(path):
         if not isinstance(record, dict):
@@ -71,7 +69,7 @@ def load_prompt_rows(
             text = _render(prompt, tokenizer, apply_chat_template)
         except TypeError as e:
             raise DataError(f"{where}: {e}") from None
-        token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
         if max_prompt_len is not None and len(token_ids) > max_prompt_len:
             raise DataError(
                 f"{where}: prompt is {len(token_ids)} tokens, longer than rollout_max_prompt_len ({max_prompt_len})"

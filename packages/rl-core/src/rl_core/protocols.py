@@ -102,7 +102,13 @@ class RewardInput(TypedDict):
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """Scores a batch of responses; never raises for one bad sample (it gives a defined reward and counts it)."""
+    """Scores a batch of responses; never raises for one bad sample: it gives a defined reward and reports
+    the failure, so that the loop can stop a run whose rewards are mostly errors."""
+
+    last_failed: Sequence[int]
+    """Indices of the latest batch's items whose grading failed (raised, timed out, returned no number)."""
+    last_errors: Sequence[str]
+    """Messages of the latest batch's failures ('item i: TypeError: ...'), the first few at least."""
 
     async def score_batch(self, items: Sequence[RewardInput]) -> list[float]: ...
 

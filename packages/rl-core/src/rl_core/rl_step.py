@@ -62,6 +62,23 @@ def _as_tensors(rows: Sequence[Sequence[float]] | None) -> list[torch.Tensor] | 
     return None if rows is None else [torch.as_tensor(r, dtype=torch.float32) for r in rows]
 
 
+def _spread(per_kept: list[torch.Tensor] | None, keep: list[int], total: int) -> list[torch.Tensor] | None:
+    """Per-sample tensors of the kept samples placed back among all `total`, empty for the others."""
+    if per_kept is None:
+        return None
+    out = [torch.zeros(0)] * total
+    for i, tensor in zip(keep, per_kept):
+        out[i] = tensor
+    return out
+
+
+def _step_bounds(count: int, steps: int) -> list[tuple[int, int]]:
+    """`steps` contiguous, near-equal slices of `count` samples (exactly global_batch_size each when none
+    was dropped)."""
+    edges = [round(k * count / steps) for k in range(steps + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
 def rl_step(
     config: RLStepConfig,
     samples: Sequence[Sample],
@@ -72,14 +89,22 @@ def rl_step(
 ) -> list[dict[str, float]]:
     """Train `policy` (and `critic`, for ppo) on one rollout's scored samples, in group order.
 
-    The policy sits out the first --num-critic-only-steps rollouts. Returns metric dicts for the caller to
-    average key by key: one per optimizer step (`train/...` for the policy, `critic/...`), and one with
-    `train/reward_kl` under --kl-coef.
+    Samples with an empty response (aborted before their first token) keep their place in their group's
+    reward statistics but are not trained on (`train/empty_responses` counts them). The policy sits out
+    the first --num-critic-only-steps rollouts. Returns one metric dict per optimizer step (`train/...` for
+    the policy, `critic/...`), each also holding the rollout's `train/reward_kl` under --kl-coef, for the
+    caller to average key by key.
     """
     if config.use_critic and critic is None:
         raise ValueError(f"advantage_estimator {config.advantage_estimator!r} trains a critic, but none was given")
+    keep = [i for i, s in enumerate(samples) if s.response_length > 0]
+    trained = [samples[i] for i in keep]
+    # Rollout-level figures go into every step's metrics, so that averaging over steps keeps them.
+    rollout_level = {"train/empty_responses": float(len(samples) - len(keep))}
+    if not trained:
+        return [rollout_level]
     # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
-    whole = TrainBatch.from_samples(samples, [[0.0] * s.response_length for s in samples])
+    whole = TrainBatch.from_samples(trained, [[0.0] * s.response_length for s in trained])
     recompute_old = config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs  # type: ignore[operator]
     reward_kl = config.kl_coef > 0.0
     if config.use_rollout_logprobs and whole.rollout_log_probs is None:
@@ -99,30 +124,30 @@ def rl_step(
         result = rollout_advantages(
             config,
             samples,
-            log_probs=kl_log_probs if reward_kl else None,
-            ref_log_probs=ref_log_probs,
-            values=values,
+            log_probs=_spread(kl_log_probs, keep, len(samples)) if reward_kl else None,
+            ref_log_probs=_spread(ref_log_probs, keep, len(samples)),
+            values=_spread(values, keep, len(samples)),
         )
         whole = dataclasses.replace(
             whole,
-            advantages=[a.tolist() for a in result.advantages],
+            advantages=[result.advantages[i].tolist() for i in keep],
             # Every step's PPO ratio is taken against the policy that existed before the rollout's first step.
             old_log_probs=[lp.tolist() for lp in own_log_probs] if recompute_old and own_log_probs is not None else None,
-            returns=[r.tolist() for r in result.returns] if critic is not None else None,
+            returns=[result.returns[i].tolist() for i in keep] if critic is not None else None,
             values=[v.tolist() for v in values] if values is not None else None,
         )
-        steps: list[dict[str, float]] = []
         if reward_kl:
             assert kl_log_probs is not None and ref_log_probs is not None
-            steps.append({"train/reward_kl": mean_reward_kl(config, samples, kl_log_probs, ref_log_probs)})
+            rollout_level["train/reward_kl"] = mean_reward_kl(config, trained, kl_log_probs, ref_log_probs)
+        steps: list[dict[str, float]] = []
         train_policy = rollout_id >= config.num_critic_only_steps
         policy_loss, value_loss = config.policy_loss(), config.value_loss()
-        size = config.global_batch_size
-        assert size is not None
-        for start in range(0, len(samples), size):
-            part = whole.select(range(start, min(start + size, len(samples))))
+        for start, end in _step_bounds(len(trained), config.num_steps_per_rollout):  # type: ignore[arg-type]
+            part = whole.select(range(start, end))
             critic_future = pool.submit(critic.train_step, part, value_loss) if critic is not None else None
-            metrics = {f"train/{k}": v for k, v in policy.train_step(part, policy_loss).items()} if train_policy else {}
+            metrics = dict(rollout_level)
+            if train_policy:
+                metrics.update({f"train/{k}": v for k, v in policy.train_step(part, policy_loss).items()})
             if critic_future is not None:
                 metrics.update({f"critic/{k}": v for k, v in critic_future.result().items()})
             steps.append(metrics)

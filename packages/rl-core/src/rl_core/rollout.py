@@ -50,7 +50,30 @@ async def generate_samples(engine: RolloutEngine, samples: Sequence[Sample], sam
     return [apply_generate_output(s, o) for s, o in zip(samples, outputs)]
 
 
-async def score_samples(reward_model: RewardModel, samples: Sequence[Sample]) -> list[Sample]:
+class RewardFailure(RuntimeError):
+    """Too many samples of a batch failed to grade: their error rewards would be trained on as if real."""
+
+
+def check_reward_failures(reward_model: RewardModel, samples: Sequence[Sample], max_error_ratio: float) -> None:
+    """Raise `RewardFailure` when every sample of the batch failed to grade, or more than `max_error_ratio`
+    of them; the message quotes the first failure (its first line) and names its sample."""
+    failed = list(reward_model.last_failed)
+    if not failed or (len(failed) < len(samples) and len(failed) <= max_error_ratio * len(samples)):
+        return
+    first = samples[failed[0]]
+    message = next(iter(reward_model.last_errors), "no message").split(": ", 1)[-1].splitlines()[0]
+    if len(failed) == len(samples):
+        share = f"every one of the {len(samples)} samples failed to grade"
+    else:
+        share = (f"{len(failed)} of the {len(samples)} samples ({len(failed) / len(samples):.0%}) failed to grade,"
+                 f" more than --max-reward-error-ratio {max_error_ratio}")
+    raise RewardFailure(f"{share}; the first, sample {first.index} (prompt {str(first.prompt)[:60]!r}): {message}")
+
+
+async def score_samples(
+    reward_model: RewardModel, samples: Sequence[Sample], *, max_error_ratio: float = 1.0
+) -> list[Sample]:
+    """Grade every sample; see `check_reward_failures` for when a batch of failures stops the run."""
     items = [
         RewardInput(
             prompt=s.prompt if isinstance(s.prompt, str) else str(s.prompt),
@@ -62,6 +85,7 @@ async def score_samples(reward_model: RewardModel, samples: Sequence[Sample]) ->
     ]
     for sample, reward in zip(samples, await reward_model.score_batch(items)):
         sample.reward = float(reward)
+    check_reward_failures(reward_model, samples, max_error_ratio)
     return list(samples)
 
 
@@ -75,6 +99,7 @@ async def generate_groups(
     over_sampling_batch_size: int | None = None,
     sample_filter: SampleFilter | None = None,
     max_rounds: int = 32,
+    max_error_ratio: float = 1.0,
 ) -> tuple[list[list[Sample]], DynamicSamplingStats]:
     """Generate and score prompt groups until `num_groups` of them pass `sample_filter` (dynamic sampling).
 
@@ -95,7 +120,7 @@ async def generate_groups(
         groups = data_source.get_samples(per_round)
         samples = [s for g in groups for s in g]
         await generate_samples(engine, samples, sampling_params)
-        await score_samples(reward_model, samples)
+        await score_samples(reward_model, samples, max_error_ratio=max_error_ratio)
         surplus = sort_groups(groups, sample_filter, num_groups, stats)
         if surplus:
             data_source.add_samples(surplus)

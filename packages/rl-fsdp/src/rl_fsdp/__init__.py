@@ -1,8 +1,7 @@
-"""Training backend on PyTorch FSDP2 for Hugging Face causal language models, and PPO's critic."""
+"""Training backend on PyTorch FSDP2 for Hugging Face causal language models (policy or value head)."""
 
-from rl_fsdp.backend import FSDPBackend
-from rl_fsdp.config import CriticConfig, FSDPConfig
-from rl_fsdp.critic import FSDPCritic
+from rl_fsdp.backend import FSDPBackend, build_backend
+from rl_fsdp.config import FSDPConfig
 
-__all__ = ["CriticConfig", "FSDPBackend", "FSDPConfig", "FSDPCritic"]
+__all__ = ["FSDPBackend", "FSDPConfig", "build_backend"]
 __version__ = "0.1.0"

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from rl_core.algorithms.policy_loss import LossDenominators, policy_loss
+from rl_core.losses import TrainLoss
+from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, rank_micro_batches, validate_batch
+from rl_core.protocols import ForwardModel
 from rl_core.train_batch import TrainBatch
+from torch import nn
 
 from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
-from rl_core.micro_batches import MicroBatch, rank_micro_batches, validate_batch
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
+from rl_fsdp.value_head import ValueModel, response_values
 from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_STEPS_FILE = "backend_steps.json"
 
 
 class FSDPBackend:
-    """A Hugging Face causal LM sharded over every rank of the default process group.
+    """A Hugging Face causal LM (head "lm") or its body with a value head (head "value", PPO's critic),
+    sharded over every rank of the default process group.
 
     Every rank is handed the same global batch and trains on samples rank::world_size; all public
-    methods are collective.
+    methods are collective, and every rank returns the full results (result_rank 0).
     """
+
+    result_rank = 0
 
     def __init__(self, config: FSDPConfig) -> None:
         self.config = config
@@ -37,104 +45,88 @@ class FSDPBackend:
         self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
         mesh = self._world.mesh
 
-        model = load_hf_model(config.model_path, config.seed)
-        model.config.use_cache = False
-        self.hf_config = model.config
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        self.tied_aliases = tied_aliases(model)
-        reference = copy.deepcopy(model).requires_grad_(False).eval() if config.keeps_reference else None
+        causal_lm = load_hf_model(config.model_path, config.seed)
+        causal_lm.config.use_cache = False
+        self.hf_config = causal_lm.config
+        self.vocab_size = causal_lm.get_input_embeddings().weight.shape[0]
+        self.tied_aliases = tied_aliases(causal_lm) if config.head == "lm" else {}
+        reference = copy.deepcopy(causal_lm).requires_grad_(False).eval() if config.ref_model else None
+        layer_classes = set(causal_lm._no_split_modules or ())
         if config.gradient_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(causal_lm)
+        model: nn.Module = causal_lm
+        if config.head == "value":
+            model = ValueModel(causal_lm.base_model, causal_lm.config.hidden_size)
+            del causal_lm
         param_dtype = _DTYPES[config.param_dtype]
-        self.model = shard_model(model, mesh, param_dtype)
-        self.reference = shard_model(reference, mesh, param_dtype) if reference is not None else None
+        self.model = shard_model(model, mesh, param_dtype, layer_classes)
+        self.reference = shard_model(reference, mesh, param_dtype, layer_classes) if reference is not None else None
         self.optimizer = make_optimizer(self.model, config)
+        self.steps = 0
+        """Optimizer steps taken, which the learning-rate schedule reads; kept in checkpoints."""
 
     def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
         validate_batch(batch, self.vocab_size)
         return rank_micro_batches(batch, self.rank, self.world_size, self.config.micro_batch_size, self.device)
 
-    def compute_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
-        """Current-policy log-probs of every sample's response tokens (float32, CPU), on every rank."""
-        return self._gather_log_probs(self.model, batch)
+    def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
+        """Log-probs of every sample's response tokens (values, for a value head), float32 on the CPU."""
+        if model == "reference" and self.reference is None:
+            raise ValueError("forward(model='reference') needs the reference model: build the backend with ref_model=True")
+        net = self.reference if model == "reference" else self.model
+        assert net is not None
+        net.eval()
+        if self.config.head == "value":
+            compute = lambda mb: response_values(net, mb)  # noqa: E731
+        else:
+            temperature = self.config.rollout_temperature
+            compute = lambda mb: response_log_probs(net, mb, temperature, with_entropy=False)[0]  # noqa: E731
+        return gather_per_token(batch, self._micro_batches(batch), compute, self.device, self.world_size)
 
-    def compute_ref_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
-        """Reference-model log-probs of every sample's response tokens (float32, CPU), on every rank; the
-        loop folds the KL to them into the rewards (--kl-coef)."""
-        if self.reference is None:
-            raise ValueError(
-                "compute_ref_log_probs needs the reference model, but this backend keeps none:"
-                " set FSDPConfig.ref_model=True"
-            )
-        return self._gather_log_probs(self.reference, batch)
-
-    def _gather_log_probs(self, model: torch.nn.Module, batch: TrainBatch) -> list[torch.Tensor]:
-        model.eval()
-        temperature = self.config.rollout_temperature
-        forward = lambda mb: response_log_probs(model, mb, temperature, with_entropy=False)[0]  # noqa: E731
-        return gather_per_token(batch, self._micro_batches(batch), forward, self.device, self.world_size)
-
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on the global batch; returns global-batch means of the loss terms and, when the
-        batch has rollout log-probs, of the train/rollout mismatch metrics (tis, ois, ...)."""
-        if self.config.use_rollout_logprobs and batch.rollout_log_probs is None:
-            raise ValueError("use_rollout_logprobs is set but the TrainBatch has no rollout_log_probs")
-        if self.config.loss.use_tis and batch.rollout_log_probs is None:
-            raise ValueError("loss.use_tis is set but the TrainBatch has no rollout_log_probs to weight by")
+    def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
+        """One optimizer step of `loss` on the global batch; returns its global-batch metrics, grad_norm, lr."""
+        self._check_loss(loss)
         micro_batches = self._micro_batches(batch)
-        denominators = LossDenominators(
-            num_tokens=float(sum(sum(mask) for mask in batch.loss_masks)), num_samples=float(len(batch))
-        )
+        denominators = batch_denominators(batch)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         self.model.train()
         for mb in micro_batches:
-            metrics = self._backward_micro_batch(mb, denominators)
-            for key, value in metrics.items():
-                sums[key] += value.float()
+            value, metrics = loss(loss_inputs(mb, denominators, **self._outputs(mb, loss)))
+            # The loss is this rank's share of the global-batch loss, so the single-process gradient is the
+            # sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which gloo
+            # lacks), so scale by the world size.
+            (value * self.world_size).backward()
+            for key, metric in metrics.items():
+                sums[key] += metric.float()
         result = sum_over_ranks(sums, self.world_size)
-        result.update(clip_and_step(self.model, self.optimizer, self.config.clip_grad))
+        self.steps += 1
+        result.update(clip_and_step(self.model, self.optimizer, self.config, self.steps))
         return result
 
-    def _backward_micro_batch(self, mb: MicroBatch, denominators: LossDenominators) -> dict[str, torch.Tensor]:
-        """Forward, loss (this micro-batch's share of the global loss), backward; returns summable metrics."""
+    def _check_loss(self, loss: TrainLoss) -> None:
+        if self.config.head == "value" and loss.needs - {"values"}:
+            raise ValueError(f"{type(loss).__name__} needs {sorted(loss.needs)}, but this backend has a value head")
+        if self.config.head == "lm" and "values" in loss.needs:
+            raise ValueError(f"{type(loss).__name__} needs values: train it on a backend with head='value'")
+        if "ref_log_probs" in loss.needs and self.reference is None:
+            raise ValueError(f"{type(loss).__name__} needs the reference model: build the backend with ref_model=True")
+
+    def _outputs(self, mb: MicroBatch, loss: TrainLoss) -> dict[str, torch.Tensor | None]:
+        """The forward outputs `loss.needs` for one micro-batch, with gradients where they are trained."""
+        if self.config.head == "value":
+            return {"values": response_values(self.model, mb)}
         temperature = self.config.rollout_temperature
         log_probs, entropy = response_log_probs(
-            self.model, mb, temperature, with_entropy=True, entropy_grad=self.config.loss.entropy_coef != 0
+            self.model, mb, temperature, with_entropy="entropy" in loss.needs, entropy_grad=loss.entropy_grad
         )
-        # The old policy: the batch's, taken before the rollout's first step when the rollout is split
-        # into several steps; else the engine's with use_rollout_logprobs; else this forward's, which is
-        # the pre-update ("recomputed") policy since the weights do not change inside train_step.
-        if mb.old_log_probs is not None:
-            old_log_probs = mb.old_log_probs
-        elif self.config.use_rollout_logprobs:
-            old_log_probs = mb.rollout_log_probs
-        else:
-            old_log_probs = log_probs.detach()
-        ref_log_probs = None
-        if self.config.loss.use_kl_loss:
+        outputs: dict[str, torch.Tensor | None] = {"log_probs": log_probs, "entropy": entropy}
+        if "ref_log_probs" in loss.needs:
+            assert self.reference is not None
             with torch.no_grad():
-                ref_log_probs, _ = response_log_probs(self.reference, mb, temperature, with_entropy=False)
-        # Tokens outside the loss mask carry 0 in every log-prob, so no exp() there can overflow into NaN.
-        on = mb.loss_mask > 0
-        zero = lambda t: torch.where(on, t, torch.zeros_like(t))  # noqa: E731
-        loss, metrics = policy_loss(
-            self.config.loss,
-            log_probs=zero(log_probs),
-            old_log_probs=zero(old_log_probs),
-            advantages=mb.advantages,
-            mask=mb.loss_mask,
-            denominators=denominators,
-            ref_log_probs=None if ref_log_probs is None else zero(ref_log_probs),
-            entropy=entropy,
-            rollout_log_probs=None if mb.rollout_log_probs is None else zero(mb.rollout_log_probs),
-        )
-        # The loss is this rank's share of the global-batch loss, so the single-process gradient is the
-        # sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which gloo
-        # lacks), so scale by the world size.
-        (loss * self.world_size).backward()
-        return metrics
+                outputs["ref_log_probs"], _ = response_log_probs(self.reference, mb, temperature, with_entropy=False)
+        return outputs
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, full tensor) for every state-dict entry, on this rank's device (collective).
 
         Tied weights appear under both names (e.g. `model.embed_tokens.weight` and `lm_head.weight`),
@@ -146,22 +138,53 @@ class FSDPBackend:
         """Write a Hugging Face checkpoint (config, float32 safetensors, tokenizer files) from rank 0 (collective)."""
         directory = Path(directory)
         state = {}
-        for name, tensor in self.named_weights():
+        for name, tensor in self.weights():
             if self.rank == 0 and name not in self.tied_aliases:
                 state[name] = tensor.cpu().contiguous()
         if self.rank == 0:
             write_hf_checkpoint(directory, state, self.hf_config, self.config.model_path)
         dist.barrier()
 
-    def save_checkpoint(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path) -> None:
         """Model and optimizer state of every rank into `directory`, to resume training from (collective)."""
         save_training_state(self.model, self.optimizer, directory)
+        if self.rank == 0:
+            (Path(directory) / _STEPS_FILE).write_text(json.dumps({"steps": self.steps}))
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        """Resume from a `save_checkpoint` directory (collective). The reference model stays the initial one."""
+    def load(self, directory: str | Path) -> None:
+        """Resume from a `save` directory (collective). The reference model stays the initial one."""
         load_training_state(self.model, self.optimizer, directory)
+        steps_file = Path(directory) / _STEPS_FILE
+        self.steps = json.loads(steps_file.read_text())["steps"] if steps_file.is_file() else 0
+
+    def offload(self) -> None:
+        """Parameters and optimizer state to the CPU, so a colocated engine can use the GPU memory."""
+        self._move(torch.device("cpu"))
+
+    def onload(self) -> None:
+        self._move(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        if self.device.type == "cpu":
+            return  # nothing lives on an accelerator
+        for module in (self.model, self.reference):
+            if module is not None:
+                module.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                # Adam keeps its step counts on the CPU whatever the parameters' device.
+                if key != "step" and isinstance(value, torch.Tensor) and value.device != device:
+                    state[key] = value.to(device, non_blocking=True)
+        if device.type == "cpu":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         """Free the model and optimizer; destroy the process group if this backend created it."""
         del self.model, self.reference, self.optimizer
         self._world.leave()
+
+
+def build_backend(config: FSDPConfig) -> FSDPBackend:
+    """The factory `--train-backend fsdp` selects."""
+    return FSDPBackend(config)

@@ -11,11 +11,15 @@ from rl_core.train_batch import TrainBatch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from rl_fsdp.config import ShardedTrainingConfig
+from rl_core.backend_config import BackendConfig
+from rl_core.lr_schedule import learning_rate
 from rl_core.micro_batches import MicroBatch
 
 
-def make_optimizer(model: nn.Module, config: ShardedTrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: BackendConfig) -> torch.optim.Optimizer:
+    """AdamW (Megatron's adam: decoupled weight decay) or SGD with weight decay, as --optimizer says."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(
         model.parameters(),
         lr=config.lr,
@@ -25,12 +29,21 @@ def make_optimizer(model: nn.Module, config: ShardedTrainingConfig) -> torch.opt
     )
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float) -> dict[str, float]:
-    """Clip the global gradient norm (0: no clipping), step, zero the gradients; returns grad_norm and lr."""
-    max_norm = clip_grad if clip_grad > 0 else float("inf")
+def clip_and_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: BackendConfig, step: int
+) -> dict[str, float]:
+    """Clip the global gradient norm (0: no clipping), take optimizer step number `step` (from 1) at the
+    scheduled learning rate, zero the gradients; returns grad_norm and lr."""
+    max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
+    rate = learning_rate(
+        step, lr=config.lr, min_lr=config.min_lr, decay_style=config.lr_decay_style,
+        decay_iters=config.lr_decay_iters, warmup_iters=config.lr_warmup_iters,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = rate
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": float(grad_norm), "lr": float(optimizer.param_groups[0]["lr"])}

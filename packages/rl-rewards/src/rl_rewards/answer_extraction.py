@@ -1,7 +1,9 @@
 """Pulls the final answer out of a model response: `\\boxed{...}`, "The answer is X", else the last number.
 
 Only the tail of a response is read (`MAX_SCAN_CHARS`), so a multi-megabyte or deliberately nested
-response costs linear time on a few thousand characters at most.
+response costs linear time on a few thousand characters at most. A response that opens a box anywhere
+is answered by its last complete box or not at all: an unclosed `\\boxed{` (a truncated answer, or a
+run of thousands of them) never falls back to the answer phrase or the last number in the text.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ def last_number(text: str) -> str | None:
     return matches[-1].replace(" ", "").rstrip(",")
 
 
+def opens_a_box(text: str) -> bool:
+    """Whether `text` uses `\\boxed` or `\\fbox` anywhere (a substring scan: linear even on megabytes)."""
+    return any(command in text for command in _BOX_COMMANDS)
+
+
 def extract_math_answer(response: str) -> str | None:
-    """The response's final answer: boxed, else the answer phrase, else the last number."""
-    return last_boxed(response) or answer_phrase(response) or last_number(response)
+    """The response's final answer: the last complete box when it opens one (None if none closes), else
+    the answer phrase, else the last number."""
+    if opens_a_box(response):
+        return last_boxed(response) or None
+    return answer_phrase(response) or last_number(response)

@@ -82,8 +82,8 @@ class RewardHub:
     """Runs one grader over batches of `RewardInput`; never raises for one bad item.
 
     A raising grader, a timed-out one, or one whose return value is unusable gives `error_reward`
-    and is counted in `stats` (`scored`, `errors`, `timeouts`); `last_errors` describes the latest batch's
-    failures by item index; `last_components` keeps each item's dict when the grader returns named
+    and is counted in `stats` (`scored`, `errors`, `timeouts`); `last_failed` lists the latest batch's
+    failed item indices and `last_errors` describes (the first 32 of) them; `last_components` keeps each item's dict when the grader returns named
     components. Timed-out sync graders keep running on their abandoned threads; once
     `max_abandoned_threads` of them are still running, new items fail at once instead of starting more.
     """
@@ -116,7 +116,22 @@ class RewardHub:
         self._abandoned = _AbandonedThreads()
         self.stats: dict[str, int] = {"scored": 0, "errors": 0, "timeouts": 0}
         self.last_errors: list[str] = []
+        self.last_failed: list[int] = []
         self._is_async = _is_async_grader(grader)
+
+    def with_reward_key(self, reward_key: str | None) -> RewardHub:
+        """A hub over the same grader (one worker pool, one remote client) and settings that picks `reward_key`
+        from the grader's dicts: evaluation may report another component than the one trained on."""
+        if reward_key == self.reward_key:
+            return self
+        return RewardHub(
+            self.grader,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+            error_reward=self.error_reward,
+            reward_key=reward_key,
+            max_abandoned_threads=self.max_abandoned_threads,
+        )
 
     def _scalar(self, value: Any) -> float:
         if isinstance(value, dict):
@@ -154,6 +169,7 @@ class RewardHub:
         return await outcome if inspect.isawaitable(outcome) else outcome
 
     def _record_failure(self, index: int, message: str) -> None:
+        self.last_failed.append(index)
         if len(self.last_errors) < _MAX_RECORDED_ERRORS:
             self.last_errors.append(f"item {index}: {message}"[:_MAX_MESSAGE_CHARS])
 
@@ -183,6 +199,7 @@ class RewardHub:
     async def score_batch(self, items: Sequence[RewardInput]) -> list[float]:
         """One scalar reward per item, in order."""
         self.last_errors = []
+        self.last_failed = []
         self.last_components = [None] * len(items)
         semaphore = asyncio.Semaphore(self.concurrency)
         return list(

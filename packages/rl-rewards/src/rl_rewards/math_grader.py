@@ -1,12 +1,9 @@
 """The `math` reward: extract the final answer, then compare it to the label exactly, numerically, and
-symbolically through math-verify.
+symbolically through math-verify (`rl_rewards.symbolic_equivalence`, imported on first use).
 
-math-verify's own timeouts use `signal.alarm`, which only works on the main thread; the hub runs graders in
-worker threads, so they are switched off here (`parsing_timeout=None`, `timeout_seconds=None`) and the hub's
-per-item timeout bounds the time instead. Inputs that make sympy blow up in memory (power towers, deep
-nesting) are refused before they reach it, because a timeout cannot take memory back; for what the filter
-misses, `--rm-type math` with `isolate=True` runs this grader in memory-limited worker processes
-(`rl_rewards.isolated_grader`).
+Inputs that make sympy blow up in memory (power towers, deep nesting, powers of sums) are refused before
+they reach it, because a timeout cannot take memory back; for what the filters miss, `--rm-type math`
+with `isolate=True` runs this grader in memory-limited worker processes (`rl_rewards.isolated_grader`).
 """
 
 from __future__ import annotations
@@ -14,8 +11,6 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 from typing import Any
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rl_rewards.answer_extraction import extract_math_answer, last_boxed
 from rl_rewards.labels import label_alternatives
@@ -25,7 +20,6 @@ MAX_SYMBOLIC_CHARS = 400
 MAX_SYMBOLIC_NESTING = 6
 """math-verify's LaTeX parser is exponential in bracket depth (15 nested parentheses take seconds)."""
 _RELATIVE_TOLERANCE = Fraction(1, 10**6)
-_EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 _EXPENSIVE = re.compile(
     r"\^[-+\s]*\d{6,}"  # huge literal exponent: 9^{99999999}
     r"|\^[-+\s]*\d+\s*\^"  # numeric power tower: 9^9^9, 10^{10^{10}}, 2^{(2^{100})}
@@ -74,11 +68,9 @@ def _numeric_equal(predicted: NormalizedAnswer, gold: NormalizedAnswer) -> bool 
 def _symbolic_equal(predicted: str, gold: str) -> bool:
     if _too_expensive_for_sympy(predicted) or _too_expensive_for_sympy(gold):
         return False
-    gold_parsed = parse(f"${gold}$", extraction_config=_EXTRACTION_CONFIG, parsing_timeout=None)
-    predicted_parsed = parse(f"${predicted}$", extraction_config=_EXTRACTION_CONFIG, parsing_timeout=None)
-    if not gold_parsed or not predicted_parsed:
-        return False
-    return verify(gold_parsed, predicted_parsed, timeout_seconds=None)
+    from rl_rewards.symbolic_equivalence import symbolically_equal  # sympy loads on the first answer that needs it
+
+    return symbolically_equal(predicted, gold)
 
 
 def math_answers_equal(predicted: str, gold: str) -> bool:

@@ -1,8 +1,8 @@
 """Normalisation of LaTeX answers for what math-verify misses or should not be trusted with.
 
 Covers `\\dfrac`, `\\left`/`\\right`, thousands separators, percent, degrees, dollar signs, trailing units
-and words, and `x = ` prefixes. The numeric reading (`as_number`) lets plain numbers and fractions be
-compared exactly without sympy.
+and words, `x = ` prefixes, and a bare `pi` written for `\\pi`. The numeric reading (`as_number`) lets
+plain numbers and fractions be compared exactly without sympy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _SUBSTITUTIONS = (
     (re.compile(r"\\\$"), ""),
     (re.compile(r"\{,\}"), ","),
     (re.compile(r"\\displaystyle"), ""),
+    (re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])"), r"\\pi"),  # a bare `pi` is the constant, not p times i
 )
 _PERCENT = re.compile(r"\\?%")
 _TRAILING_TEXT_COMMAND = re.compile(r"^(?P<value>.*?[\d}])\s*\\(?:text|mbox|mathrm|textbf)\s*\{[^{}]*\}\s*$")

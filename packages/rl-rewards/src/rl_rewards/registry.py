@@ -50,6 +50,17 @@ class RewardRegistry:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def takes_option(self, name: str, option: str) -> bool:
+        """Whether the grader registered as `name` accepts the keyword `option` (False for unknown names)."""
+        factory = self._factories.get(name)
+        if factory is None:
+            return False
+        try:
+            parameters = inspect.signature(factory).parameters
+        except ValueError:  # no signature to read (a builtin)
+            return False
+        return option in parameters
+
     def __contains__(self, name: object) -> bool:
         return name in self._factories
 

@@ -8,6 +8,7 @@ can be retried elsewhere at once. A passing health check puts it back.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import Counter
 from typing import Any, Collection
@@ -218,9 +219,24 @@ class EnginePool:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
+        """Cancel background aborts, then close every engine that can be closed (by shape: `aclose()` or
+        `close()`, awaited when it is a coroutine), each bounded by the health timeout."""
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(self._close_engine(slot) for slot in self.slots.values()))
+
+    async def _close_engine(self, slot: EngineSlot) -> None:
+        close = getattr(slot.adapter, "aclose", None) or getattr(slot.adapter, "close", None)
+        if not callable(close):
+            return
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:  # one engine failing to close must not keep the others open
+            logger.warning("closing engine %r failed: %s: %s", slot.name, type(exc).__name__, exc)
 
     # --- metrics -------------------------------------------------------------------------------
 

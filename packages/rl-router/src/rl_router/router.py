@@ -3,7 +3,8 @@
 Each wakeup of the socket drains every message that is ready (see `transport.LoopSocket`) and serves
 each in its own asyncio task; the reply goes back on the caller's ZMQ identity frame and carries the
 request's message id, so one client socket can have many requests in flight. Bad messages are
-counted and dropped (or answered with an error when their id can be read); they never stop the router.
+counted and dropped (or answered with an error when their id can be read); they never stop the router,
+and their warnings are rate-limited (`log_limit`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rl_router import wire
 from rl_router.engine_pool import EnginePool
 from rl_router.faults import is_engine_fault
 from rl_router.loading import load_middleware
+from rl_router.log_limit import RateLimitedWarnings
 from rl_router.policies import RoutingPolicy, make_policy
 from rl_router.protocols import CallNext, EngineAdapter, Middleware, RouterRequest
 from rl_router.security import check_bind_allowed, token_matches
@@ -79,7 +81,11 @@ class Router:
     out or puts it back. Aborted requests are never retried.
 
     Security: with `auth_token` every request must carry it (`RouterClient(auth_token=...)`); binding
-    an address other than loopback without a token is refused.
+    an address other than loopback without a token is refused. Warnings about bad or unauthorized
+    messages are limited to `warnings_per_minute` (the rest are counted in `router/warnings_suppressed`).
+
+    `stop()` closes the engines still registered that have an `aclose()` or `close()` (the HTTP clients'
+    sessions); an engine taken out with `remove_engine` is the caller's to close.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class Router:
         max_retries: int = 2,
         retry_on: Callable[[BaseException], bool] = is_engine_fault,
         auth_token: str | None = None,
+        warnings_per_minute: int = 10,
     ):
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
@@ -119,6 +126,7 @@ class Router:
         self._retry_on = retry_on
         self._auth_token = auth_token
         self._malformed: Counter[str] = Counter()
+        self._peer_warnings = RateLimitedWarnings(logger, burst=warnings_per_minute, interval_s=60.0)
         self._unauthorized = 0
         self._retries = 0
         self._aborted_not_retried = 0
@@ -181,6 +189,7 @@ class Router:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()  # tasks cancelled before their first step never reach their own cleanup
         await self._pool.close()
+        self._peer_warnings.flush()
         self._context.term()
         self._socket = self._context = self._health_loop = None
 
@@ -209,6 +218,7 @@ class Router:
             "router/unauthorized": float(self._unauthorized),
             "router/retries": float(self._retries),
             "router/aborted_not_retried": float(self._aborted_not_retried),
+            "router/warnings_suppressed": float(self._peer_warnings.suppressed),
         }
         for reason, count in sorted(self._malformed.items()):
             out[f"router/malformed/{reason}"] = float(count)
@@ -227,7 +237,7 @@ class Router:
             self._tasks.add(asyncio.create_task(self._serve(frames[:-1], frames[-1])))
         else:
             self._malformed["bad_frames"] += 1
-            logger.warning("dropped a message of %d frames (expected identity + message)", len(frames))
+            self._peer_warnings.warning("dropped a message of %d frames (expected identity + message)", len(frames))
 
     async def _serve(self, envelope: list[bytes], data: bytes) -> None:
         try:
@@ -240,13 +250,13 @@ class Router:
             request = wire.parse_request(data, self._max_message_bytes)
         except wire.MalformedMessage as exc:
             self._malformed[exc.reason] += 1
-            logger.warning("malformed message (%s): %s", exc.reason, exc)
+            self._peer_warnings.warning("malformed message (%s): %s", exc.reason, exc)
             if exc.msg_id is not None:
                 self._send(envelope, wire.encode_error(exc.msg_id, f"malformed request: {exc}"))
             return
         if not token_matches(self._auth_token, request.token):
             self._unauthorized += 1
-            logger.warning("refused a %s request without the right auth token", request.op)
+            self._peer_warnings.warning("refused a %s request without the right auth token", request.op)
             self._send(envelope, wire.encode_error(request.id, "unauthorized: missing or wrong auth token"))
             return
         try:

@@ -80,7 +80,8 @@ class AdvantageInputs:
                     raise ValueError(f"sample {i}: {name} has {t.numel()} entries, response_length is {length}")
 
     def reward_tensor(self) -> torch.Tensor:
-        return torch.as_tensor(self.rewards, dtype=torch.float32).reshape(-1)
+        """float64, so that group statistics see the rewards as given (0.7 is not rounded to float32 first)."""
+        return torch.as_tensor(self.rewards, dtype=torch.float64).reshape(-1)
 
     def masks(self) -> list[torch.Tensor]:
         if self.loss_masks is None:
@@ -123,14 +124,20 @@ def group_normalized_rewards(
     rewards: torch.Tensor, group_size: int, *, std_normalize: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO's reward shaping: subtract each prompt group's mean and, unless disabled, divide by the
-    group's unbiased std plus `eps`. Samples of one group are contiguous."""
+    group's unbiased std plus `eps`. Samples of one group are contiguous.
+
+    Statistics are taken in float64, and a group whose rewards are all equal gets exactly 0: in float32 a
+    reward such as 0.7 or 1/3 leaves a rounding residue in (r - mean) that the division by a near-zero
+    std + eps blows up to a spurious advantage of several hundredths.
+    """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.double().view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if std_normalize and group_size > 1:
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
-    return centered.flatten()
+    flat = (grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)).expand_as(centered)
+    return torch.where(flat, torch.zeros_like(centered), centered).to(torch.float32).flatten()
 
 
 def _broadcast(per_sample: torch.Tensor, response_lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -145,14 +152,18 @@ def _refuse_reward_kl(config: AdvantageConfig) -> None:
         )
 
 
-def _last_policy_token(masks: Sequence[torch.Tensor]) -> list[int]:
-    """Index of each sample's last loss-mask token: where the scalar reward lands."""
-    last = []
+def _last_policy_token(masks: Sequence[torch.Tensor]) -> list[int | None]:
+    """Index of each sample's last loss-mask token, where the scalar reward lands; None for an empty
+    response (an aborted sample), which has no token to carry it and is not trained on."""
+    last: list[int | None] = []
     for i, m in enumerate(masks):
         on = m.nonzero()
-        if on.numel() == 0:
+        if m.numel() == 0:
+            last.append(None)
+        elif on.numel() == 0:
             raise ValueError(f"sample {i}: the loss mask is all zeros, so there is no token to give the reward to")
-        last.append(int(on[-1]))
+        else:
+            last.append(int(on[-1]))
     return last
 
 
@@ -164,8 +175,10 @@ def _token_rewards(inputs: AdvantageInputs, config: AdvantageConfig) -> torch.Te
     else:
         penalties = [torch.zeros_like(m) for m in masks]
     rewards = pad_right(penalties)
-    rows = torch.arange(len(masks))
-    rewards[rows, torch.tensor(_last_policy_token(masks), dtype=torch.long)] += inputs.reward_tensor()
+    scalar = inputs.reward_tensor()
+    for row, position in enumerate(_last_policy_token(masks)):
+        if position is not None:
+            rewards[row, position] += scalar[row]
     return rewards
 
 

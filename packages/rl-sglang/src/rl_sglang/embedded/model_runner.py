@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
+from rl_sglang.tokenizer import load_tokenizer
 from rl_sglang.embedded.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _load_tokenizer(model_path: str) -> PreTrainedTokenizerBase | None:
     folder = Path(model_path)
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    return AutoTokenizer.from_pretrained(model_path)
+    return load_tokenizer(model_path)
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> frozenset[int]:

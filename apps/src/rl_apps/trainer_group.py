@@ -1,0 +1,40 @@
+"""`TrainerGroup`: one training backend spread over Ray actors, driven as a single `StepBackend`.
+
+Every call goes to every rank (the backend's methods are collectives) and the answer is read from the
+backend's result rank, never assumed to be rank 0's: under pipeline parallelism only the last stage
+holds log-probs and losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainerGroup:
+    def __init__(self, actors: list[Any]) -> None:
+        import ray
+
+        self.actors = actors
+        self.result_rank: int = ray.get(actors[0].result_rank.remote())
+
+    def _on_every_rank(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        # Calls to one actor run in submission order, so every rank meets the collectives in the same order.
+        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+
+    def forward(self, batch: Any, model: str = "policy") -> list[Any]:
+        return self._on_every_rank("forward", batch, model)[self.result_rank]
+
+    def train_step(self, batch: Any, loss: Any) -> dict[str, float]:
+        return self._on_every_rank("train_step", batch, loss)[self.result_rank]
+
+    def save(self, directory: str) -> None:
+        self._on_every_rank("save", directory)
+
+    def load(self, directory: str) -> None:
+        self._on_every_rank("load", directory)
+
+    def push_weights(self, engine_urls: list[str], weight_version: str) -> None:
+        """Every rank gathers, the result rank sends to the engines."""
+        self._on_every_rank("update_weights", engine_urls, weight_version)

@@ -1,0 +1,36 @@
+"""PPO's value model: a causal LM's transformer body with a scalar value head."""
+
+from __future__ import annotations
+
+import torch
+from rl_core.micro_batches import MicroBatch
+from torch import nn
+
+
+class ValueModel(nn.Module):
+    """A causal LM's transformer body (no LM head) and a Linear(hidden, 1) head: one value per position.
+
+    The head starts at zero, so every value is 0 before the first update whatever the body: GAE then
+    begins as plain discounted returns instead of noise from a random projection.
+    """
+
+    def __init__(self, body: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.body = body
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        # A sum over the size-1 dim rather than squeeze: FSDP2 warns about root outputs that are views.
+        return self.value_head(hidden).sum(dim=-1, dtype=torch.float32)
+
+
+def response_values(model: ValueModel, mb: MicroBatch) -> torch.Tensor:
+    """Values [B, T] of the states before each response token (the position whose logits predict it, as
+    for log-probs); padding slots hold 0."""
+    values = model(mb.input_ids, mb.attention_mask, mb.position_ids).gather(1, mb.response_positions)
+    return torch.where(mb.response_valid, values, torch.zeros_like(values))
