@@ -291,9 +291,40 @@ def test_activation_recompute_gives_the_same_step(granularity, model_dirs, hf_re
     _assert_matches(result, hf_reference("qwen3"))
 
 
+def _fsdp_forward_and_step(rank: int, model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    from rl_fsdp import FSDPConfig
+    from rl_fsdp import build_backend as build_fsdp
+
+    backend = build_fsdp(FSDPConfig(model_path=model_dir, device="cpu", rollout_temperature=TEMPERATURE, **settings))
+    samples = scored_samples()
+    log_probs = backend.forward(_batch(samples))
+    metrics = rl_step(RL_CONFIG, samples, backend)
+    weights = {name: tensor.cpu().clone() for name, tensor in backend.weights()}
+    backend.close()
+    return {"log_probs": log_probs, "metrics": metrics[-1], "weights": weights}
+
+
+def test_megatron_under_tp2_and_fsdp_over_two_ranks_take_the_same_rl_step(model_dirs):
+    pytest.importorskip("rl_fsdp")
+    settings = dict(optimizer="adam", lr=1e-3, clip_grad=0.05, micro_batch_size=2)
+    [fsdp, _] = run_ranks(2, _fsdp_forward_and_step, model_dirs["qwen3"], settings)
+    [megatron, _] = run_ranks(2, _forward_and_step, _config(model_dirs["qwen3"], tensor_model_parallel_size=2, **settings))
+    assert fsdp["metrics"]["train/grad_norm"] > 0.05, "the clip bound must bite, else Adam hides a gradient scale error"
+    _assert_matches(megatron, fsdp)
+
+
 def test_offload_and_onload_between_forward_and_step_change_nothing(model_dirs, hf_reference):
     [result] = run_ranks(1, _forward_and_step, _config(model_dirs["qwen3"], ref_model=True), True)
     _assert_matches(result, hf_reference("qwen3"))
+
+
+def test_dropout_changes_the_train_step_but_not_the_forward_log_probs(model_dirs, hf_reference):
+    config = _config(model_dirs["qwen3"], hidden_dropout=0.3, attention_dropout=0.3)
+    [result] = run_ranks(1, _forward_and_step, config)
+    reference = hf_reference("qwen3")
+    for actual, expected in zip(result["log_probs"], reference["log_probs"], strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert result["metrics"]["train/grad_norm"] != pytest.approx(reference["metrics"]["train/grad_norm"], rel=1e-3)
 
 
 def test_adam_with_clipping_under_the_distributed_optimizer_equals_torch_adamw(model_dirs):
