@@ -44,7 +44,8 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_rewards import build_reward
     from rl_router import load_middleware
 
-    from rl_apps.data import build_data_source, load_eval_rows, load_sample_filter, load_tokenizer
+    from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+    from rl_apps.slime_api import slime_args
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
@@ -54,9 +55,8 @@ def check_inputs(config: TrainConfig) -> None:
             build_data_source(config, tokenizer)
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
-        build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
-        if config.custom_rm_path is not None:
-            refuse_slime_reward_signature(config.custom_rm_path)
+        build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config), **config.reward_options())
+        load_generation_hooks(config)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
     if config.load is not None:
@@ -71,21 +71,6 @@ def check_inputs(config: TrainConfig) -> None:
             load_middleware(spec)
         except (ValueError, ImportError, TypeError) as e:
             raise InputError(f"--router-middleware-paths: {e}") from None
-
-
-def refuse_slime_reward_signature(spec: str) -> None:
-    """slime's `reward_func(args, sample, **kwargs)` would be called with keyword arguments it does not
-    take and fail on every sample; say so before anything starts."""
-    import inspect
-
-    from rl_rewards.custom_loading import load_custom_reward
-
-    parameters = list(inspect.signature(load_custom_reward(spec)).parameters)
-    if parameters[:2] == ["args", "sample"]:
-        raise InputError(
-            f"--custom-rm-path {spec}: slime's signature reward_func(args, sample, **kwargs) is not supported yet;"
-            " write it as `def score(*, prompt, response, label, metadata) -> float` (or a dict with --reward-key)"
-        )
 
 
 def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None = None) -> Path:

@@ -90,6 +90,42 @@ class RolloutEngineConfig(Section):
 _ISOLATABLE_REWARDS = ", ".join(n for n in reward_registry.names() if reward_registry.takes_option(n, "isolate"))
 
 
+class GenerationHooksConfig(Section):
+    custom_generate_function_path: str | None = None
+    """slime's per-sample generate function `async def generate(args, sample, sampling_params) -> Sample`, as
+    `module:function` or `path/to/file.py:function`: one sample generated to the end (multi-turn, tools)."""
+    rollout_function_path: str | None = None
+    """slime's whole-rollout function `generate_rollout(args, rollout_id, data_source, evaluation=False) ->
+    list[list[Sample]]` (sync or async); samples it returns without a reward are graded by the reward hub."""
+    eval_function_path: str | None = None
+    """The rollout function of evaluation (called with evaluation=True); default: --rollout-function-path's."""
+    rollout_max_context_len: int | None = Field(None, gt=0)
+    """Most tokens of prompt plus response; a sample that reaches it is TRUNCATED (the default generator asks
+    for no more new tokens than fit)."""
+    save_debug_rollout_data: str | None = None
+    """Write each rollout's samples as they go to training to this path, one JSON line each; `{rollout_id}` in
+    the path is replaced."""
+    load_debug_rollout_data: str | None = None
+    """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    debug_rollout_only: bool = False
+    """Generate (and grade) rollouts, but do not train and do not sync weights."""
+    debug_train_only: bool = False
+    """Train on --load-debug-rollout-data only: no engine generates."""
+
+    @model_validator(mode="after")
+    def _debug_flags(self) -> GenerationHooksConfig:
+        if self.debug_train_only and self.load_debug_rollout_data is None:
+            raise ValueError("--debug-train-only trains on saved rollouts: give --load-debug-rollout-data")
+        if self.debug_train_only and self.debug_rollout_only:
+            raise ValueError("--debug-train-only and --debug-rollout-only exclude each other")
+        if self.custom_generate_function_path and self.rollout_function_path:
+            raise ValueError(
+                "--custom-generate-function-path is called by the default rollout, which --rollout-function-path"
+                " replaces: give one of them"
+            )
+        return self
+
+
 class RewardConfig(Section):
     rm_type: str | None = Field(
         None, description=f"Built-in grader by name: {', '.join(reward_registry.names())} (remote needs --rm-url)."
@@ -197,8 +233,8 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(
-    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
-    LoggingConfig, CheckpointConfig, EvalConfig
+    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, GenerationHooksConfig,
+    RewardConfig, LoggingConfig, CheckpointConfig, EvalConfig
 ):
     def eval_datasets(self) -> list[tuple[str, Path]]:
         """(name, file) of every --eval-prompt-data pair."""
@@ -264,8 +300,10 @@ class TrainConfig(
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
-        if self.custom_rm_path and ".py:" in self.custom_rm_path:
-            object.__setattr__(self, "custom_rm_path", _absolute_file_spec(self.custom_rm_path))
+        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path"):
+            spec = getattr(self, name)
+            if spec and ".py:" in spec:
+                object.__setattr__(self, name, _absolute_file_spec(spec))
         object.__setattr__(self, "eval_prompt_data", [
             item if i % 2 == 0 else str(Path(item).resolve()) for i, item in enumerate(self.eval_prompt_data)
         ])
