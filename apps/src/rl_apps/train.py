@@ -59,6 +59,15 @@ def check_inputs(config: TrainConfig) -> None:
         load_generation_hooks(config)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
+    if config.train_backend == "megatron":
+        from rl_megatron import check_config, read_hf_config
+
+        try:
+            for role in ("policy", "critic") if config.use_critic else ("policy",):
+                check_config(config.backend_config(role), read_hf_config(config.hf_checkpoint),  # type: ignore[arg-type]
+                             world_size=config.actor_num_gpus_per_node)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if config.load is not None:
         from rl_apps.checkpoints import CheckpointError, find_checkpoint
 
