@@ -1,27 +1,40 @@
 """`EmbeddedEngine`: an aiohttp server with SGLang's native routes and payloads over a Hugging Face
-model, for machines without SGLang (CPU boxes, CI). Routes and fields follow SGLang
-`SGLANG_VERSION_CODED_AGAINST` (`http_server.py`, `io_struct.py`)."""
+model, for machines without SGLang (CPU boxes, CI). Routes, fields and status codes follow SGLang
+`SGLANG_VERSION_CODED_AGAINST` (`http_server.py`, `io_struct.py`; the conformance test holds both
+to the API fixture read from its wheel): abort matches request ids by prefix, health routes answer
+503 while generation is held or a weight update runs, /flush_cache and memory release answer 400
+unless idle, weight updates from a trainer run inside /begin_weight_update ... /end_weight_update."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import torch
 from aiohttp import web
 from safetensors import safe_open
 
-from rl_sglang.embedded.model_runner import MEMORY_TAGS, ModelRunner, parse_dtype
+from rl_sglang.embedded.model_runner import ModelRunner, parse_dtype
 from rl_sglang.embedded.sampling import SamplingParams
 from rl_sglang.embedded.scheduler import Scheduler
+from rl_sglang.embedded.update_lock import UpdateLock
 from rl_sglang.embedded.weight_group import WeightUpdateGroup
+from rl_sglang.tensor_handoff import LOAD_FORMATS, load_entry, named_tensors_of
 
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_TIMEOUT_S = 20.0
+# SGLang's GPU memory tags; the embedded engine has no CUDA graphs, so that tag frees nothing.
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+SESSION_REQUIRED = "{route} must run between begin_weight_update() and end_weight_update()"
+NOT_FLUSHED = (
+    "Weights were updated, but the cache was not flushed because requests are still running or queued. "
+    "Retract or finish them, then call /flush_cache."
+)
 
 
 class BadRequest(ValueError):
@@ -54,6 +67,9 @@ class EmbeddedEngine:
         self._groups: dict[str, WeightUpdateGroup] = {}
         self._app_runner: web.AppRunner | None = None
         self._weights_lock: asyncio.Lock | None = None
+        self._update_lock: UpdateLock | None = None
+        self._in_flight: dict[str, Any] = {}  # rid -> the scheduler's request, while it runs
+        self._session_open = False
 
     @property
     def url(self) -> str:
@@ -67,6 +83,7 @@ class EmbeddedEngine:
         self.scheduler = Scheduler(self.runner, self.max_running_requests)
         self.scheduler.start()
         self._weights_lock = asyncio.Lock()
+        self._update_lock = UpdateLock()
         self._app_runner = web.AppRunner(self._build_app(), access_log=None)
         await self._app_runner.setup()
         site = web.TCPSite(self._app_runner, self.host, self.port)
@@ -84,6 +101,8 @@ class EmbeddedEngine:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
+        for group in self._groups.values():
+            group.close()
         self._groups.clear()
 
     def _build_app(self) -> web.Application:
@@ -91,6 +110,8 @@ class EmbeddedEngine:
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/health", self._health)
         app.router.add_get("/health_generate", self._health_generate)
+        app.router.add_get("/ping", self._ping)
+        app.router.add_get("/ready", self._ready)
         app.router.add_get("/get_model_info", self._model_info)
         app.router.add_get("/model_info", self._model_info)
         app.router.add_get("/get_server_info", self._server_info)
@@ -106,6 +127,9 @@ class EmbeddedEngine:
         app.router.add_post("/init_weights_update_group", self._init_weights_update_group)
         app.router.add_post("/destroy_weights_update_group", self._destroy_weights_update_group)
         app.router.add_post("/update_weights_from_distributed", self._update_weights_from_distributed)
+        app.router.add_post("/update_weights_from_tensor", self._update_weights_from_tensor)
+        app.router.add_post("/begin_weight_update", self._begin_weight_update)
+        app.router.add_post("/end_weight_update", self._end_weight_update)
         return app
 
     # ---- generation ---------------------------------------------------------------------------
@@ -125,16 +149,29 @@ class EmbeddedEngine:
         else:
             rids = [rids if rids is not None else uuid.uuid4().hex]
         return_logprob = bool(body.get("return_logprob", False))
-        submitted = []
-        try:
-            for rid, prompt in zip(rids, prompts):
-                submitted.append(_parse(lambda: self.scheduler.submit(str(rid), prompt, params, return_logprob)))
-            answers = await asyncio.gather(*(r.future for r in submitted))
-        except (BadRequest, asyncio.CancelledError):  # a bad sibling or a gone client: stop the rest
-            for r in submitted:
-                self.scheduler.abort(r.rid)
-            raise
+        async with self._update_lock.shared():
+            submitted = []
+            try:
+                for rid, prompt in zip(rids, prompts):
+                    submitted.append(self._submit(str(rid), prompt, params, return_logprob))
+                answers = await asyncio.gather(*(r.future for r in submitted))
+            except (BadRequest, asyncio.CancelledError):  # a bad sibling or a gone client: stop the rest
+                for r in submitted:
+                    self.scheduler.abort(r.rid)
+                raise
         return web.json_response(answers if batched else answers[0])
+
+    def _submit(self, rid: str, prompt: list[int], params: SamplingParams, return_logprob: bool) -> Any:
+        request = _parse(lambda: self.scheduler.submit(rid, prompt, params, return_logprob))
+        self._in_flight[rid] = request
+        request.future.add_done_callback(lambda _: self._in_flight.pop(rid, None))
+        return request
+
+    def _busy(self) -> bool:
+        """SGLang's "not fully idle": requests running or queued; while paused, queued ones
+        that have not started do not count."""
+        paused = bool(self.scheduler.holds)
+        return any(not (paused and not r.output_ids) for r in self._in_flight.values())
 
     def _prompts(self, body: dict[str, Any]) -> tuple[list[list[int]], bool]:
         if ("input_ids" in body) == ("text" in body):
@@ -164,8 +201,16 @@ class EmbeddedEngine:
         return prompts, batched
 
     async def _abort_request(self, request: web.Request) -> web.Response:
+        """As SGLang: `abort_all`, or a `rid` that is in flight, which then also aborts every
+        request whose rid starts with it; an unknown or empty rid changes nothing."""
         body = await _json_body(request)
-        self.scheduler.abort(None if body.get("abort_all") else str(body.get("rid", "")))
+        if body.get("abort_all"):
+            self.scheduler.abort(None)
+            return web.Response(status=200)
+        rid = body.get("rid")
+        if isinstance(rid, str) and rid and rid in self._in_flight:
+            for other in [r for r in self._in_flight if r.startswith(rid)]:
+                self.scheduler.abort(other)
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
@@ -185,12 +230,13 @@ class EmbeddedEngine:
     # ---- health and info ----------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return await self._health_generate(request)
 
     async def _health_generate(self, request: web.Request) -> web.Response:
-        """One greedy token through the scheduler; while generation is held on purpose, alive is enough."""
-        if self.scheduler.holds:
-            return web.Response(status=200)
+        """One greedy token through the scheduler. 503 while generation is held (paused, memory
+        released) or a weight update runs, where SGLang's probe would wait out its timeout."""
+        if self.scheduler.holds or self._update_lock.updating or self._weights_lock.locked():
+            return web.Response(status=503)
         probe = self.scheduler.submit(
             f"HEALTH_CHECK_{uuid.uuid4().hex}", [0], SamplingParams(temperature=0.0, max_new_tokens=1), False
         )
@@ -200,6 +246,14 @@ class EmbeddedEngine:
             self.scheduler.abort(probe.rid)
             return web.Response(status=503)
         return web.Response(status=200)
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        """Alive, whether or not generation is held (SGLang's /ping: an intentional pause such as a
+        weight sync is not a reason to replace the engine)."""
+        return web.Response(status=200)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=503 if "paused" in self.scheduler.holds else 200)
 
     async def _model_info(self, request: web.Request) -> web.Response:
         config = self.runner.model.config
@@ -224,6 +278,9 @@ class EmbeddedEngine:
                 "device": str(self.runner.device),
                 "dtype": str(self.runner.dtype).removeprefix("torch."),
                 "max_running_requests": self.max_running_requests,
+                "tp_size": 1,
+                "dp_size": 1,
+                "pp_size": 1,
                 "random_seed": self.seed,
                 "weight_version": self.runner.weight_version,
                 "held": sorted(self.scheduler.holds),
@@ -233,22 +290,27 @@ class EmbeddedEngine:
         )
 
     async def _flush_cache(self, request: web.Request) -> web.Response:
-        # No prefix cache is kept across requests, so there is nothing stale to drop.
+        """No prefix cache is kept across requests, so there is nothing stale to drop; answered as
+        SGLang does, which refuses while requests run."""
+        if self._busy():
+            return web.Response(status=400, text="Cache not flushed because there are pending requests.\n")
         return web.Response(text="Cache flushed.\n")
 
     # ---- memory -------------------------------------------------------------------------------
 
     async def _release_memory(self, request: web.Request) -> web.Response:
+        """400 unless idle, as SGLang (pause generation first); requests arriving afterwards wait
+        for the resume."""
         tags = _tags(await _json_body(request))
+        if self._busy():
+            raise BadRequest("release_memory_occupation should be called only when server is idle.")
         self.scheduler.hold("released")
-        if "kv_cache" in tags:
-            await self.scheduler.drop_running_batch()
-        await self.scheduler.on_model_thread(self.runner.release, tags)
+        await self.scheduler.on_model_thread(self.runner.release, [t for t in tags if t != "cuda_graph"])
         return web.json_response(None)
 
     async def _resume_memory(self, request: web.Request) -> web.Response:
         tags = _tags(await _json_body(request))
-        await self.scheduler.on_model_thread(self.runner.resume, tags)
+        await self.scheduler.on_model_thread(self.runner.resume, [t for t in tags if t != "cuda_graph"])
         if not self.runner.released_tags:
             self.scheduler.unhold("released")
         return web.json_response(None)
@@ -263,12 +325,39 @@ class EmbeddedEngine:
         load_format = body.get("load_format")
         if load_format not in (None, "auto", "safetensors"):
             return _weights_answer(False, f"load_format {load_format!r} is not supported; use safetensors")
-        async with self._weights_lock:
+        async with self._updating(body):
             try:
                 tensors = await asyncio.to_thread(_read_safetensors, Path(model_path))
             except (OSError, ValueError) as exc:
                 return _weights_answer(False, f"cannot read weights from {model_path}: {exc}")
-            return await self._apply_weights(tensors, body.get("weight_version"))
+            return await self._apply_weights(tensors, body)
+
+    @asynccontextmanager
+    async def _updating(self, body: dict[str, Any]) -> AsyncIterator[None]:
+        """One weight update at a time; unless generation is paused, it waits for the requests in
+        flight and holds new ones (SGLang's model-update lock)."""
+        if body.get("abort_all_requests"):
+            self.scheduler.abort(None)
+        async with self._weights_lock:
+            if "paused" in self.scheduler.holds:
+                yield
+            else:
+                async with self._update_lock.exclusive():
+                    yield
+
+    async def _begin_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if self._session_open:
+            return _weights_answer(False, "a weight-update session is already open; call end_weight_update() first")
+        self._session_open = True
+        return _weights_answer(True, "Success")
+
+    async def _end_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if not self._session_open:
+            return _weights_answer(False, "no weight-update session is open; call begin_weight_update() first")
+        self._session_open = False
+        return _weights_answer(True, "Success")
 
     async def _init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -289,41 +378,72 @@ class EmbeddedEngine:
         try:
             self._groups[group_name] = await asyncio.to_thread(WeightUpdateGroup, *args, device=self.runner.device)
         except Exception as exc:
-            return _weights_answer(False, f"failed to join weight update group {group_name!r}: {exc}")
-        return _weights_answer(True, f"joined weight update group {group_name!r} at rank {args[2]}")
+            return _weights_answer(False, f"Failed to initialize custom process group: {exc}.")
+        return _weights_answer(True, "Succeeded to initialize custom process group.")
 
     async def _destroy_weights_update_group(self, request: web.Request) -> web.Response:
         group_name = str((await _json_body(request)).get("group_name", "weight_update_group"))
-        if self._groups.pop(group_name, None) is None:
-            return _weights_answer(False, f"no weight update group {group_name!r}")
-        return _weights_answer(True, f"destroyed weight update group {group_name!r}")
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            return _weights_answer(False, "The group to be destroyed does not exist.")
+        group.close()
+        return _weights_answer(True, "Succeeded to destroy custom process group.")
 
     async def _update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        """Receive every announced tensor (so the trainer's broadcasts never hang), then check and apply."""
+        """Receive every announced tensor (so the trainer's broadcasts never hang), then check and
+        apply. Outside a session it is refused before receiving anything, as SGLang does."""
         body = await _json_body(request)
+        if not self._session_open:
+            return _weights_answer(False, SESSION_REQUIRED.format(route="update_weights_from_distributed"))
         group_name = str(body.get("group_name", "weight_update_group"))
         names, dtype_names, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         if not (isinstance(names, list) and isinstance(dtype_names, list) and isinstance(shapes, list)):
             raise BadRequest("names, dtypes and shapes must be lists")
         if not len(names) == len(dtype_names) == len(shapes):
             raise BadRequest(f"names, dtypes and shapes differ in length: {len(names)}, {len(dtype_names)}, {len(shapes)}")
+        load_format = body.get("load_format")
+        if load_format not in (None, "flattened_bucket"):
+            return _weights_answer(False, f"load_format {load_format!r} is not supported for a broadcast")
         group = self._groups.get(group_name)
         if group is None:
-            return _weights_answer(False, f"no weight update group {group_name!r}; call /init_weights_update_group")
+            return _weights_answer(False, f"Group {group_name} not in {sorted(self._groups)}. Please call `init_weights_update_group` first.")
         try:
             dtypes = [parse_dtype(str(d)) for d in dtype_names]
         except ValueError as exc:
             return _weights_answer(False, f"dtypes: {exc}")
-        async with self._weights_lock:
-            received = await asyncio.to_thread(group.receive, shapes, dtypes)
-            return await self._apply_weights(list(zip(names, received)), body.get("weight_version"))
+        receive = group.receive_flattened if load_format == "flattened_bucket" else group.receive
+        async with self._updating(body):
+            received = await asyncio.to_thread(receive, shapes, dtypes)
+            return await self._apply_weights(list(zip(names, received)), body)
 
-    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], weight_version: Any) -> web.Response:
+    async def _update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        """Tensors handed over by handle (`rl_sglang.tensor_handoff`); this engine is TP rank 0, so
+        it opens entry 0 only. The sender keeps the memory alive until this answers."""
+        body = await _json_body(request)
+        if not self._session_open:
+            return _weights_answer(False, SESSION_REQUIRED.format(route="update_weights_from_tensor"))
+        entries = body.get("serialized_named_tensors")
+        if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
+            raise BadRequest("serialized_named_tensors: a non-empty list of base64 strings (one per TP rank) is required")
+        load_format = body.get("load_format")
+        if load_format not in LOAD_FORMATS:
+            return _weights_answer(False, f"Unknown load_format={load_format}; the embedded engine reads {list(LOAD_FORMATS)}")
+        async with self._updating(body):
+            try:
+                tensors = await asyncio.to_thread(lambda: named_tensors_of(load_entry(entries[0]), load_format))
+            except Exception as exc:  # a payload that does not unpickle or has the wrong shape
+                return _weights_answer(False, f"cannot read serialized_named_tensors[0]: {type(exc).__name__}: {exc}")
+            return await self._apply_weights(tensors, body)
+
+    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any]) -> web.Response:
         problem = self.runner.check_weights((name, tuple(t.shape)) for name, t in tensors)
         if problem is not None:
             return _weights_answer(False, problem)
+        weight_version = body.get("weight_version")
         version = None if weight_version is None else str(weight_version)
         await self.scheduler.on_model_thread(self.runner.load_weights, tensors, version)
+        if body.get("flush_cache", True) and self._busy():  # paused with requests kept: SGLang's flush refuses
+            return _weights_answer(False, NOT_FLUSHED)
         return _weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}")
 
 
