@@ -45,7 +45,9 @@ async def test_generated_samples_carry_tokens_log_probs_version_and_status():
     samples = [Sample(index=0, tokens=[1, 2]), Sample(index=1, tokens=[1, 2, 3, 4])]
     engine = EchoEngine()
     await generate_samples(engine, samples, {"max_new_tokens": 3})
-    assert engine.payloads[0] == {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "return_logprob": True, "rid": "sample-0"}
+    payload = dict(engine.payloads[0])
+    assert payload.pop("rid").startswith("sample-0-")
+    assert payload == {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "return_logprob": True}
     first, second = samples
     assert first.tokens == [1, 2, 2, 1] and first.response_length == 2 and first.response == "ba"
     assert first.rollout_log_probs == [-0.5, -1.0] and first.loss_mask == [1, 1]
@@ -98,3 +100,12 @@ def test_old_log_probs_are_checked_per_sample_and_travel_with_shards():
         TrainBatch(**fields, old_log_probs=[[-1.0], [-3.0]])
     with pytest.raises(ValueError, match="TrainBatch.old_log_probs has 1 entries, tokens has 2"):
         TrainBatch(**fields, old_log_probs=[[-1.0, -2.0]])
+
+
+def test_no_request_id_is_a_prefix_of_another_even_across_indices_and_repeats():
+    # SGLang's /abort_request stops every request whose rid starts with the given one
+    samples = [Sample(index=i, tokens=[1]) for i in (1, 10, 11, 100, 1, 1)]
+    rids = [generate_payload(s, {})["rid"] for s in samples]
+    assert len(set(rids)) == len(rids)
+    assert not [(a, b) for a in rids for b in rids if a != b and b.startswith(a)]
+    assert all(rid.startswith(f"sample-{s.index}-") for rid, s in zip(rids, samples))

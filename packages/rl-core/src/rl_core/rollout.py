@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, Sequence
 
 from rl_core.dynamic_sampling import DynamicSamplingStats, sort_groups
@@ -13,12 +14,14 @@ _FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCAT
 
 
 def generate_payload(sample: Sample, sampling_params: dict[str, Any]) -> dict[str, Any]:
-    """The SGLang `/generate` payload for one sample's prompt tokens."""
+    """The SGLang `/generate` payload for one sample's prompt tokens. The rid ends in a fixed-length
+    random suffix after a dash, so no rid is a prefix of another (SGLang aborts every request
+    whose rid starts with the one named: `sample-1` would also stop `sample-10`)."""
     return {
         "input_ids": list(sample.tokens),
         "sampling_params": dict(sampling_params),
         "return_logprob": True,
-        "rid": f"sample-{sample.index}",
+        "rid": f"sample-{sample.index}-{uuid.uuid4().hex}",
     }
 
 
