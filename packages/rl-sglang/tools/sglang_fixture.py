@@ -26,6 +26,7 @@ ARG_FIELDS = "sglang/srt/arg_groups/fields/"
 SCHEDULER_WEIGHTS = "sglang/srt/managers/scheduler_components/weight_updater.py"
 RUNNER_WEIGHTS = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
 COMMON = "sglang/srt/utils/common.py"
+SAMPLING = "sglang/srt/sampling/sampling_params.py"
 VERSION = "sglang/_version.py"
 OUT = Path(__file__).resolve().parents[1] / "src" / "rl_sglang" / "sglang_api.json"
 ROUTE_DECORATORS = {"get": ["GET"], "post": ["POST"], "put": ["PUT"], "delete": ["DELETE"]}
@@ -321,6 +322,9 @@ def build(files: dict[str, str]) -> dict[str, Any]:
         route_table[path]["needs_session"] = True
     all_structs = structs(files[IO_STRUCT])
     bodies = {entry["body"] for entry in route_table.values() if entry["body"]}
+    # /generate's `sampling_params` dict is built into this class: unknown keys are refused
+    all_structs["SamplingParams"] = structs(files[SAMPLING])["SamplingParams"]
+    bodies.add("SamplingParams")
     return {
         "sglang_version": version(files[VERSION]),
         "routes": route_table,

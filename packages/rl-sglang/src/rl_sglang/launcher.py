@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
+from rl_sglang.sglang_flags import check_sglang_args
 from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def _flag_args(args: dict[str, Any]) -> list[str]:
 
 
 def build_sglang_argv(model_path: str, host: str, port: int, sglang_args: dict[str, Any] | None = None) -> list[str]:
+    """argv for `python -m sglang.launch_server`; every setting must be a flag of the pinned
+    SGLang's parser (`check_sglang_args`), so a stale name fails here, not in the engine process."""
+    check_sglang_args(sglang_args or {})
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
     argv += ["--host", host, "--port", str(port)]
     return argv + _flag_args(sglang_args or {})

@@ -138,6 +138,8 @@ class EmbeddedEngine:
         body = await _json_body(request)
         if body.get("stream"):
             raise BadRequest("stream: streaming is not supported by the embedded engine")
+        if body.get("lora_path") is not None:
+            raise BadRequest("lora_path: the embedded engine serves no LoRA adapters (SGLang needs --enable-lora)")
         params = _parse(lambda: SamplingParams.from_payload(body.get("sampling_params")))
         prompts, batched = self._prompts(body)
         rids = body.get("rid")
@@ -329,8 +331,8 @@ class EmbeddedEngine:
             try:
                 tensors = await asyncio.to_thread(_read_safetensors, Path(model_path))
             except (OSError, ValueError) as exc:
-                return _weights_answer(False, f"cannot read weights from {model_path}: {exc}")
-            return await self._apply_weights(tensors, body)
+                return _weights_answer(False, f"cannot read weights from {model_path}: {exc}", num_paused_requests=0)
+            return await self._apply_weights(tensors, body, num_paused_requests=0)
 
     @asynccontextmanager
     async def _updating(self, body: dict[str, Any]) -> AsyncIterator[None]:
@@ -435,16 +437,16 @@ class EmbeddedEngine:
                 return _weights_answer(False, f"cannot read serialized_named_tensors[0]: {type(exc).__name__}: {exc}")
             return await self._apply_weights(tensors, body)
 
-    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any]) -> web.Response:
+    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any], **extra: Any) -> web.Response:
         problem = self.runner.check_weights((name, tuple(t.shape)) for name, t in tensors)
         if problem is not None:
-            return _weights_answer(False, problem)
+            return _weights_answer(False, problem, **extra)
         weight_version = body.get("weight_version")
         version = None if weight_version is None else str(weight_version)
         await self.scheduler.on_model_thread(self.runner.load_weights, tensors, version)
         if body.get("flush_cache", True) and self._busy():  # paused with requests kept: SGLang's flush refuses
-            return _weights_answer(False, NOT_FLUSHED)
-        return _weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}")
+            return _weights_answer(False, NOT_FLUSHED, **extra)
+        return _weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}", **extra)
 
 
 def _read_safetensors(folder: Path) -> list[tuple[str, torch.Tensor]]:
@@ -468,8 +470,8 @@ def _tags(body: dict[str, Any]) -> list[str]:
     return list(tags)
 
 
-def _weights_answer(success: bool, message: str) -> web.Response:
-    return web.json_response({"success": success, "message": message}, status=200 if success else 400)
+def _weights_answer(success: bool, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
 
 
 def _parse(make):
@@ -480,7 +482,7 @@ def _parse(make):
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
+    if not request.body_exists:
         return {}
     try:
         body = await request.json()
