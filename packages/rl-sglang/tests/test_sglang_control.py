@@ -155,3 +155,33 @@ async def test_health_answers_503_while_paused_but_the_client_still_sees_a_live_
         assert await asyncio.wait_for(client.is_healthy(), 10)  # held on purpose, as SGLang's /ping says
         await asyncio.wait_for(client.continue_generation(), 10)
         assert await status("/health_generate") == 200
+
+
+async def test_rl_routers_health_checks_keep_a_paused_engine_in_rotation_and_its_requests_complete(client, engine):
+    """The router's pool with this client as adapter: a deliberate pause (as around a weight update)
+    answers 503 on /health_generate, yet the engine stays in rotation and a request sent meanwhile
+    finishes after continue_generation; a stopped engine is taken out."""
+    engine_pool = pytest.importorskip("rl_router.engine_pool")
+    policies = pytest.importorskip("rl_router.policies")
+    from rl_sglang.client import SGLangClient
+
+    pool = engine_pool.EnginePool(policies.make_policy("round_robin"), engine_timeout_s=None, health_timeout_s=10)
+    adapter = SGLangClient(engine.url, health_timeout_s=5)
+    pool.add("e0", adapter)
+    try:
+        await asyncio.wait_for(client.pause_generation(mode="in_place"), 10)
+        assert await asyncio.wait_for(pool.check_health(), 20) == {"e0": True}
+
+        async def routed():
+            return await pool.attempt(pool.route(), {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3}, "rid": "held"})
+
+        request = asyncio.create_task(routed())
+        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(pool.check_health(), 20) == {"e0": True} and not request.done()
+        await asyncio.wait_for(client.continue_generation(), 10)
+        answer = await asyncio.wait_for(request, 30)
+        assert answer["meta_info"]["completion_tokens"] == 3 and pool.ejections == 0
+        await asyncio.wait_for(engine.stop(), 30)
+        assert await asyncio.wait_for(pool.check_health(), 20) == {"e0": False} and pool.out_of_rotation == ["e0"]
+    finally:
+        await adapter.close()
