@@ -22,17 +22,25 @@ from typing import Any
 import pytest
 import torch
 from aiohttp import web
-
 from rl_sglang import client as client_module
 from rl_sglang import conformance
 from rl_sglang.api_fixture import sglang_api
 from rl_sglang.client import SGLangClient
 from rl_sglang.embedded import EmbeddedEngine
 from rl_sglang.errors import EngineError
-from rl_sglang.launcher import build_embedded_argv, build_sglang_argv, launch_engine, sglang_available
+from rl_sglang.launcher import (
+    build_embedded_argv,
+    build_sglang_argv,
+    launch_engine,
+    sglang_available,
+)
 from rl_sglang.tensor_handoff import flattened_bucket, serialize_entry
 from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
-from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport, TensorWeightTransport
+from rl_sglang.weight_sync import (
+    BroadcastWeightTransport,
+    DiskWeightTransport,
+    TensorWeightTransport,
+)
 
 PROMPT = [5, 9, 14, 3]
 SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 5, "max_new_tokens": 4, "stop_token_ids": [1]}

@@ -9,11 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rl_sglang import conformance
 from rl_sglang.client import SGLangClient
-from rl_sglang.sglang_flags import check_sglang_args, is_slime_router_flag, router_flag_refusal
-from rl_sglang.launcher import build_embedded_argv, build_sglang_argv, launch_engine, sglang_available
+from rl_sglang.launcher import (
+    build_embedded_argv,
+    build_sglang_argv,
+    launch_engine,
+    sglang_available,
+)
+from rl_sglang.sglang_flags import (
+    check_sglang_args,
+    is_slime_router_flag,
+    router_flag_refusal,
+)
 from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rl_sglang.api_fixture import sglang_api
 from rl_sglang.launcher import free_port
 from rl_sglang.process_group import join_weight_sync_group

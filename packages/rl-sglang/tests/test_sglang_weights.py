@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from rl_sglang.errors import EngineError
-from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport, TensorWeightTransport
+from rl_sglang.weight_sync import (
+    BroadcastWeightTransport,
+    DiskWeightTransport,
+    TensorWeightTransport,
+)
+from safetensors.torch import save_file
 
 PROMPT = [5, 9, 14, 3]
 PAYLOAD = {
@@ -95,7 +98,7 @@ async def test_broadcast_transport_updates_served_weights(client, engine, model_
         await _assert_serves(client, model_dir, ref, "b2")
     finally:
         await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
-    assert engine._groups == {}
+    assert engine.weights.groups == {}
 
 
 async def test_broadcast_of_an_unknown_tensor_fails_naming_it_and_leaves_the_group_usable(client, engine, model_dir, other_weights_dir, ref):
@@ -122,7 +125,7 @@ async def test_tensor_transport_hands_weights_over_by_handle_and_they_are_served
         await _assert_serves(client, model_dir, ref, "t2")
     finally:
         await asyncio.to_thread(transport.close)
-    assert engine._session_open is False
+    assert engine.weights.session_open is False
 
 
 async def test_tensor_transport_sends_tied_weights_once_in_the_engines_dtype(client, engine):

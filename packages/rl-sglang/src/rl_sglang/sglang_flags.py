@@ -8,7 +8,8 @@ be refused as ambiguous only once the engine process starts (0.5.23 split `--cud
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rl_sglang.api_fixture import launch_server_flags, sglang_api
 

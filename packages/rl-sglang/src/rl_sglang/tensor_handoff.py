@@ -22,12 +22,13 @@ import base64
 import io
 import pickle
 import types
-from typing import Any, Iterable
+from collections.abc import Iterable
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 import torch
-import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
+import torch.multiprocessing
 from torch.multiprocessing import reductions
-from multiprocessing.reduction import ForkingPickler
 
 LOAD_FORMATS = (None, "direct", "flattened_bucket")
 _DEVICE_ARG = 6  # position of the device index in torch's rebuild_cuda_tensor arguments

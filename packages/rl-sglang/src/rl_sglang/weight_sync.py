@@ -17,8 +17,9 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Iterable, Iterator, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors.torch import save_file

@@ -10,35 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-import torch
 from aiohttp import web
-from safetensors import safe_open
 
-from rl_sglang.embedded.model_runner import ModelRunner, parse_dtype
+from rl_sglang.embedded.http import BadRequest, errors_as_json, json_body, parse
+from rl_sglang.embedded.model_runner import ModelRunner
 from rl_sglang.embedded.sampling import SamplingParams
 from rl_sglang.embedded.scheduler import Scheduler
-from rl_sglang.embedded.update_lock import UpdateLock
-from rl_sglang.embedded.weight_group import WeightUpdateGroup
-from rl_sglang.tensor_handoff import LOAD_FORMATS, load_entry, named_tensors_of
+from rl_sglang.embedded.weights import WeightUpdates
 
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_TIMEOUT_S = 20.0
 # SGLang's GPU memory tags; the embedded engine has no CUDA graphs, so that tag frees nothing.
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
-SESSION_REQUIRED = "{route} must run between begin_weight_update() and end_weight_update()"
-NOT_FLUSHED = (
-    "Weights were updated, but the cache was not flushed because requests are still running or queued. "
-    "Retract or finish them, then call /flush_cache."
-)
-
-
-class BadRequest(ValueError):
-    """Client error; answered with HTTP 400 and the message."""
 
 
 class EmbeddedEngine:
@@ -64,12 +50,9 @@ class EmbeddedEngine:
         self.seed = seed
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
-        self._groups: dict[str, WeightUpdateGroup] = {}
+        self.weights: WeightUpdates | None = None
         self._app_runner: web.AppRunner | None = None
-        self._weights_lock: asyncio.Lock | None = None
-        self._update_lock: UpdateLock | None = None
         self._in_flight: dict[str, Any] = {}  # rid -> the scheduler's request, while it runs
-        self._session_open = False
 
     @property
     def url(self) -> str:
@@ -82,8 +65,7 @@ class EmbeddedEngine:
         )
         self.scheduler = Scheduler(self.runner, self.max_running_requests)
         self.scheduler.start()
-        self._weights_lock = asyncio.Lock()
-        self._update_lock = UpdateLock()
+        self.weights = WeightUpdates(self.runner, self.scheduler, self._busy)
         self._app_runner = web.AppRunner(self._build_app(), access_log=None)
         await self._app_runner.setup()
         site = web.TCPSite(self._app_runner, self.host, self.port)
@@ -101,12 +83,11 @@ class EmbeddedEngine:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
-        for group in self._groups.values():
-            group.close()
-        self._groups.clear()
+        if self.weights is not None:
+            self.weights.close()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30, middlewares=[_errors_as_json])
+        app = web.Application(client_max_size=1 << 30, middlewares=[errors_as_json])
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/health", self._health)
         app.router.add_get("/health_generate", self._health_generate)
@@ -123,24 +104,18 @@ class EmbeddedEngine:
         app.router.add_post("/abort_request", self._abort_request)
         app.router.add_post("/pause_generation", self._pause_generation)
         app.router.add_post("/continue_generation", self._continue_generation)
-        app.router.add_post("/update_weights_from_disk", self._update_weights_from_disk)
-        app.router.add_post("/init_weights_update_group", self._init_weights_update_group)
-        app.router.add_post("/destroy_weights_update_group", self._destroy_weights_update_group)
-        app.router.add_post("/update_weights_from_distributed", self._update_weights_from_distributed)
-        app.router.add_post("/update_weights_from_tensor", self._update_weights_from_tensor)
-        app.router.add_post("/begin_weight_update", self._begin_weight_update)
-        app.router.add_post("/end_weight_update", self._end_weight_update)
+        self.weights.add_routes(app)
         return app
 
     # ---- generation ---------------------------------------------------------------------------
 
     async def _generate(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         if body.get("stream"):
             raise BadRequest("stream: streaming is not supported by the embedded engine")
         if body.get("lora_path") is not None:
             raise BadRequest("lora_path: the embedded engine serves no LoRA adapters (SGLang needs --enable-lora)")
-        params = _parse(lambda: SamplingParams.from_payload(body.get("sampling_params")))
+        params = parse(lambda: SamplingParams.from_payload(body.get("sampling_params")))
         prompts, batched = self._prompts(body)
         rids = body.get("rid")
         if batched:
@@ -151,7 +126,7 @@ class EmbeddedEngine:
         else:
             rids = [rids if rids is not None else uuid.uuid4().hex]
         return_logprob = bool(body.get("return_logprob", False))
-        async with self._update_lock.shared():
+        async with self.weights.update_lock.shared():
             submitted = []
             try:
                 for rid, prompt in zip(rids, prompts):
@@ -164,7 +139,7 @@ class EmbeddedEngine:
         return web.json_response(answers if batched else answers[0])
 
     def _submit(self, rid: str, prompt: list[int], params: SamplingParams, return_logprob: bool) -> Any:
-        request = _parse(lambda: self.scheduler.submit(rid, prompt, params, return_logprob))
+        request = parse(lambda: self.scheduler.submit(rid, prompt, params, return_logprob))
         self._in_flight[rid] = request
         request.future.add_done_callback(lambda _: self._in_flight.pop(rid, None))
         return request
@@ -184,7 +159,7 @@ class EmbeddedEngine:
             texts = text if batched else [text]
             if not all(isinstance(t, str) for t in texts):
                 raise BadRequest("text: expected a string or a list of strings")
-            prompts = [_parse(lambda t=t: self.runner.encode_text(t)) for t in texts]
+            prompts = [parse(lambda t=t: self.runner.encode_text(t)) for t in texts]
         else:
             ids = body["input_ids"]
             batched = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
@@ -205,7 +180,7 @@ class EmbeddedEngine:
     async def _abort_request(self, request: web.Request) -> web.Response:
         """As SGLang: `abort_all`, or a `rid` that is in flight, which then also aborts every
         request whose rid starts with it; an unknown or empty rid changes nothing."""
-        body = await _json_body(request)
+        body = await json_body(request)
         if body.get("abort_all"):
             self.scheduler.abort(None)
             return web.Response(status=200)
@@ -216,7 +191,7 @@ class EmbeddedEngine:
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         mode = body.get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
             raise BadRequest(f"mode must be abort, retract or in_place, got {mode!r}")
@@ -237,7 +212,7 @@ class EmbeddedEngine:
     async def _health_generate(self, request: web.Request) -> web.Response:
         """One greedy token through the scheduler. 503 while generation is held (paused, memory
         released) or a weight update runs, where SGLang's probe would wait out its timeout."""
-        if self.scheduler.holds or self._update_lock.updating or self._weights_lock.locked():
+        if self.scheduler.holds or self.weights.updating:
             return web.Response(status=503)
         probe = self.scheduler.submit(
             f"HEALTH_CHECK_{uuid.uuid4().hex}", [0], SamplingParams(temperature=0.0, max_new_tokens=1), False
@@ -287,7 +262,7 @@ class EmbeddedEngine:
                 "weight_version": self.runner.weight_version,
                 "held": sorted(self.scheduler.holds),
                 "released_memory_tags": sorted(self.runner.released_tags),
-                "weight_update_groups": sorted(self._groups),
+                "weight_update_groups": sorted(self.weights.groups),
             }
         )
 
@@ -303,7 +278,7 @@ class EmbeddedEngine:
     async def _release_memory(self, request: web.Request) -> web.Response:
         """400 unless idle, as SGLang (pause generation first); requests arriving afterwards wait
         for the resume."""
-        tags = _tags(await _json_body(request))
+        tags = _tags(await json_body(request))
         if self._busy():
             raise BadRequest("release_memory_occupation should be called only when server is idle.")
         self.scheduler.hold("released")
@@ -311,153 +286,11 @@ class EmbeddedEngine:
         return web.json_response(None)
 
     async def _resume_memory(self, request: web.Request) -> web.Response:
-        tags = _tags(await _json_body(request))
+        tags = _tags(await json_body(request))
         await self.scheduler.on_model_thread(self.runner.resume, [t for t in tags if t != "cuda_graph"])
         if not self.runner.released_tags:
             self.scheduler.unhold("released")
         return web.json_response(None)
-
-    # ---- weights ------------------------------------------------------------------------------
-
-    async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        model_path = body.get("model_path")
-        if not isinstance(model_path, str):
-            raise BadRequest("model_path: a folder path string is required")
-        load_format = body.get("load_format")
-        if load_format not in (None, "auto", "safetensors"):
-            return _weights_answer(False, f"load_format {load_format!r} is not supported; use safetensors")
-        async with self._updating(body):
-            try:
-                tensors = await asyncio.to_thread(_read_safetensors, Path(model_path))
-            except (OSError, ValueError) as exc:
-                return _weights_answer(False, f"cannot read weights from {model_path}: {exc}", num_paused_requests=0)
-            return await self._apply_weights(tensors, body, num_paused_requests=0)
-
-    @asynccontextmanager
-    async def _updating(self, body: dict[str, Any]) -> AsyncIterator[None]:
-        """One weight update at a time; unless generation is paused, it waits for the requests in
-        flight and holds new ones (SGLang's model-update lock)."""
-        if body.get("abort_all_requests"):
-            self.scheduler.abort(None)
-        async with self._weights_lock:
-            if "paused" in self.scheduler.holds:
-                yield
-            else:
-                async with self._update_lock.exclusive():
-                    yield
-
-    async def _begin_weight_update(self, request: web.Request) -> web.Response:
-        await _json_body(request)
-        if self._session_open:
-            return _weights_answer(False, "a weight-update session is already open; call end_weight_update() first")
-        self._session_open = True
-        return _weights_answer(True, "Success")
-
-    async def _end_weight_update(self, request: web.Request) -> web.Response:
-        await _json_body(request)
-        if not self._session_open:
-            return _weights_answer(False, "no weight-update session is open; call begin_weight_update() first")
-        self._session_open = False
-        return _weights_answer(True, "Success")
-
-    async def _init_weights_update_group(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        try:
-            group_name = str(body.get("group_name", "weight_update_group"))
-            args = (
-                str(body["master_address"]),
-                int(body["master_port"]),
-                int(body["rank_offset"]),
-                int(body["world_size"]),
-                group_name,
-                str(body.get("backend", "nccl")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"init_weights_update_group: missing or bad field {exc}") from exc
-        if group_name in self._groups:
-            return _weights_answer(False, f"weight update group {group_name!r} already exists")
-        try:
-            self._groups[group_name] = await asyncio.to_thread(WeightUpdateGroup, *args, device=self.runner.device)
-        except Exception as exc:
-            return _weights_answer(False, f"Failed to initialize custom process group: {exc}.")
-        return _weights_answer(True, "Succeeded to initialize custom process group.")
-
-    async def _destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        group_name = str((await _json_body(request)).get("group_name", "weight_update_group"))
-        group = self._groups.pop(group_name, None)
-        if group is None:
-            return _weights_answer(False, "The group to be destroyed does not exist.")
-        group.close()
-        return _weights_answer(True, "Succeeded to destroy custom process group.")
-
-    async def _update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        """Receive every announced tensor (so the trainer's broadcasts never hang), then check and
-        apply. Outside a session it is refused before receiving anything, as SGLang does."""
-        body = await _json_body(request)
-        if not self._session_open:
-            return _weights_answer(False, SESSION_REQUIRED.format(route="update_weights_from_distributed"))
-        group_name = str(body.get("group_name", "weight_update_group"))
-        names, dtype_names, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
-        if not (isinstance(names, list) and isinstance(dtype_names, list) and isinstance(shapes, list)):
-            raise BadRequest("names, dtypes and shapes must be lists")
-        if not len(names) == len(dtype_names) == len(shapes):
-            raise BadRequest(f"names, dtypes and shapes differ in length: {len(names)}, {len(dtype_names)}, {len(shapes)}")
-        load_format = body.get("load_format")
-        if load_format not in (None, "flattened_bucket"):
-            return _weights_answer(False, f"load_format {load_format!r} is not supported for a broadcast")
-        group = self._groups.get(group_name)
-        if group is None:
-            return _weights_answer(False, f"Group {group_name} not in {sorted(self._groups)}. Please call `init_weights_update_group` first.")
-        try:
-            dtypes = [parse_dtype(str(d)) for d in dtype_names]
-        except ValueError as exc:
-            return _weights_answer(False, f"dtypes: {exc}")
-        receive = group.receive_flattened if load_format == "flattened_bucket" else group.receive
-        async with self._updating(body):
-            received = await asyncio.to_thread(receive, shapes, dtypes)
-            return await self._apply_weights(list(zip(names, received)), body)
-
-    async def _update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        """Tensors handed over by handle (`rl_sglang.tensor_handoff`); this engine is TP rank 0, so
-        it opens entry 0 only. The sender keeps the memory alive until this answers."""
-        body = await _json_body(request)
-        if not self._session_open:
-            return _weights_answer(False, SESSION_REQUIRED.format(route="update_weights_from_tensor"))
-        entries = body.get("serialized_named_tensors")
-        if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
-            raise BadRequest("serialized_named_tensors: a non-empty list of base64 strings (one per TP rank) is required")
-        load_format = body.get("load_format")
-        if load_format not in LOAD_FORMATS:
-            return _weights_answer(False, f"Unknown load_format={load_format}; the embedded engine reads {list(LOAD_FORMATS)}")
-        async with self._updating(body):
-            try:
-                tensors = await asyncio.to_thread(lambda: named_tensors_of(load_entry(entries[0]), load_format))
-            except Exception as exc:  # a payload that does not unpickle or has the wrong shape
-                return _weights_answer(False, f"cannot read serialized_named_tensors[0]: {type(exc).__name__}: {exc}")
-            return await self._apply_weights(tensors, body)
-
-    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any], **extra: Any) -> web.Response:
-        problem = self.runner.check_weights((name, tuple(t.shape)) for name, t in tensors)
-        if problem is not None:
-            return _weights_answer(False, problem, **extra)
-        weight_version = body.get("weight_version")
-        version = None if weight_version is None else str(weight_version)
-        await self.scheduler.on_model_thread(self.runner.load_weights, tensors, version)
-        if body.get("flush_cache", True) and self._busy():  # paused with requests kept: SGLang's flush refuses
-            return _weights_answer(False, NOT_FLUSHED, **extra)
-        return _weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}", **extra)
-
-
-def _read_safetensors(folder: Path) -> list[tuple[str, torch.Tensor]]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors file in {folder}")
-    tensors = []
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.extend((name, handle.get_tensor(name)) for name in handle.keys())
-    return tensors
 
 
 def _tags(body: dict[str, Any]) -> list[str]:
@@ -468,41 +301,3 @@ def _tags(body: dict[str, Any]) -> list[str]:
     if unknown:
         raise BadRequest(f"tags: {unknown[0]!r} is not one of {list(MEMORY_TAGS)}")
     return list(tags)
-
-
-def _weights_answer(success: bool, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"success": success, "message": message, **extra}, status=200 if success else 400)
-
-
-def _parse(make):
-    try:
-        return make()
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.body_exists:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise BadRequest(f"request body is not JSON: {exc}") from exc
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
-
-
-@web.middleware
-async def _errors_as_json(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except BadRequest as exc:
-        return web.json_response({"error": {"message": str(exc)}}, status=400)
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        logger.exception("%s failed", request.path)
-        return web.json_response({"error": {"message": f"{type(exc).__name__}: {exc}"}}, status=500)

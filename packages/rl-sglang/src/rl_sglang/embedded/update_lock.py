@@ -7,8 +7,8 @@ it already keeps generation out)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 
 class UpdateLock:
