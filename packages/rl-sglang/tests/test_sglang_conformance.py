@@ -257,3 +257,20 @@ async def test_a_real_sglang_server_answers_every_call(model_dir, ref, tmp_path)
         await drive_every_call(process.url, ref.make_model, tmp_path, lora_available=False)
     finally:
         await asyncio.to_thread(process.terminate)
+
+
+@pytest.mark.sglang
+def test_the_fixtures_flags_are_those_of_sglangs_own_parser():
+    """Where SGLang's server_args imports (the wheel with a few small packages is enough): the flags
+    read with `ast` are the real parser's, with the same number of values each."""
+    server_args = pytest.importorskip("sglang.srt.server_args")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    real = {
+        flag: "none" if action.nargs == 0 else "list" if action.nargs in ("+", "*") else "one"
+        for action in parser._actions
+        for flag in action.option_strings
+    }
+    assert {flag: spec["takes"] for flag, spec in sglang_api()["flags"].items()} == real
