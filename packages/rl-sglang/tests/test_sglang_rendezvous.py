@@ -22,6 +22,7 @@ from rl_sglang.process_group import join_weight_sync_group
 
 pytestmark = pytest.mark.slow
 GROUP = "weight_update_group"
+TIMEOUT_S = 180  # each engine rank imports torch: slow on a loaded 2-core machine
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -69,14 +70,14 @@ def test_the_trainer_side_group_meets_sglangs_helper_and_broadcasts_to_every_tp_
         for tp_rank in range(tp_size)
     ]
     try:
-        group = join_weight_sync_group("127.0.0.1", port, 0, world_size, GROUP, "gloo", timeout_s=60)
+        group = join_weight_sync_group("127.0.0.1", port, 0, world_size, GROUP, "gloo", timeout_s=TIMEOUT_S)
         for tensor in sent:
             group.broadcast_from_rank0(tensor.clone())
-        outputs = [process.communicate(timeout=60) for process in engines]
-    finally:
+        outputs = [process.communicate(timeout=TIMEOUT_S) for process in engines]
+    except Exception as exc:  # say what the engine ranks said
         for process in engines:
-            if process.poll() is None:
-                process.kill()
+            process.kill()
+        raise AssertionError(f"{exc}; engine ranks said: {[p.communicate()[1][-2000:] for p in engines]}") from exc
     for process, (stdout, stderr) in zip(engines, outputs):
         assert process.returncode == 0, stderr
     answers = [json.loads(stdout) for stdout, _ in outputs]
