@@ -43,6 +43,7 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
     from rl_router import load_middleware
+    from rl_sglang.sglang_flags import check_sglang_args
 
     from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
     from rl_apps.slime_api import slime_args
@@ -50,6 +51,7 @@ def check_inputs(config: TrainConfig) -> None:
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
+        check_sglang_args(config.sglang_args)
         tokenizer = load_tokenizer(config)
         if config.prompt_data is not None:
             build_data_source(config, tokenizer)
