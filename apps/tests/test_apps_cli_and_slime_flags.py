@@ -125,5 +125,5 @@ def test_every_path_flag_takes_a_module_or_a_file_and_relative_files_are_made_ab
 
     module_form = config(dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std")
     assert load_sample_filter(module_form) is check_reward_nonzero_std
-    with pytest.raises(ValueError, match=r"--buffer-filter-path .*nope.py.* does not exist"):
+    with pytest.raises(ValueError, match=r"--buffer-filter-path .*nope.py.*: no file"):
         build_data_source(config(buffer_filter_path="nope.py:f"))

@@ -107,12 +107,13 @@ def test_eval_flags_are_checked_with_the_file_and_line_named(tiny_task, run_cli,
     assert code == 1 and f"{bad}:2: invalid JSON" in err
 
 
-def test_a_slime_signature_reward_function_is_refused_before_anything_starts(tiny_task, run_cli, tmp_path):
-    reward_file = tmp_path / "slime_reward.py"
-    reward_file.write_text("async def reward_func(args, sample, **kwargs):\n    return 1.0\n")
-    args = [a for a in base_args(tiny_task) if a not in ("--rm-type", "math")]
-    code, err = run_cli(args + ["--custom-rm-path", f"{reward_file}:reward_func"])
-    assert code == 1 and "slime's signature reward_func(args, sample, **kwargs)" in err and str(reward_file) in err
+def test_a_bad_generate_hook_is_named_before_anything_starts(tiny_task, run_cli, tmp_path):
+    hook = tmp_path / "hooks.py"
+    hook.write_text("def other():\n    pass\n")
+    code, err = run_cli(base_args(tiny_task) + ["--custom-generate-function-path", f"{hook}:generate"])
+    assert code == 1 and "--custom-generate-function-path" in err and "has no callable 'generate'" in err
+    code, err = run_cli(base_args(tiny_task) + ["--rollout-function-path", "no_such_module.generate_rollout"])
+    assert code == 1 and "--rollout-function-path" in err and "no_such_module" in err
 
 
 def test_colocate_without_a_gpu_is_refused_and_cpu_ranks_are_announced(tiny_task, tmp_path):

@@ -114,14 +114,17 @@ class RolloutManager:
         from rl_router import MetricsMiddleware, Router, RouterThread
         from rl_sglang.client import SGLangClient
 
-        from rl_apps.data import build_data_source, load_eval_rows, load_sample_filter, load_tokenizer
+        from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+        from rl_apps.slime_api import slime_args
 
         self.config = config
         tokenizer = load_tokenizer(config)
         self.data_source = build_data_source(config, tokenizer) if config.prompt_data is not None else None
         self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
-        self.reward = build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
+        self.custom_generate, self.rollout_function, self.eval_function = load_generation_hooks(config)
+        self.reward = build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config),
+                                   **config.reward_options())
         self.eval_reward = self.reward.with_reward_key(config.eval_reward_key or config.reward_key)
         request_timeout = config.rollout_request_timeout_s()  # the clients' own HTTP timeout must not fire first
         self.router = RouterThread(
@@ -133,37 +136,40 @@ class RolloutManager:
         )
         self.router_address = self.router.start()
         self._client = None
+        self._gateway: Any = None
+        self._args: Any = None
         self._state_before: tuple[int, dict[str, Any]] | None = None
 
     async def generate(self, rollout_id: int) -> dict[str, Any]:
+        """One rollout's scored samples (in group order), metrics and timing: from --load-debug-rollout-data,
+        from --rollout-function-path, or from the default rollout (with --custom-generate-function-path
+        generating each sample when given)."""
+        from rl_core.debug_data import load_rollout, save_rollout
         from rl_core.metrics import rollout_metrics
-        from rl_core.rollout import generate_groups, generate_samples, score_samples
+        from rl_core.rollout import default_rollout
 
         if self.config.save is not None:  # only a checkpoint reads it; the state carries every buffered sample
             self._state_before = (rollout_id, self.data_source.state_dict())
-        client = self._router_client()
         start = time.perf_counter()
-        timing: dict[str, float] = {}
         extra: dict[str, float] = {}
-        if self.sample_filter is None and self.config.over_sampling_batch_size is None:
-            samples = [s for g in self.data_source.get_samples(self.config.rollout_batch_size) for s in g]
-            await generate_samples(client, samples, self.config.sampling_params())
-            timing["generate"] = time.perf_counter() - start
-            await score_samples(self.reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
-            timing["reward"] = time.perf_counter() - start - timing["generate"]
+        if self.config.load_debug_rollout_data is not None:
+            samples = load_rollout(self.config.load_debug_rollout_data, rollout_id)
+            timing = {"load_rollout": time.perf_counter() - start}
+        elif self.rollout_function is not None:
+            groups = await self._call_rollout_function(self.rollout_function, rollout_id, evaluation=False)
+            samples = await self._score_unscored([s for g in groups for s in g], self.reward)
+            timing = {"generate_and_reward": time.perf_counter() - start}
         else:
-            # Dynamic sampling: generate and score rounds of groups until enough pass the filter.
-            groups, stats = await generate_groups(
-                client, self.reward, self.data_source,
+            groups, extra, timing = await default_rollout(
+                await self._generator(self.config.sampling_params()), self.reward, self.data_source,
                 num_groups=self.config.rollout_batch_size,
-                sampling_params=self.config.sampling_params(),
                 over_sampling_batch_size=self.config.over_sampling_batch_size,
                 sample_filter=self.sample_filter,
                 max_error_ratio=self.config.max_reward_error_ratio,
             )
             samples = [s for g in groups for s in g]
-            timing["generate_and_reward"] = time.perf_counter() - start
-            extra = stats.metrics()
+        if self.config.save_debug_rollout_data is not None:
+            save_rollout(self.config.save_debug_rollout_data, rollout_id, samples)
         metrics = rollout_metrics(samples)
         metrics.update(extra)
         metrics.update(self.router.metrics())  # counters, faults, per-engine load and every middleware's snapshot()
@@ -172,23 +178,75 @@ class RolloutManager:
 
     async def evaluate(self) -> dict[str, float]:
         """Every --eval-prompt-data set, each prompt `n_samples_per_eval_prompt` times with the eval sampling
-        parameters, graded by the reward hub: `eval/<name>/...` metrics (reward, lengths, pass@k, weight version)."""
+        parameters (through --eval-function-path or the generate function), graded by the eval reward:
+        `eval/<name>/...` metrics (reward, lengths, pass@k, weight version)."""
         from rl_core.data_source import JsonlDataSource
         from rl_core.metrics import rollout_metrics
-        from rl_core.rollout import generate_samples, score_samples
+        from rl_core.rollout import generate_samples
 
-        client = self._router_client()
         out: dict[str, float] = {}
         for name, rows in self.eval_rows.items():
             start = time.perf_counter()
             source = JsonlDataSource(rows, n_samples_per_prompt=self.config.n_samples_per_eval_prompt)
-            samples = [s for group in source.get_samples(len(rows)) for s in group]
-            await generate_samples(client, samples, self.config.eval_sampling_params())
-            await score_samples(self.eval_reward, samples, max_error_ratio=self.config.max_reward_error_ratio)
+            if self.eval_function is not None:
+                groups = await self._call_rollout_function(self.eval_function, 0, evaluation=True, data_source=source)
+                samples = [s for g in groups for s in g]
+            else:
+                pending = [s for group in source.get_samples(len(rows)) for s in group]
+                samples = await generate_samples(await self._generator(self.config.eval_sampling_params()), pending)
+            await self._score_unscored(samples, self.eval_reward)
             for key, value in rollout_metrics(samples).items():
                 out[f"eval/{name}/{key.removeprefix('rollout/')}"] = value
             out[f"eval/{name}/time"] = time.perf_counter() - start
         return out
+
+    async def _generator(self, sampling_params: dict[str, Any]) -> Any:
+        """The per-sample generator: the user's --custom-generate-function-path, or one engine call."""
+        from rl_core.rollout import custom_generator, default_generator
+        from rl_sglang.generation import SGLangGenerate
+
+        if self.custom_generate is None:
+            return default_generator(SGLangGenerate(self._router_client()), sampling_params,
+                                     max_context_len=self.config.rollout_max_context_len)
+        return custom_generator(self.custom_generate, await self._slime_args(), sampling_params)
+
+    async def _slime_args(self) -> Any:
+        """The config as slime's `args`, its router address the HTTP gateway (started on first use, on this
+        actor's event loop, where the user's functions run)."""
+        from rl_sglang.gateway import GenerateGateway
+
+        from rl_apps.slime_api import slime_args
+
+        if self._gateway is None:
+            self._gateway = GenerateGateway(self._router_client())
+            await self._gateway.start()
+            self._args = slime_args(self.config, self._gateway.url)
+        return self._args
+
+    async def _call_rollout_function(self, function: Any, rollout_id: int, *, evaluation: bool,
+                                     data_source: Any = None) -> list[list[Any]]:
+        """slime's rollout function, async or sync; a sync one runs on a thread, so that its own event loop
+        does not meet this actor's (which serves the HTTP gateway it posts to)."""
+        import asyncio
+        import inspect
+
+        args, source = await self._slime_args(), data_source or self.data_source
+        if inspect.iscoroutinefunction(function):
+            groups = await function(args, rollout_id, source, evaluation=evaluation)
+        else:
+            groups = await asyncio.to_thread(function, args, rollout_id, source, evaluation=evaluation)
+        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+            raise TypeError(f"the rollout function returned {type(groups).__name__}; it must return list[list[Sample]]")
+        return groups
+
+    async def _score_unscored(self, samples: list[Any], reward: Any) -> list[Any]:
+        """Grade the samples a custom function left without a reward."""
+        from rl_core.rollout import score_samples
+
+        unscored = [s for s in samples if s.reward is None]
+        if unscored:
+            await score_samples(reward, unscored, max_error_ratio=self.config.max_reward_error_ratio)
+        return samples
 
     def _router_client(self) -> Any:
         from rl_router import RouterClient
@@ -207,7 +265,9 @@ class RolloutManager:
     def load_data_state(self, state: dict[str, Any]) -> None:
         self.data_source.load_state_dict(state)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.stop()
         self.router.stop()
         if self._client is not None:
             self._client.close()

@@ -82,7 +82,8 @@ def resume(config: TrainConfig, parts: Any) -> int:
         parts.critic.load(str(folder / "critic"))
     ray.get(parts.rollout.load_data_state.remote(state["data_source"]))
     start = state["rollout_id"] + 1 if config.start_rollout_id is None else config.start_rollout_id
-    parts.policy.push_weights(parts.engine_urls, str(start))
+    if parts.engines:
+        parts.policy.push_weights(parts.engine_urls, str(start))
     return start
 
 

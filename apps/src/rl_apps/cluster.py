@@ -53,7 +53,8 @@ def placement_notice(config: TrainConfig, *, trainers: bool = True) -> str:
     if trainers and config.use_critic:
         parts.append(f"{ranks} critic rank(s)")
     per_engine = f" of {config.rollout_num_gpus_per_engine} GPUs (tp)" if on_gpu and config.rollout_num_gpus_per_engine > 1 else ""
-    parts.append(f"{config.rollout_num_engines} {config.engine_type} engine(s){per_engine}")
+    engines = 0 if config.debug_train_only else config.rollout_num_engines
+    parts.append(f"{engines} {config.engine_type} engine(s){per_engine}")
     where = (
         f"on {gpus} visible GPU(s)" + (", trainer and engines sharing them (--colocate)" if config.colocate else "")
         if on_gpu

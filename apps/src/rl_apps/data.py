@@ -63,3 +63,13 @@ def load_sample_filter(config: TrainConfig) -> Any | None:
     if config.dynamic_sampling_filter_path is None:
         return None
     return load_function(config.dynamic_sampling_filter_path, flag="--dynamic-sampling-filter-path")
+
+
+def load_generation_hooks(config: TrainConfig) -> tuple[Any, Any, Any]:
+    """The --custom-generate-function-path, --rollout-function-path and --eval-function-path callables (None
+    where not given; evaluation falls back to the rollout function, as in slime)."""
+    load = lambda flag, spec: load_function(spec, flag=flag) if spec else None  # noqa: E731
+    generate = load("--custom-generate-function-path", config.custom_generate_function_path)
+    rollout = load("--rollout-function-path", config.rollout_function_path)
+    evaluation = load("--eval-function-path", config.eval_function_path) or rollout
+    return generate, rollout, evaluation

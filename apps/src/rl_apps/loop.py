@@ -40,11 +40,16 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         if asynchronous:
             timing["wait_rollout"] = time.perf_counter() - step_start
 
+        if config.debug_rollout_only:  # slime's: generate and grade, never train
+            timing["step"] = time.perf_counter() - step_start
+            log_rollout(sink, rollout_id, metrics, [], timing)
+            continue
         train_start = time.perf_counter()
         train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id)
         timing["train"] = time.perf_counter() - train_start
 
-        if (rollout_id + 1) % config.update_weights_interval == 0 and not (asynchronous and last):
+        due = (rollout_id + 1) % config.update_weights_interval == 0 and not (asynchronous and last)
+        if due and parts.engines:  # --debug-train-only runs no engine
             if in_flight is not None:
                 wait_start = time.perf_counter()
                 ray.wait([in_flight], num_returns=1, timeout=None)

@@ -48,7 +48,7 @@ def plan_placement(config: Any, *, on_gpu: bool, trainers: bool = True) -> Place
     bundle i (one GPU, split between them). On CPU every part is a process with one CPU."""
     world = config.actor_world_size() if trainers else 0
     critics = world if trainers and config.use_critic else 0
-    engines = config.rollout_num_engines
+    engines = 0 if config.debug_train_only else config.rollout_num_engines  # trains on saved rollouts, no engine
     per_engine = config.rollout_num_gpus_per_engine
     if not on_gpu:
         one = {"num_cpus": 1}

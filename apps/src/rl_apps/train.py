@@ -44,12 +44,15 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
     from rl_router import load_middleware
+    from rl_sglang.sglang_flags import check_sglang_args
 
-    from rl_apps.data import build_data_source, load_eval_rows, load_sample_filter, load_tokenizer
+    from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+    from rl_apps.slime_api import slime_args
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
+        check_sglang_args(config.sglang_args)
         tokenizer = load_tokenizer(config)
         if config.prompt_data is not None:
             source = build_data_source(config, tokenizer)
@@ -57,9 +60,8 @@ def check_inputs(config: TrainConfig) -> None:
                 set_num_rollout_from_epochs(config, len(source.rows))
         load_eval_rows(config, tokenizer)
         load_sample_filter(config)
-        build_reward(config.rm_type, config.custom_rm_path, **config.reward_options())
-        if config.custom_rm_path is not None:
-            refuse_slime_reward_signature(config.custom_rm_path)
+        build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config), **config.reward_options())
+        load_generation_hooks(config)
         if config.use_wandb:
             import importlib.util
 
@@ -69,6 +71,15 @@ def check_inputs(config: TrainConfig) -> None:
                 raise InputError(WANDB_MISSING)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
+    if config.train_backend == "megatron":
+        from rl_megatron import check_config, read_hf_config
+
+        try:
+            for role in ("policy", "critic") if config.use_critic else ("policy",):
+                check_config(config.backend_config(role), read_hf_config(config.hf_checkpoint),  # type: ignore[arg-type]
+                             world_size=config.actor_world_size())
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if config.load is not None:
         from rl_apps.checkpoints import CheckpointError, find_checkpoint
 
@@ -94,21 +105,6 @@ def set_num_rollout_from_epochs(config: TrainConfig, num_prompts: int) -> None:
     object.__setattr__(config, "num_rollout", config.num_epoch * per_epoch)
     if config.start_rollout_id is not None and config.start_rollout_id >= config.num_rollout:
         raise InputError(f"--start-rollout-id {config.start_rollout_id} >= the {config.num_rollout} rollouts of --num-epoch")
-
-
-def refuse_slime_reward_signature(spec: str) -> None:
-    """slime's `reward_func(args, sample, **kwargs)` would be called with keyword arguments it does not
-    take and fail on every sample; say so before anything starts."""
-    import inspect
-
-    from rl_rewards.custom_loading import load_custom_reward
-
-    parameters = list(inspect.signature(load_custom_reward(spec)).parameters)
-    if parameters[:2] == ["args", "sample"]:
-        raise InputError(
-            f"--custom-rm-path {spec}: slime's signature reward_func(args, sample, **kwargs) is not supported yet;"
-            " write it as `def score(*, prompt, response, label, metadata) -> float` (or a dict with --reward-key)"
-        )
 
 
 def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None = None) -> Path:

@@ -69,6 +69,48 @@ class TrainerConfig(Section):
     """Learning rate of the critic (ppo); defaults to lr, as in slime."""
 
 
+class MegatronFlags(Section):
+    help_section: ClassVar[str] = "trainer"
+
+    """megatron-core's flags (slime's and Megatron's names), used with --train-backend megatron; checked
+    in full by rl_megatron.MegatronConfig before Ray starts."""
+
+    tensor_model_parallel_size: int = Field(1, gt=0)
+    """Ranks that split every layer's heads and MLP columns."""
+    pipeline_model_parallel_size: int = Field(1, gt=0)
+    """Stages of consecutive decoder layers."""
+    context_parallel_size: int = Field(1, gt=0)
+    """Ranks that split each sequence."""
+    sequence_parallel: bool = False
+    """Norms and dropouts on a 1/TP slice of the sequence (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard float32 master weights and Adam state over the data-parallel ranks."""
+    accumulate_allreduce_grads_in_fp32: bool = True
+    """With bfloat16 compute, accumulate and reduce gradients in float32."""
+    attention_softmax_in_fp32: bool = True
+    """Attention softmax in float32 (always so with SDPA; False is refused)."""
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities during train steps."""
+    hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout after attention and MLP during train steps."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation: full layers, or core attention only."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """With full recomputation: uniform groups of --recompute-num-layers, or the first N layers of each stage."""
+    recompute_num_layers: int | None = Field(None, gt=0)
+    """Layers per recomputed group (uniform) or recomputed layers per stage (block)."""
+    no_load_optim: bool = False
+    """--load restores the model only (to resume under another parallel layout)."""
+    sgd_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """Momentum of --optimizer sgd."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """local: SDPA attention and torch norms; transformer_engine needs TransformerEngine."""
+    calculate_per_token_loss: bool = False
+    """Megatron's per-token loss: the same as --loss-aggregation token_mean, which it sets."""
+    bf16: bool = False
+    """Megatron's bfloat16 switch: the same as --param-dtype bfloat16, which it sets."""
+
+
 class RolloutEngineConfig(Section):
     help_section: ClassVar[str] = "engines"
 
@@ -118,6 +160,44 @@ class RolloutEngineConfig(Section):
 
 
 _ISOLATABLE_REWARDS = ", ".join(n for n in reward_registry.names() if reward_registry.takes_option(n, "isolate"))
+
+
+class GenerationHooksConfig(Section):
+    help_section: ClassVar[str] = "rollout"
+
+    custom_generate_function_path: str | None = None
+    """slime's per-sample generate function `async def generate(args, sample, sampling_params) -> Sample`, as
+    `module:function` or `path/to/file.py:function`: one sample generated to the end (multi-turn, tools)."""
+    rollout_function_path: str | None = None
+    """slime's whole-rollout function `generate_rollout(args, rollout_id, data_source, evaluation=False) ->
+    list[list[Sample]]` (sync or async); samples it returns without a reward are graded by the reward hub."""
+    eval_function_path: str | None = None
+    """The rollout function of evaluation (called with evaluation=True); default: --rollout-function-path's."""
+    rollout_max_context_len: int | None = Field(None, gt=0)
+    """Most tokens of prompt plus response; a sample that reaches it is TRUNCATED (the default generator asks
+    for no more new tokens than fit)."""
+    save_debug_rollout_data: str | None = None
+    """Write each rollout's samples as they go to training to this path, one JSON line each; `{rollout_id}` in
+    the path is replaced."""
+    load_debug_rollout_data: str | None = None
+    """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    debug_rollout_only: bool = False
+    """Generate (and grade) rollouts, but do not train and do not sync weights."""
+    debug_train_only: bool = False
+    """Train on --load-debug-rollout-data only: no engine generates."""
+
+    @model_validator(mode="after")
+    def _debug_flags(self) -> GenerationHooksConfig:
+        if self.debug_train_only and self.load_debug_rollout_data is None:
+            raise ValueError("--debug-train-only trains on saved rollouts: give --load-debug-rollout-data")
+        if self.debug_train_only and self.debug_rollout_only:
+            raise ValueError("--debug-train-only and --debug-rollout-only exclude each other")
+        if self.custom_generate_function_path and self.rollout_function_path:
+            raise ValueError(
+                "--custom-generate-function-path is called by the default rollout, which --rollout-function-path"
+                " replaces: give one of them"
+            )
+        return self
 
 
 class RewardConfig(Section):
@@ -292,8 +372,8 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(
-    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, RolloutEngineConfig, RewardConfig,
-    LoggingConfig, CheckpointConfig, EvalConfig
+    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, MegatronFlags, RolloutEngineConfig, GenerationHooksConfig,
+    RewardConfig, LoggingConfig, CheckpointConfig, EvalConfig
 ):
     def eval_datasets(self) -> list[tuple[str, Path]]:
         """(name, file) of every --eval-prompt-data pair."""
@@ -333,7 +413,9 @@ class TrainConfig(
         if self.train_backend == "megatron":
             from rl_megatron import MegatronConfig
 
-            return MegatronConfig(**common)
+            megatron = {name: getattr(self, name) for name in MegatronFlags.model_fields
+                        if name not in ("calculate_per_token_loss", "bf16")}
+            return MegatronConfig(**common, **megatron)
         from rl_fsdp import FSDPConfig
 
         return FSDPConfig(**common)
@@ -361,7 +443,8 @@ class TrainConfig(
                 object.__setattr__(self, name, value.resolve())
         from rl_core.hooks import is_file_spec
 
-        for name in ("custom_rm_path", "dynamic_sampling_filter_path", "buffer_filter_path"):
+        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path",
+                     "dynamic_sampling_filter_path", "buffer_filter_path"):
             spec = getattr(self, name)
             if spec and is_file_spec(spec):
                 object.__setattr__(self, name, _absolute_file_spec(spec))
@@ -391,6 +474,20 @@ class TrainConfig(
         names = self.eval_prompt_data[::2]
         if len(set(names)) != len(names):
             raise ValueError(f"--eval-prompt-data names must differ, got {names}")
+        megatron_only = sorted(name for name in MegatronFlags.model_fields if name in self.model_fields_set
+                               and name not in ("calculate_per_token_loss", "bf16"))
+        if megatron_only and self.train_backend != "megatron":
+            flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
+            raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
+        if self.calculate_per_token_loss:
+            if self.loss_aggregation != "token_mean":
+                raise ValueError(f"--calculate-per-token-loss is --loss-aggregation token_mean, not {self.loss_aggregation!r}")
+        if self.bf16:
+            if "param_dtype" in self.model_fields_set and self.param_dtype != "bfloat16":
+                raise ValueError(f"--bf16 is --param-dtype bfloat16, not {self.param_dtype!r}")
+            object.__setattr__(self, "param_dtype", "bfloat16")
+        if self.debug_train_only and self.eval_prompt_data:
+            raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:
             raise ValueError("--eval-interval needs --eval-prompt-data")
         if self.critic_lr is None:

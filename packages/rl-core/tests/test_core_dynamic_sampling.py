@@ -7,7 +7,8 @@ from rl_core.data_source import JsonlDataSource, PromptRow
 from rl_core.dynamic_sampling import check_reward_nonzero_std
 from rl_core.hooks import load_function
 from rl_core.metrics import pass_at_k, pass_at_k_metrics, rollout_metrics
-from rl_core.rollout import generate_groups
+from rl_core.generation import GenerateAnswer
+from rl_core.rollout import default_generator, generate_groups
 from rl_core.sample import Sample
 
 
@@ -19,12 +20,11 @@ def scored(rewards, group_index=0):
     return [Sample(group_index=group_index, index=i, reward=r, response_length=1) for i, r in enumerate(rewards)]
 
 
-class Engine:
-    async def generate(self, payload):
-        return {"output_ids": [7], "text": "x", "meta_info": {"finish_reason": {"type": "stop"}}}
+async def one_token(request):
+    return GenerateAnswer(output_ids=[7], text="x", log_probs=[-1.0], finish_reason="stop")
 
-    async def abort(self, rid=None):
-        return None
+
+GENERATOR = default_generator(one_token, {})
 
 
 def test_groups_with_equal_rewards_are_dropped():
@@ -64,7 +64,7 @@ class AlternatingReward:
 def test_over_sampling_generates_until_enough_groups_pass_and_returns_the_surplus():
     source = JsonlDataSource(rows(20), n_samples_per_prompt=2)
     groups, stats = asyncio.run(
-        generate_groups(Engine(), AlternatingReward(2), source, num_groups=3, sampling_params={}, over_sampling_batch_size=4,
+        generate_groups(GENERATOR, AlternatingReward(2), source, num_groups=3, over_sampling_batch_size=4,
                         sample_filter=check_reward_nonzero_std)
     )
     # rounds of 4 groups, every second one kept: 2 kept, then 2 more of which 1 fills the target
@@ -85,7 +85,7 @@ def test_dynamic_sampling_gives_up_after_a_bounded_number_of_rounds():
 
     source = JsonlDataSource(rows(4), n_samples_per_prompt=2)
     with pytest.raises(RuntimeError, match="kept 0 of 2 groups after 3 rounds"):
-        asyncio.run(generate_groups(Engine(), AllOnes(), source, num_groups=2, sampling_params={},
+        asyncio.run(generate_groups(GENERATOR, AllOnes(), source, num_groups=2,
                                     sample_filter=check_reward_nonzero_std, max_rounds=3))
 
 

@@ -157,3 +157,25 @@ def test_offloaded_fake_refuses_work_until_onloaded():
     policy.onload()
     for a, b in zip(before, policy.forward(rl_step_batch(samples))):
         assert torch.equal(a, b)
+
+
+def test_tool_tokens_of_a_multi_turn_sample_take_no_part_in_the_update():
+    samples = scored_samples(groups=1, group_size=2, seed=5)
+    for sample in samples:
+        sample.append_response_tokens(tokens=[3, 4], trainable=False)  # a tool's answer, then one more policy token
+        sample.append_response_tokens(tokens=[5], log_probs=[-1.0])
+    config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=2)
+    policy = BigramBackend(VOCAB, optimizer="sgd")
+    rl_step(config, samples, policy)
+    # Reference: REINFORCE over the loss-mask tokens only; the tool's tokens still sit in the context.
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    table = BigramBackend(VOCAB).model.logits.detach().double().clone().requires_grad_(True)
+    tokens = sum(sum(s.loss_mask) for s in samples)
+    loss = torch.zeros((), dtype=torch.float64)
+    for sample, advantage in zip(samples, advantages):
+        ids, n = torch.tensor(sample.tokens), sample.response_length
+        picked = torch.log_softmax(table[ids[-n - 1 : -1]], -1).gather(1, ids[-n:, None])[:, 0]
+        loss = loss - advantage * (picked * torch.tensor(sample.loss_mask, dtype=torch.float64)).sum() / tokens
+    loss.backward()
+    torch.testing.assert_close(policy.model.logits.detach().double(), (table - 0.1 * table.grad).detach(), atol=1e-5, rtol=1e-5)

@@ -1,34 +1,25 @@
 import pytest
 
 from rl_core.metrics import rollout_metrics
-from rl_core.protocols import RewardModel, RolloutEngine
-from rl_core.rollout import RewardFailure, apply_generate_output, generate_payload, generate_samples, score_samples
+from rl_core.protocols import GenerateFn, RewardModel
+from rl_core.generation import GenerateAnswer
+from rl_core.rollout import RewardFailure, default_generator, generate_samples, request_id, score_samples
 from rl_core.sample import Sample, SampleStatus
 from rl_core.train_batch import TrainBatch
 
 
-class EchoEngine:
-    """Answers with the prompt reversed, SGLang-shaped; the last token hits the length limit if long."""
+class EchoGenerate:
+    """Answers with the prompt reversed; the last token hits the length limit if long."""
 
     def __init__(self):
-        self.payloads = []
+        self.requests = []
 
-    async def generate(self, payload):
-        self.payloads.append(payload)
-        out = list(reversed(payload["input_ids"]))[: payload["sampling_params"]["max_new_tokens"]]
-        finish = "length" if len(out) == payload["sampling_params"]["max_new_tokens"] else "stop"
-        return {
-            "text": "".join(chr(96 + t) for t in out),
-            "output_ids": out,
-            "meta_info": {
-                "finish_reason": {"type": finish},
-                "output_token_logprobs": [[-0.5 * (i + 1), t, None] for i, t in enumerate(out)],
-                "weight_version": "3",
-            },
-        }
-
-    async def abort(self, rid=None):
-        return None
+    async def __call__(self, request):
+        self.requests.append(request)
+        out = list(reversed(request.input_ids))[: request.sampling_params["max_new_tokens"]]
+        finish = "length" if len(out) == request.sampling_params["max_new_tokens"] else "stop"
+        return GenerateAnswer(output_ids=out, text="".join(chr(96 + t) for t in out),
+                              log_probs=[-0.5 * (i + 1) for i in range(len(out))], finish_reason=finish, weight_version="3")
 
 
 class LengthReward:
@@ -53,16 +44,16 @@ class FailingReward:
 
 
 def test_fakes_satisfy_the_protocols():
-    assert isinstance(EchoEngine(), RolloutEngine)
+    assert isinstance(EchoGenerate(), GenerateFn)
     assert isinstance(LengthReward(), RewardModel)
 
 
 async def test_generated_samples_carry_tokens_log_probs_version_and_status():
     samples = [Sample(index=0, tokens=[1, 2]), Sample(index=1, tokens=[1, 2, 3, 4])]
-    engine = EchoEngine()
-    await generate_samples(engine, samples, {"max_new_tokens": 3})
-    assert engine.payloads[0] == {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "return_logprob": True, "rid": "sample-0"}
-    first, second = samples
+    engine = EchoGenerate()
+    first, second = await generate_samples(default_generator(engine, {"max_new_tokens": 3}), samples)
+    request = engine.requests[0]
+    assert (request.input_ids, request.sampling_params, request.return_logprob) == ([1, 2], {"max_new_tokens": 3}, True)
     assert first.tokens == [1, 2, 2, 1] and first.response_length == 2 and first.response == "ba"
     assert first.rollout_log_probs == [-0.5, -1.0] and first.loss_mask == [1, 1]
     assert first.status is SampleStatus.COMPLETED and second.status is SampleStatus.TRUNCATED
@@ -75,21 +66,35 @@ async def test_generated_samples_carry_tokens_log_probs_version_and_status():
 
 
 def test_mismatched_log_probs_are_refused():
-    output = {"output_ids": [1, 2], "meta_info": {"output_token_logprobs": [[-1.0, 1, None]]}}
     with pytest.raises(ValueError, match="2 tokens but 1 log-probs"):
-        apply_generate_output(Sample(index=7, tokens=[0]), output)
+        GenerateAnswer(output_ids=[1, 2], text="", log_probs=[-1.0], finish_reason="stop")
 
 
-def test_empty_output_is_not_trainable():
-    sample = apply_generate_output(Sample(tokens=[0]), {"output_ids": [], "meta_info": {"finish_reason": {"type": "stop"}}})
+async def test_empty_output_is_not_trainable():
+    async def nothing(request):
+        return GenerateAnswer(output_ids=[], text="", log_probs=[], finish_reason="stop")
+
+    (sample,) = await generate_samples(default_generator(nothing, {}), [Sample(index=0, tokens=[0])])
     assert sample.status is SampleStatus.ABORTED
 
 
-def test_payload_copies_sampling_params():
-    params = {"temperature": 1.0}
-    payload = generate_payload(Sample(index=1, tokens=[5]), params)
-    payload["sampling_params"]["temperature"] = 0.0
-    assert params["temperature"] == 1.0
+@pytest.mark.parametrize("count", [200])
+def test_request_ids_are_unique_and_never_a_prefix_of_one_another(count):
+    ids = [request_id(Sample(index=i % 25)) for i in range(count)]
+    assert len(set(ids)) == count
+    assert not any(a != b and b.startswith(a) for a in ids for b in ids)
+
+
+async def test_a_second_turn_appends_to_the_first_with_its_own_weight_version_and_a_masked_tool_turn():
+    sample = Sample(index=0, tokens=[1, 2])
+    generate = EchoGenerate()
+    await default_generator(generate, {"max_new_tokens": 2})(sample)
+    sample.append_response_tokens(tokens=[9, 9], trainable=False)  # a tool's answer
+    await default_generator(generate, {"max_new_tokens": 1})(sample)
+    assert generate.requests[1].input_ids == [1, 2, 2, 1, 9, 9]  # the whole context goes to the engine
+    assert sample.tokens == [1, 2, 2, 1, 9, 9, 9] and sample.response_length == 5
+    assert sample.loss_mask == [1, 1, 0, 0, 1] and sample.rollout_log_probs == [-0.5, -1.0, 0.0, 0.0, -0.5]
+    assert sample.weight_versions == ["3", "3"] and sample.status is SampleStatus.TRUNCATED
 
 
 def test_train_batch_checks_lengths_and_selects_shards():

@@ -79,3 +79,23 @@ async def test_nccl_broadcast_from_gpu0_updates_an_engine_on_gpu1(model_dir, oth
         await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
         await client.close()
         await asyncio.wait_for(engine.stop(), 60)
+
+
+async def test_cuda_tensors_reach_an_engine_process_by_ipc_handles_naming_the_gpu_by_uuid(model_dir, other_weights_dir, ref):
+    from rl_sglang.launcher import launch_engine
+    from rl_sglang.weight_sync import TensorWeightTransport
+
+    process = launch_engine("embedded", str(model_dir), sglang_args={"device": "cuda", "dtype": "float32"})
+    client = SGLangClient(process.url, timeout_s=60)
+    transport = TensorWeightTransport([process.url], timeout_s=60)
+    try:
+        await asyncio.to_thread(process.wait_until_healthy, 180)
+        params = [(n, p.detach().cuda()) for n, p in ref.make_model(seed=1).named_parameters()]
+        await asyncio.wait_for(asyncio.to_thread(transport.update, params, "ipc1"), 120)
+        answer = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+        assert answer["output_ids"] == ref.greedy(other_weights_dir, PROMPT, 8)
+        assert answer["meta_info"]["weight_version"] == "ipc1"
+    finally:
+        await asyncio.to_thread(transport.close)
+        await client.close()
+        await asyncio.to_thread(process.terminate)

@@ -9,9 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-
+from rl_sglang import conformance
 from rl_sglang.client import SGLangClient
-from rl_sglang.launcher import build_embedded_argv, build_sglang_argv, launch_engine, sglang_available
+from rl_sglang.launcher import (
+    build_embedded_argv,
+    build_sglang_argv,
+    launch_engine,
+    sglang_available,
+)
+from rl_sglang.sglang_flags import (
+    check_sglang_args,
+    is_slime_router_flag,
+    router_flag_refusal,
+)
 from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -31,19 +41,57 @@ def test_sglang_argv_turns_a_settings_dict_into_launch_server_flags():
     ]  # fmt: skip
 
 
-def test_sglang_argv_repeats_list_values_and_refuses_odd_names():
-    argv = build_sglang_argv("/m", "127.0.0.1", 1, {"cuda_graph_bs": [1, 2, 4]})
-    assert argv[-4:] == ["--cuda-graph-bs", "1", "2", "4"]
-    with pytest.raises(ValueError, match="not a flag name"):
+def test_sglang_argv_repeats_list_values_and_refuses_names_sglang_does_not_have():
+    argv = build_sglang_argv("/m", "127.0.0.1", 1, {"cuda_graph_bs_decode": [1, 2, 4]})
+    assert argv[-4:] == ["--cuda-graph-bs-decode", "1", "2", "4"]
+    with pytest.raises(ValueError, match="no flag --tp size; rm"):
         build_sglang_argv("/m", "127.0.0.1", 1, {"tp size; rm": 1})
+    # 0.5.23 split --cuda-graph-bs; its parser would exit on the now ambiguous prefix
+    with pytest.raises(ValueError, match="--sglang-cuda-graph-bs:.*did you mean.*--sglang-cuda-graph-bs-decode"):
+        build_sglang_argv("/m", "127.0.0.1", 1, {"cuda_graph_bs": [1, 2, 4]})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"seed": 1}, "--sglang-seed: .* no flag --seed; did you mean --sglang-random-seed"),
+        ({"mem_fraction": 0.8}, "did you mean --sglang-mem-fraction-static"),
+        ({"router_policy": "cache_aware"}, "--sglang-router-policy: .*rl-router"),
+        ({"port": 30001}, "--sglang-port: the launcher sets --port itself"),
+        ({"enable_memory_saver": 3}, "--sglang-enable-memory-saver is a switch"),
+        ({"tp_size": "two"}, "--sglang-tp-size takes an integer"),
+        ({"tp_size": [1, 2]}, "--sglang-tp-size takes one value"),
+        ({"mem_fraction_static": True}, "--sglang-mem-fraction-static needs a value"),
+    ],
+)
+def test_check_sglang_args_names_the_bad_flag_and_what_to_write(args, message):
+    with pytest.raises(ValueError, match=message):
+        check_sglang_args(args)
+
+
+def test_check_sglang_args_accepts_real_flags_of_the_pinned_parser():
+    check_sglang_args(
+        {"mem_fraction_static": 0.8, "tp_size": 2, "enable_memory_saver": True, "random_seed": 3,
+         "cuda_graph_bs_prefill": [1, 2], "dtype": "bfloat16", "enable_lora": True, "max_lora_rank": 16,
+         "no_enable_tf32_matmul": True}
+    )  # fmt: skip
+
+
+def test_slime_router_flags_are_recognised_and_refused_with_what_rl_router_does_instead():
+    for flag in ("--use-slime-router", "--slime-router-middleware-paths", "--sglang-router-ip=0.0.0.0", "--sglang-router-port"):
+        assert is_slime_router_flag(flag)
+        assert router_flag_refusal(flag).startswith(flag.split("=")[0] + ":") and "--router-policy" in router_flag_refusal(flag)
+    assert not is_slime_router_flag("--router-policy")  # our own flag
+    assert not is_slime_router_flag("--sglang-mem-fraction-static")
 
 
 def test_embedded_argv_accepts_only_its_own_flags():
-    argv = build_embedded_argv("/m", "127.0.0.1", 8000, {"device": "cpu", "max_running_requests": 4})
+    argv = build_embedded_argv("/m", "127.0.0.1", 8000, {"device": "cpu", "max_running_requests": 4, "seed": 7})
     assert argv == [
         sys.executable, "-m", "rl_sglang.embedded", "--model-path", "/m", "--host", "127.0.0.1", "--port", "8000",
-        "--device", "cpu", "--max-running-requests", "4",
+        "--device", "cpu", "--max-running-requests", "4", "--random-seed", "7",
     ]  # fmt: skip
+    assert conformance.argv_problems(argv[3:]) == []  # SGLang's own names, so one set of flags serves both
     with pytest.raises(ValueError, match="--tp-size"):
         build_embedded_argv("/m", "127.0.0.1", 8000, {"tp_size": 2})
 

@@ -1,4 +1,5 @@
-"""Weight updates: from disk (route and DiskWeightTransport) and by broadcast (BroadcastWeightTransport)."""
+"""Weight updates: from disk (route and DiskWeightTransport), by broadcast (BroadcastWeightTransport) and by
+tensor handles (TensorWeightTransport), the last two inside weight-update sessions."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from rl_sglang.errors import EngineError
-from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
+from rl_sglang.weight_sync import (
+    BroadcastWeightTransport,
+    DiskWeightTransport,
+    TensorWeightTransport,
+)
+from safetensors.torch import save_file
 
 PROMPT = [5, 9, 14, 3]
 PAYLOAD = {
@@ -94,7 +98,7 @@ async def test_broadcast_transport_updates_served_weights(client, engine, model_
         await _assert_serves(client, model_dir, ref, "b2")
     finally:
         await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
-    assert engine._groups == {}
+    assert engine.weights.groups == {}
 
 
 async def test_broadcast_of_an_unknown_tensor_fails_naming_it_and_leaves_the_group_usable(client, engine, model_dir, other_weights_dir, ref):
@@ -107,5 +111,87 @@ async def test_broadcast_of_an_unknown_tensor_fails_naming_it_and_leaves_the_gro
         new_model = ref.make_model(seed=1)
         await asyncio.wait_for(asyncio.to_thread(transport.update, new_model.named_parameters(), "b1"), 120)
         await _assert_serves(client, other_weights_dir, ref, "b1")
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
+
+
+@pytest.mark.parametrize("load_format", ["flattened_bucket", None, "direct"])
+async def test_tensor_transport_hands_weights_over_by_handle_and_they_are_served(client, engine, model_dir, other_weights_dir, ref, load_format):
+    transport = TensorWeightTransport([engine.url], bucket_bytes=16 << 10, load_format=load_format, timeout_s=60)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, ref.make_model(seed=1).named_parameters(), "t1"), 120)
+        await _assert_serves(client, other_weights_dir, ref, "t1")
+        await asyncio.wait_for(asyncio.to_thread(transport.update, ref.make_model(seed=0).named_parameters(), "t2"), 120)
+        await _assert_serves(client, model_dir, ref, "t2")
+    finally:
+        await asyncio.to_thread(transport.close)
+    assert engine.weights.session_open is False
+
+
+async def test_tensor_transport_sends_tied_weights_once_in_the_engines_dtype(client, engine):
+    embed = torch.randn(64, 32)
+    named = [("model.embed_tokens.weight", embed.double()), ("lm_head.weight", None), ("model.norm.weight", torch.ones(32, dtype=torch.float64))]
+    named[1] = ("lm_head.weight", named[0][1])  # tied: the same tensor under two names
+    sent: list[list[str]] = []
+    transport = TensorWeightTransport([engine.url], timeout_s=60)
+    original = transport._send_bucket
+
+    def spy(bucket, layouts, *args, **kwargs):
+        sent.append([name for name, _ in bucket])
+        assert layouts == [(1, torch.float32)]  # read from /server_info
+        return original(bucket, layouts, *args, **kwargs)
+
+    transport._send_bucket = spy
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, named, "tied"), 60)
+    finally:
+        await asyncio.to_thread(transport.close)
+    assert sent == [["model.embed_tokens.weight", "model.norm.weight"]]
+    served = dict(engine.runner.model.named_parameters())
+    assert served["model.embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(served["model.embed_tokens.weight"], embed.double().float())
+
+
+async def test_weight_updates_from_a_trainer_are_refused_outside_a_session_as_sglang_does(client, engine):
+    with pytest.raises(EngineError) as caught:
+        await asyncio.wait_for(client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "g"), 10)
+    assert caught.value.status == 400 and "between begin_weight_update() and end_weight_update()" in caught.value.body["message"]
+    with pytest.raises(EngineError, match="between begin_weight_update"):
+        await asyncio.wait_for(client.update_weights_from_tensor(["eA=="]), 10)
+    with pytest.raises(EngineError, match="no weight-update session is open"):
+        await asyncio.wait_for(client.end_weight_update(), 10)
+    await asyncio.wait_for(client.begin_weight_update(), 10)
+    with pytest.raises(EngineError, match="already open"):
+        await asyncio.wait_for(client.begin_weight_update(), 10)
+    with pytest.raises(EngineError, match="cannot read serialized_named_tensors"):
+        await asyncio.wait_for(client.update_weights_from_tensor(["eA=="]), 10)  # a session, but not a payload
+    await asyncio.wait_for(client.end_weight_update(), 10)
+
+
+async def test_an_update_waits_for_requests_in_flight_which_finish_on_the_old_weights(client, engine, model_dir, ref):
+    payload = {"input_ids": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}, "return_logprob": True}
+    running = asyncio.create_task(client.generate(payload))
+    for _ in range(2000):
+        request = next(iter(engine._in_flight.values()), None)
+        if request is not None and len(request.output_ids) >= 3:
+            break
+        await asyncio.sleep(0.005)
+    transport = TensorWeightTransport([engine.url], timeout_s=60)
+    assert not running.done()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, ref.make_model(seed=1).named_parameters(), "later"), 120)
+        assert running.done()  # the update waited for it
+    finally:
+        await asyncio.to_thread(transport.close)
+    answer = await asyncio.wait_for(running, 60)
+    assert answer["output_ids"] == ref.greedy(model_dir, PROMPT, 200)  # all tokens from the old weights
+    assert answer["meta_info"]["weight_version"] == "default"
+
+
+async def test_broadcast_of_flattened_buckets_updates_served_weights(client, engine, other_weights_dir, ref):
+    transport = BroadcastWeightTransport([engine.url], backend="gloo", bucket_bytes=16 << 10, load_format="flattened_bucket", timeout_s=60)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(transport.update, ref.make_model(seed=1).named_parameters(), "f1"), 120)
+        await _assert_serves(client, other_weights_dir, ref, "f1")
     finally:
         await asyncio.wait_for(asyncio.to_thread(transport.close), 60)

@@ -6,20 +6,40 @@ rl-router and rl-rewards do not import this module: they satisfy these Protocols
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import (
+    TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, NotRequired, Protocol, Sequence, TypedDict, runtime_checkable,
+)
 
 if TYPE_CHECKING:
     import torch
 
+    from rl_core.generation import GenerateAnswer, GenerateRequest
     from rl_core.losses import TrainLoss
     from rl_core.sample import Sample
     from rl_core.train_batch import TrainBatch
 
 
 @runtime_checkable
+class GenerateFn(Protocol):
+    """One generation call, whoever answers it: an engine, or the router in front of several
+    (rl_sglang.generation.SGLangGenerate maps it onto SGLang's /generate)."""
+
+    async def __call__(self, request: GenerateRequest) -> GenerateAnswer: ...
+
+
+@runtime_checkable
+class CustomGenerateFn(Protocol):
+    """slime's `--custom-generate-function-path`: generates one sample to the end, however many engine calls
+    and tool calls that takes. `args` is the run's configuration under slime's field names (plus
+    `sglang_router_ip`/`sglang_router_port`, an HTTP endpoint speaking SGLang's /generate)."""
+
+    async def __call__(self, args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample | list[Sample]: ...
+
+
+@runtime_checkable
 class RolloutEngine(Protocol):
-    """Something that answers SGLang `/generate` payloads: an SGLang server, the embedded engine,
-    or the router in front of several of them."""
+    """Something that answers SGLang `/generate` payloads and aborts requests: an SGLang server, the
+    embedded engine, or the router in front of several of them."""
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one SGLang `/generate` payload (`input_ids`, `sampling_params`, `return_logprob`, `rid`)."""
@@ -98,6 +118,8 @@ class RewardInput(TypedDict):
     response: str
     label: Any
     metadata: dict[str, Any]
+    sample: NotRequired[Sample]
+    """The whole sample, for reward functions in slime's signature `reward_func(args, sample)`."""
 
 
 @runtime_checkable

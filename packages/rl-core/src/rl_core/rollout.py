@@ -1,53 +1,77 @@
-"""Turning PENDING samples into scored ones through any RolloutEngine and RewardModel."""
+"""Turning PENDING samples into scored ones: a sample generator (one engine call through a `GenerateFn`,
+or a user's custom generate function) and a `RewardModel`."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Sequence
 
 from rl_core.dynamic_sampling import DynamicSamplingStats, sort_groups
-from rl_core.protocols import DataSource, RewardInput, RewardModel, RolloutEngine, SampleFilter
+from rl_core.generation import GenerateRequest
+from rl_core.protocols import CustomGenerateFn, DataSource, GenerateFn, RewardInput, RewardModel, SampleFilter
 from rl_core.sample import Sample, SampleStatus
 
-_FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
+SampleGenerator = Callable[[Sample], Awaitable["Sample | list[Sample]"]]
+"""Generates one PENDING sample to the end (one engine call, or a whole multi-turn trajectory)."""
 
 
-def generate_payload(sample: Sample, sampling_params: dict[str, Any]) -> dict[str, Any]:
-    """The SGLang `/generate` payload for one sample's prompt tokens."""
-    return {
-        "input_ids": list(sample.tokens),
-        "sampling_params": dict(sampling_params),
-        "return_logprob": True,
-        "rid": f"sample-{sample.index}",
-    }
+def request_id(sample: Sample) -> str:
+    """A request id unique to this call and never a prefix of another (SGLang aborts by prefix):
+    `sample-1-<12 hex>` cannot begin `sample-10-<12 hex>`."""
+    return f"sample-{sample.index}-{uuid.uuid4().hex[:12]}"
 
 
-def apply_generate_output(sample: Sample, output: dict[str, Any]) -> Sample:
-    """Record an SGLang `/generate` answer on the sample: response tokens, text, log-probs, status."""
-    meta = output.get("meta_info") or {}
-    output_ids = list(output.get("output_ids") or [])
-    logprobs = meta.get("output_token_logprobs")
-    if logprobs is not None and len(logprobs) != len(output_ids):
-        raise ValueError(
-            f"sample {sample.index}: engine returned {len(output_ids)} tokens but {len(logprobs)} log-probs"
-        )
-    finish = (meta.get("finish_reason") or {}).get("type", "stop")
-    sample.tokens = list(sample.tokens) + output_ids
-    sample.response_length = len(output_ids)
-    sample.response = output.get("text", "")
-    sample.rollout_log_probs = [float(entry[0]) for entry in logprobs] if logprobs is not None else None
-    sample.loss_mask = [1] * len(output_ids)
-    sample.weight_version = None if meta.get("weight_version") is None else str(meta["weight_version"])
-    sample.status = _FINISH_STATUS.get(finish, SampleStatus.COMPLETED)
-    if not output_ids and sample.status is not SampleStatus.ABORTED:
-        sample.status = SampleStatus.ABORTED  # nothing to train on
-    return sample
+def default_generator(
+    generate: GenerateFn, sampling_params: dict[str, Any], *, max_context_len: int | None = None
+) -> SampleGenerator:
+    """One engine call from the sample's tokens (the prompt, plus any response so far), recorded as one turn;
+    with `max_context_len` (--rollout-max-context-len) it asks for no more tokens than fit, and a sample
+    with no room left is TRUNCATED without a call."""
+
+    async def generate_sample(sample: Sample) -> Sample:
+        params = dict(sampling_params)
+        if max_context_len is not None:
+            room = max_context_len - len(sample.tokens)
+            if room <= 0:
+                sample.status = SampleStatus.TRUNCATED
+                return sample
+            params["max_new_tokens"] = min(int(params.get("max_new_tokens", room)), room)
+        request = GenerateRequest(input_ids=list(sample.tokens), sampling_params=params, request_id=request_id(sample))
+        (await generate(request)).append_to(sample)
+        if sample.response_length == 0:
+            sample.status = SampleStatus.ABORTED  # nothing to train on
+        return sample
+
+    return generate_sample
 
 
-async def generate_samples(engine: RolloutEngine, samples: Sequence[Sample], sampling_params: dict[str, Any]) -> list[Sample]:
-    """Generate every sample concurrently (the engines batch them)."""
-    outputs = await asyncio.gather(*(engine.generate(generate_payload(s, sampling_params)) for s in samples))
-    return [apply_generate_output(s, o) for s, o in zip(samples, outputs)]
+def custom_generator(function: CustomGenerateFn, args: Any, sampling_params: dict[str, Any]) -> SampleGenerator:
+    """slime's `--custom-generate-function-path`: `await function(args, sample, sampling_params)`."""
+
+    async def generate_sample(sample: Sample) -> Sample | list[Sample]:
+        return await function(args, sample, dict(sampling_params))
+
+    return generate_sample
+
+
+async def generate_samples(generator: SampleGenerator, samples: Sequence[Sample]) -> list[Sample]:
+    """Generate every sample concurrently (the engines batch them); each comes back in its place."""
+    outputs = await asyncio.gather(*(generator(s) for s in samples))
+    done = []
+    for sample, output in zip(samples, outputs):
+        if isinstance(output, list):
+            if len(output) != 1:
+                raise ValueError(
+                    f"the generate function returned {len(output)} samples for sample {sample.index}; several"
+                    " training samples per generated sample are not supported yet: return one Sample"
+                )
+            output = output[0]
+        if not isinstance(output, Sample):
+            raise TypeError(f"the generate function returned {type(output).__name__} for sample {sample.index}, not a Sample")
+        done.append(output)
+    return done
 
 
 class RewardFailure(RuntimeError):
@@ -80,6 +104,7 @@ async def score_samples(
             response=s.response,
             label=s.label,
             metadata=s.metadata,
+            sample=s,
         )
         for s in samples
     ]
@@ -89,13 +114,21 @@ async def score_samples(
     return list(samples)
 
 
+def regroup(groups: Sequence[Sequence[Sample]], samples: Sequence[Sample]) -> list[list[Sample]]:
+    """`samples` (flat, in group order) cut back into the shape of `groups`."""
+    out, start = [], 0
+    for group in groups:
+        out.append(list(samples[start : start + len(group)]))
+        start += len(group)
+    return out
+
+
 async def generate_groups(
-    engine: RolloutEngine,
+    generator: SampleGenerator,
     reward_model: RewardModel,
     data_source: DataSource,
     *,
     num_groups: int,
-    sampling_params: dict[str, Any],
     over_sampling_batch_size: int | None = None,
     sample_filter: SampleFilter | None = None,
     max_rounds: int = 32,
@@ -118,10 +151,37 @@ async def generate_groups(
                 f" ({stats.dropped_groups} of {stats.generated_groups} groups dropped by the filter)"
             )
         groups = data_source.get_samples(per_round)
+        groups = regroup(groups, await generate_samples(generator, [s for g in groups for s in g]))
         samples = [s for g in groups for s in g]
-        await generate_samples(engine, samples, sampling_params)
         await score_samples(reward_model, samples, max_error_ratio=max_error_ratio)
         surplus = sort_groups(groups, sample_filter, num_groups, stats)
         if surplus:
             data_source.add_samples(surplus)
     return stats.kept, stats
+
+
+async def default_rollout(
+    generator: SampleGenerator,
+    reward_model: RewardModel,
+    data_source: DataSource,
+    *,
+    num_groups: int,
+    over_sampling_batch_size: int | None = None,
+    sample_filter: SampleFilter | None = None,
+    max_error_ratio: float = 1.0,
+) -> tuple[list[list[Sample]], dict[str, float], dict[str, float]]:
+    """The rollout slime's `--rollout-function-path` replaces: `num_groups` prompt groups generated and
+    scored (in over-sampled rounds when a dynamic-sampling filter is set). Returns the groups, the
+    dynamic-sampling metrics and the time spent generating and grading."""
+    start = time.perf_counter()
+    if sample_filter is None and over_sampling_batch_size is None:
+        groups = data_source.get_samples(num_groups)
+        groups = regroup(groups, await generate_samples(generator, [s for g in groups for s in g]))
+        generated = time.perf_counter()
+        await score_samples(reward_model, [s for g in groups for s in g], max_error_ratio=max_error_ratio)
+        return groups, {}, {"generate": generated - start, "reward": time.perf_counter() - generated}
+    groups, stats = await generate_groups(
+        generator, reward_model, data_source, num_groups=num_groups, over_sampling_batch_size=over_sampling_batch_size,
+        sample_filter=sample_filter, max_error_ratio=max_error_ratio,
+    )
+    return groups, stats.metrics(), {"generate_and_reward": time.perf_counter() - start}

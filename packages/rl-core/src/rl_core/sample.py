@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SampleStatus(str, Enum):
@@ -15,14 +15,22 @@ class SampleStatus(str, Enum):
     COMPLETED = "completed"
     TRUNCATED = "truncated"
     ABORTED = "aborted"
+    FAILED = "failed"
+    """A recoverable failure in a custom generate function (a tool or API error); not trained on."""
 
 
 class Sample(BaseModel):
-    """One prompt and one sampled response.
+    """One prompt and one sampled response, which may span several turns (model output interleaved with
+    tool or environment tokens, told apart by `loss_mask`).
 
     Token-level lists (`loss_mask`, `rollout_log_probs`) cover the response only: their length is
-    `response_length`, aligned with `tokens[-response_length:]`.
+    `response_length`, aligned with `tokens[-response_length:]`. Field names and `Sample.Status` are
+    slime's, so slime's custom generate and reward functions work on it; a function may set attributes of
+    its own (they travel with the sample).
     """
+
+    model_config = ConfigDict(extra="allow")
+    Status: ClassVar[type[SampleStatus]] = SampleStatus
 
     group_index: int | None = None
     """Index of the prompt group; the `n_samples_per_prompt` copies of a prompt share it."""
@@ -45,7 +53,9 @@ class Sample(BaseModel):
     rollout_log_probs: list[float] | None = None
     """Log-probability of each response token under the engine that sampled it."""
     weight_version: str | None = None
-    """Version of the engine weights that produced the response."""
+    """Version of the engine weights that produced the response (the last turn's, for several turns)."""
+    weight_versions: list[str] = Field(default_factory=list)
+    """The weight version of each generation call that produced the response, in order (slime's)."""
     status: SampleStatus = SampleStatus.PENDING
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free-form per-sample data from the data source (e.g. the row's metadata key)."""
@@ -60,3 +70,48 @@ class Sample(BaseModel):
 
     def effective_loss_mask(self) -> list[int]:
         return self.loss_mask if self.loss_mask is not None else [1] * self.response_length
+
+    @property
+    def effective_response_length(self) -> int:
+        """Response tokens that are trained on."""
+        return sum(self.effective_loss_mask())
+
+    def append_response_tokens(
+        self,
+        args: Any = None,
+        *,
+        tokens: Sequence[int] = (),
+        log_probs: Sequence[float] | None = None,
+        trainable: bool = True,
+        meta_info: dict[str, Any] | None = None,
+        text: str | None = None,
+    ) -> None:
+        """Extend the response by one turn's tokens, keeping the loss mask and log-probs aligned (slime's).
+
+        Tokens the policy sampled pass `trainable=True` with the engine's log-probs; tool or environment
+        tokens pass `trainable=False` and get loss mask 0 and log-prob 0. `meta_info`, an SGLang answer's,
+        records the turn's weight version. `args` is accepted for slime's signature and not read.
+        """
+        tokens = [int(t) for t in tokens]
+        if log_probs is not None and len(log_probs) != len(tokens):
+            raise ValueError(f"log_probs has {len(log_probs)} entries for {len(tokens)} tokens")
+        if tokens and trainable and log_probs is None:
+            raise ValueError("trainable response tokens need the engine's log-probs")
+        if not trainable:
+            if log_probs is not None:
+                raise ValueError("tokens that are not trained on take no log-probs")
+            log_probs = [0.0] * len(tokens)
+        if text is not None:
+            self.response += text
+        if self.rollout_log_probs is None:
+            if trainable and self.response_length:
+                raise ValueError("the response already has tokens without log-probs; cannot append trainable ones")
+            self.rollout_log_probs = [0.0] * self.response_length
+        self.loss_mask = self.effective_loss_mask() + [1 if trainable else 0] * len(tokens)
+        self.tokens = list(self.tokens) + tokens
+        self.response_length += len(tokens)
+        self.rollout_log_probs = list(self.rollout_log_probs) + [float(x) for x in log_probs or []]
+        version = (meta_info or {}).get("weight_version")
+        if version is not None:
+            self.weight_version = str(version)
+            self.weight_versions.append(str(version))

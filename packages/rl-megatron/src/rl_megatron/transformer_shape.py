@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 
 
 class TransformerShape(BaseModel):
-    """Shape of a Llama/Qwen2-family decoder (GQA, SwiGLU MLP, RMSNorm, optional QKV bias)."""
+    """Shape of a Llama/Qwen2/Qwen3-family decoder (GQA, SwiGLU MLP, RMSNorm, optional QKV bias and QK norm)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -21,6 +21,8 @@ class TransformerShape(BaseModel):
     vocab_size: PositiveInt
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE (Qwen3)."""
 
     @model_validator(mode="after")
     def _check_grouping(self) -> TransformerShape:
@@ -42,9 +44,10 @@ class TransformerShape(BaseModel):
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> TransformerShape:
-        """Read a transformers LlamaConfig/Qwen2Config (or anything with the same attributes).
+        """Read a transformers LlamaConfig/Qwen2Config/Qwen3Config (or anything with the same attributes).
 
-        Qwen2 always has q/k/v bias and no `attention_bias` attribute; Llama reads `attention_bias`.
+        Qwen2 always has q/k/v bias and no `attention_bias` attribute; Llama and Qwen3 read
+        `attention_bias`; Qwen3 always normalises queries and keys.
         """
         model_type = getattr(hf_config, "model_type", "")
         if model_type == "qwen2":
@@ -65,4 +68,5 @@ class TransformerShape(BaseModel):
             vocab_size=hf_config.vocab_size,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
+            qk_norm=model_type == "qwen3",
         )

@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron-Core (GPTModel, local layer spec) state dicts for Llama/Qwen2-family models.
+"""Hugging Face <-> Megatron-Core (GPTModel, local layer spec) state dicts for Llama/Qwen2/Qwen3-family models.
 
 SGLang engines load Hugging Face names and layouts, while Megatron-Core fuses Q/K/V into one
 `linear_qkv` (interleaved per query group: [q heads of group g, k_g, v_g] for g in groups, see
@@ -16,7 +16,15 @@ from torch import Tensor
 
 from rl_megatron.transformer_shape import TransformerShape
 
-__all__ = ["TransformerShape", "hf_to_megatron", "megatron_to_hf", "fuse_qkv", "unfuse_qkv"]
+__all__ = [
+    "TransformerShape",
+    "hf_to_megatron",
+    "megatron_to_hf",
+    "fuse_qkv",
+    "unfuse_qkv",
+    "hf_layer_to_megatron",
+    "megatron_tensor_to_hf",
+]
 
 # Buffers that some checkpoints carry but that are recomputed from the config, never weights.
 _HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -90,41 +98,52 @@ def _trim_vocab(name: str, tensor: Tensor, config: TransformerShape) -> Tensor:
     return tensor[: config.vocab_size]
 
 
+def hf_layer_to_megatron(take, hf_layer: int, mcore_layer: int, config: TransformerShape) -> dict[str, Tensor]:
+    """Decoder layer `hf_layer` of a HF model, read with `take(name, shape)`, under Megatron names of
+    layer `mcore_layer` (its index within a pipeline stage)."""
+    c = config
+    h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
+    hf, mc = f"model.layers.{hf_layer}.", f"decoder.layers.{mcore_layer}."
+    out: dict[str, Tensor] = {}
+    q = take(hf + "self_attn.q_proj.weight", (c.num_attention_heads * hd, h))
+    k = take(hf + "self_attn.k_proj.weight", (c.num_key_value_heads * hd, h))
+    v = take(hf + "self_attn.v_proj.weight", (c.num_key_value_heads * hd, h))
+    out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, c)
+    if c.qkv_bias:
+        qb = take(hf + "self_attn.q_proj.bias", (c.num_attention_heads * hd,))
+        kb = take(hf + "self_attn.k_proj.bias", (c.num_key_value_heads * hd,))
+        vb = take(hf + "self_attn.v_proj.bias", (c.num_key_value_heads * hd,))
+        out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, c)
+    if c.qk_norm:
+        out[mc + "self_attention.q_layernorm.weight"] = take(hf + "self_attn.q_norm.weight", (hd,))
+        out[mc + "self_attention.k_layernorm.weight"] = take(hf + "self_attn.k_norm.weight", (hd,))
+    out[mc + "self_attention.linear_proj.weight"] = take(hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * hd))
+    out[mc + "input_layernorm.weight"] = take(hf + "input_layernorm.weight", (h,))
+    out[mc + "pre_mlp_layernorm.weight"] = take(hf + "post_attention_layernorm.weight", (h,))
+    gate = take(hf + "mlp.gate_proj.weight", (ffn, h))
+    up = take(hf + "mlp.up_proj.weight", (ffn, h))
+    out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+    out[mc + "mlp.linear_fc2.weight"] = take(hf + "mlp.down_proj.weight", (h, ffn))
+    return out
+
+
 def hf_to_megatron(
     hf_state: Mapping[str, Tensor], config: TransformerShape, padded_vocab_size: int | None = None
 ) -> dict[str, Tensor]:
-    """Rename and fuse a HF Llama/Qwen2 state dict into Megatron-Core GPTModel names (TP size 1).
+    """Rename and fuse a HF Llama/Qwen2/Qwen3 state dict into Megatron-Core GPTModel names (TP size 1).
 
     A tied model's `lm_head.weight` (present in `model.state_dict()`, absent from safetensors) is
     accepted and dropped: Megatron then shares `embedding.word_embeddings.weight` with the output layer.
     """
     c = config
-    h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
+    h = c.hidden_size
     src = _Reader(hf_state, _HF_IGNORED_SUFFIXES, "HF")
     out: dict[str, Tensor] = {}
 
     embed = src.take("model.embed_tokens.weight", (c.vocab_size, h))
     out["embedding.word_embeddings.weight"] = _pad_vocab("model.embed_tokens.weight", embed, padded_vocab_size)
     for i in range(c.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = src.take(hf + "self_attn.q_proj.weight", (c.num_attention_heads * hd, h))
-        k = src.take(hf + "self_attn.k_proj.weight", (c.num_key_value_heads * hd, h))
-        v = src.take(hf + "self_attn.v_proj.weight", (c.num_key_value_heads * hd, h))
-        out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, c)
-        if c.qkv_bias:
-            qb = src.take(hf + "self_attn.q_proj.bias", (c.num_attention_heads * hd,))
-            kb = src.take(hf + "self_attn.k_proj.bias", (c.num_key_value_heads * hd,))
-            vb = src.take(hf + "self_attn.v_proj.bias", (c.num_key_value_heads * hd,))
-            out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, c)
-        out[mc + "self_attention.linear_proj.weight"] = src.take(
-            hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * hd)
-        )
-        out[mc + "input_layernorm.weight"] = src.take(hf + "input_layernorm.weight", (h,))
-        out[mc + "pre_mlp_layernorm.weight"] = src.take(hf + "post_attention_layernorm.weight", (h,))
-        gate = src.take(hf + "mlp.gate_proj.weight", (ffn, h))
-        up = src.take(hf + "mlp.up_proj.weight", (ffn, h))
-        out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-        out[mc + "mlp.linear_fc2.weight"] = src.take(hf + "mlp.down_proj.weight", (h, ffn))
+        out.update(hf_layer_to_megatron(src.take, i, i, c))
     out["decoder.final_layernorm.weight"] = src.take("model.norm.weight", (h,))
     if c.tie_word_embeddings:
         src.discard("lm_head.weight")
@@ -135,38 +154,67 @@ def hf_to_megatron(
     return out
 
 
+_LAYER_RENAMES = {
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+_QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
+
+
+def megatron_tensor_to_hf(name: str, tensor: Tensor, config: TransformerShape) -> list[tuple[str, Tensor]]:
+    """One full (TP-merged) Megatron tensor with a global layer number as (HF name, tensor) pairs: a fused
+    QKV gives q, k, v; fc1 gives gate and up; vocabulary padding is dropped. A tied embedding also gives
+    `lm_head.weight`, as a tied HF model's state dict lists it. A critic's `value_head.*` keeps its name."""
+    c = config
+    if name.startswith("value_head."):
+        return [(name, tensor)]
+    if name == "embedding.word_embeddings.weight":
+        embed = _trim_vocab(name, tensor, c)
+        return [("model.embed_tokens.weight", embed)] + ([("lm_head.weight", embed)] if c.tie_word_embeddings else [])
+    if name == "output_layer.weight":
+        return [("lm_head.weight", _trim_vocab(name, tensor, c))]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", _expect(name, tensor, (c.hidden_size,)))]
+    parts = name.split(".", 3)
+    if len(parts) != 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit():
+        raise ValueError(f"Megatron tensor {name!r} has no Hugging Face counterpart")
+    hf, suffix = f"model.layers.{parts[2]}.", parts[3]
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = suffix.rsplit(".", 1)[1]
+        _expect(name, tensor, (c.qkv_rows, c.hidden_size) if kind == "weight" else (c.qkv_rows,))
+        return [(hf + f"self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", unfuse_qkv(tensor, c))]
+    if suffix == "mlp.linear_fc1.weight":
+        gate, up = _expect(name, tensor, (2 * c.ffn_hidden_size, c.hidden_size)).chunk(2, dim=0)
+        return [(hf + "mlp.gate_proj.weight", gate), (hf + "mlp.up_proj.weight", up)]
+    if suffix in _LAYER_RENAMES:
+        return [(hf + _LAYER_RENAMES[suffix], tensor)]
+    raise ValueError(f"Megatron tensor {name!r} has no Hugging Face counterpart")
+
+
 def megatron_to_hf(mcore_state: Mapping[str, Tensor], config: TransformerShape) -> dict[str, Tensor]:
     """Split and rename a full (TP-merged) Megatron-Core GPTModel state dict into HF names.
 
     Vocabulary padding rows are dropped; a tied model yields no `lm_head.weight`.
     """
-    c = config
-    h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
     src = _Reader(mcore_state, _MCORE_IGNORED_SUFFIXES, "Megatron")
+    expected = ["embedding.word_embeddings.weight"]
+    for i in range(config.num_layers):
+        mc = f"decoder.layers.{i}."
+        expected += [mc + "self_attention.linear_qkv.weight"]
+        expected += [mc + "self_attention.linear_qkv.bias"] if config.qkv_bias else []
+        expected += [mc + n for n in _LAYER_RENAMES if config.qk_norm or n not in _QK_NORMS]
+        expected += [mc + "mlp.linear_fc1.weight"]
+    expected += ["decoder.final_layernorm.weight"] + ([] if config.tie_word_embeddings else ["output_layer.weight"])
     out: dict[str, Tensor] = {}
-
-    name = "embedding.word_embeddings.weight"
-    out["model.embed_tokens.weight"] = _trim_vocab(name, src.take(name), c)
-    for i in range(c.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        qkv = src.take(mc + "self_attention.linear_qkv.weight", (c.qkv_rows, h))
-        for proj, tensor in zip(("q", "k", "v"), unfuse_qkv(qkv, c)):
-            out[hf + f"self_attn.{proj}_proj.weight"] = tensor
-        if c.qkv_bias:
-            qkv_bias = src.take(mc + "self_attention.linear_qkv.bias", (c.qkv_rows,))
-            for proj, tensor in zip(("q", "k", "v"), unfuse_qkv(qkv_bias, c)):
-                out[hf + f"self_attn.{proj}_proj.bias"] = tensor
-        out[hf + "self_attn.o_proj.weight"] = src.take(
-            mc + "self_attention.linear_proj.weight", (h, c.num_attention_heads * hd)
-        )
-        out[hf + "input_layernorm.weight"] = src.take(mc + "input_layernorm.weight", (h,))
-        out[hf + "post_attention_layernorm.weight"] = src.take(mc + "pre_mlp_layernorm.weight", (h,))
-        gate, up = src.take(mc + "mlp.linear_fc1.weight", (2 * ffn, h)).chunk(2, dim=0)
-        out[hf + "mlp.gate_proj.weight"] = gate
-        out[hf + "mlp.up_proj.weight"] = up
-        out[hf + "mlp.down_proj.weight"] = src.take(mc + "mlp.linear_fc2.weight", (h, ffn))
-    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (h,))
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = _trim_vocab("output_layer.weight", src.take("output_layer.weight"), c)
+    for name in expected:
+        for hf_name, tensor in megatron_tensor_to_hf(name, src.take(name), config):
+            if not (config.tie_word_embeddings and hf_name == "lm_head.weight"):
+                out[hf_name] = tensor
     src.finish()
     return out

@@ -8,13 +8,20 @@ from rl_rewards.custom_loading import load_custom_reward
 from rl_rewards.hub import RewardHub
 from rl_rewards.isolated_grader import IsolatedGrader
 from rl_rewards.registry import RewardRegistry, default_registry
+from rl_rewards.slime_signature import SlimeSignatureGrader, takes_slime_signature
 
 _CUSTOM_ISOLATION_OPTIONS = {"workers", "memory_mb", "timeout_s", "startup_timeout_s"}
 
 
-def _custom_grader(custom_rm_path: str, options: dict[str, Any]) -> Any:
-    """The custom function itself, or (with `isolate=True`) a worker pool that loads it in each worker."""
+def _custom_grader(custom_rm_path: str, options: dict[str, Any], slime_args: Any) -> Any:
+    """The custom function itself, or (with `isolate=True`) a worker pool that loads it in each worker; a
+    function in slime's signature is called with `slime_args` and each item's sample."""
     isolate = options.pop("isolate", False)
+    function = load_custom_reward(custom_rm_path)
+    if takes_slime_signature(function):
+        if isolate:
+            raise ValueError(f"--custom-rm-path {custom_rm_path}: a slime-signature reward(args, sample) cannot run isolated")
+        return SlimeSignatureGrader(function, slime_args)
     unknown = set(options) - (_CUSTOM_ISOLATION_OPTIONS if isolate else set())
     if unknown:
         raise ValueError(
@@ -22,9 +29,8 @@ def _custom_grader(custom_rm_path: str, options: dict[str, Any]) -> Any:
             f"options; got {sorted(unknown)}"
         )
     if isolate:
-        load_custom_reward(custom_rm_path)  # fail here, naming the spec, rather than in every worker
         return IsolatedGrader(custom_rm_path, **options)
-    return load_custom_reward(custom_rm_path)
+    return function
 
 
 def build_reward(
@@ -34,12 +40,14 @@ def build_reward(
     registry: RewardRegistry | None = None,
     rm_url: str | None = None,
     grader_options: dict[str, Any] | None = None,
+    slime_args: Any = None,
     **hub_kwargs: Any,
 ) -> RewardHub:
     """A hub around the registered reward `rm_type` or the custom function at `custom_rm_path` (exactly one).
 
     `grader_options` go to the grader's factory (e.g. `{"isolate": True}` for `math`, sandbox limits for
-    `code`); `rm_url` is the endpoint of `--rm-type remote`. The remaining keywords configure the hub.
+    `code`); `rm_url` is the endpoint of `--rm-type remote`; `slime_args` is what a custom function in
+    slime's signature `reward_func(args, sample)` gets as `args`. The remaining keywords configure the hub.
     """
     if (rm_type is None) == (custom_rm_path is None):
         raise ValueError(
@@ -54,5 +62,5 @@ def build_reward(
     if rm_type is not None:
         grader = (registry or default_registry).create(rm_type, **options)
     else:
-        grader = _custom_grader(custom_rm_path, options)
+        grader = _custom_grader(custom_rm_path, options, slime_args)
     return RewardHub(grader, **hub_kwargs)

@@ -158,6 +158,8 @@ class RewardHub:
             "label": item["label"],
             "metadata": item.get("metadata") or {},
         }
+        if getattr(self.grader, "wants_sample", False):
+            arguments["sample"] = item.get("sample")
         if self._is_async:
             return await self.grader(**arguments)
         if self._abandoned.count >= self.max_abandoned_threads:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, TypedDict, Union
+from typing import Any, Awaitable, Callable, NotRequired, TypedDict, Union
 
 RewardValue = Union[float, dict[str, float]]
 """A scalar reward, or named reward components (the hub's `reward_key` picks the scalar)."""
@@ -18,3 +18,5 @@ class RewardInput(TypedDict):
     response: str
     label: Any
     metadata: dict[str, Any]
+    sample: NotRequired[Any]
+    """The whole sample, for reward functions in slime's signature (reward_func(args, sample))."""

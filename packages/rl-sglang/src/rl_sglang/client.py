@@ -65,11 +65,18 @@ class SGLangClient:
         await self._request("POST", "/abort_request", payload)
 
     async def is_healthy(self) -> bool:
-        """GET /health_generate (a one-token generation); False on any error or timeout."""
+        """GET /health_generate (a one-token generation); when that fails, GET /ping, which SGLang
+        answers 200 while it is paused or updating weights on purpose (its own rule for not
+        replacing an instance during a weight sync). False on connection errors or timeouts."""
+        if await self._status_is_200("/health_generate"):
+            return True
+        return await self._status_is_200("/ping")
+
+    async def _status_is_200(self, route: str) -> bool:
         try:
             session = await self._get_session()
             timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
-            async with session.get(self.base_url + "/health_generate", timeout=timeout) as response:
+            async with session.get(self.base_url + route, timeout=timeout) as response:
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
@@ -80,10 +87,12 @@ class SGLangClient:
         await self._request("POST", "/flush_cache")
 
     async def get_model_info(self) -> dict[str, Any]:
-        return await self._request("GET", "/get_model_info")
+        """GET /model_info (SGLang 0.5.23 deprecates /get_model_info)."""
+        return await self._request("GET", "/model_info")
 
     async def get_server_info(self) -> dict[str, Any]:
-        return await self._request("GET", "/get_server_info")
+        """GET /server_info: the resolved server arguments (tp_size, dtype, ...) plus live state."""
+        return await self._request("GET", "/server_info")
 
     async def pause_generation(self, mode: str = "abort") -> Any:
         """Hold the scheduler. SGLang's modes: "abort" (default) returns running requests aborted,
@@ -127,6 +136,14 @@ class SGLangClient:
     async def destroy_weights_update_group(self, group_name: str) -> dict[str, Any]:
         return await self._request("POST", "/destroy_weights_update_group", {"group_name": group_name})
 
+    async def begin_weight_update(self) -> dict[str, Any]:
+        """Open a weight-update session; SGLang refuses /update_weights_from_distributed and
+        /update_weights_from_tensor outside one."""
+        return await self._request("POST", "/begin_weight_update", {})
+
+    async def end_weight_update(self) -> dict[str, Any]:
+        return await self._request("POST", "/end_weight_update", {})
+
     async def update_weights_from_distributed(
         self,
         names: list[str],
@@ -136,7 +153,10 @@ class SGLangClient:
         *,
         weight_version: str | None = None,
         flush_cache: bool = True,
+        load_format: str | None = None,
     ) -> dict[str, Any]:
+        """Receive one broadcast (inside a session). `load_format="flattened_bucket"`: the tensors
+        arrive as one uint8 broadcast, back to back in the announced order."""
         payload: dict[str, Any] = {
             "names": names,
             "dtypes": dtypes,
@@ -146,7 +166,62 @@ class SGLangClient:
         }
         if weight_version is not None:
             payload["weight_version"] = weight_version
+        if load_format is not None:
+            payload["load_format"] = load_format
         return await self._request("POST", "/update_weights_from_distributed", payload)
+
+    async def update_weights_from_tensor(
+        self,
+        serialized_named_tensors: list[str],
+        *,
+        load_format: str | None = None,
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Colocated update (inside a session): one base64 entry per engine TP rank (see
+        `rl_sglang.tensor_handoff`). The caller keeps the tensors alive until this returns."""
+        payload: dict[str, Any] = {
+            "serialized_named_tensors": list(serialized_named_tensors),
+            "load_format": load_format,
+            "flush_cache": flush_cache,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return await self._request("POST", "/update_weights_from_tensor", payload)
+
+    # ---- LoRA (needs --enable-lora / --max-lora-rank on the server) ---------------------------
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, *, pinned: bool = False) -> dict[str, Any]:
+        """Load a PEFT adapter folder; requests then name it in /generate's `lora_path`."""
+        return await self._request(
+            "POST", "/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path, "pinned": pinned}
+        )
+
+    async def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
+        return await self._request("POST", "/unload_lora_adapter", {"lora_name": lora_name})
+
+    async def load_lora_adapter_from_tensors(
+        self,
+        lora_name: str,
+        config_dict: dict[str, Any],
+        serialized_named_tensors: list[str],
+        *,
+        load_format: str | None = None,
+        pinned: bool = False,
+    ) -> dict[str, Any]:
+        """Load an adapter from tensors (one serialized entry per TP rank, as for weights);
+        `config_dict` is the PEFT adapter_config.json."""
+        payload: dict[str, Any] = {
+            "lora_name": lora_name,
+            "config_dict": config_dict,
+            "serialized_named_tensors": list(serialized_named_tensors),
+            "pinned": pinned,
+        }
+        if load_format is not None:
+            payload["load_format"] = load_format
+        return await self._request("POST", "/load_lora_adapter_from_tensors", payload)
+
+    # ---- memory -------------------------------------------------------------------------------
 
     async def release_memory_occupation(self, tags: list[str] | None = None) -> Any:
         return await self._request("POST", "/release_memory_occupation", _tags_payload(tags))

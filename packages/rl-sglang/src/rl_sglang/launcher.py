@@ -20,12 +20,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
+from rl_sglang.sglang_flags import check_sglang_args
 from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
 
 logger = logging.getLogger(__name__)
 
-# The embedded engine's own flags; other `--sglang-*` settings have no meaning there.
-EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "seed")
+# The embedded engine's own flags (SGLang's names; `seed` is its older spelling of `random_seed`);
+# other `--sglang-*` settings have no meaning there.
+EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "random_seed", "seed")
 _STDERR_TAIL_CHARS = 4000
 
 
@@ -51,8 +53,10 @@ def _flag_args(args: dict[str, Any]) -> list[str]:
 def build_sglang_argv(
     model_path: str, host: str, port: int, sglang_args: dict[str, Any] | None = None, *, python: str | None = None
 ) -> list[str]:
-    """argv for `python -m sglang.launch_server`; `python` is the interpreter of an environment of SGLang's own
-    (SGLang pins its torch), this one by default."""
+    """argv for `python -m sglang.launch_server`; every setting must be a flag of the pinned
+    SGLang's parser (`check_sglang_args`), so a stale name fails here, not in the engine process. `python` is
+    the interpreter of an environment of SGLang's own (SGLang pins its torch), this one by default."""
+    check_sglang_args(sglang_args or {})
     argv = [python or sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
     argv += ["--host", host, "--port", str(port)]
     return argv + _flag_args(sglang_args or {})
@@ -60,11 +64,14 @@ def build_sglang_argv(
 
 def build_embedded_argv(model_path: str, host: str, port: int, embedded_args: dict[str, Any] | None = None) -> list[str]:
     """argv for `python -m rl_sglang.embedded`; `embedded_args` may hold device, dtype,
-    max_running_requests, seed (anything else raises ValueError naming it)."""
+    max_running_requests, random_seed (or seed) (anything else raises ValueError naming it)."""
     embedded_args = dict(embedded_args or {})
     unknown = sorted(set(embedded_args) - set(EMBEDDED_FLAGS))
     if unknown:
         raise ValueError(f"embedded engine has no flag --{unknown[0].replace('_', '-')}")
+    if "seed" in embedded_args:
+        seed = embedded_args.pop("seed")
+        embedded_args.setdefault("random_seed", seed)
     argv = [sys.executable, "-m", "rl_sglang.embedded", "--model-path", str(model_path)]
     argv += ["--host", host, "--port", str(port)]
     return argv + _flag_args(embedded_args)
@@ -153,7 +160,7 @@ def launch_engine(
     python: str | None = None,
 ) -> EngineProcess:
     """Start an engine. For kind "embedded", `sglang_args` keys it understands (device, dtype,
-    max_running_requests, seed) are passed on and the SGLang-only rest is logged and skipped, so
+    max_running_requests, random_seed) are passed on and the SGLang-only rest is logged and skipped, so
     one set of `--sglang-*` flags serves both kinds. `python` runs SGLang from an environment of its own."""
     port = free_port(host) if port is None else port
     child_env = dict(os.environ if env is None else env)

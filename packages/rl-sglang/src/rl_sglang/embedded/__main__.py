@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-running-requests", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-seed", "--seed", dest="random_seed", type=int, default=0, help="SGLang's name; --seed is kept")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -31,7 +31,7 @@ async def serve(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
-        seed=args.seed,
+        seed=args.random_seed,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,80 @@
+"""SGLang's `/generate` over HTTP in front of any payload engine (in rl-train: the router's client).
+
+slime's custom generate functions post SGLang payloads to `http://{args.sglang_router_ip}:
+{args.sglang_router_port}/generate`; this gateway is that address here, so such functions reach the router
+(and its middleware, retries and engine faults) unchanged. `post` is slime's helper of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, web
+
+from rl_sglang.generation import PayloadEngine
+
+
+class GenerateGateway:
+    """`POST /generate` (an SGLang payload in, its answer out) and `GET /health`, on a loopback port."""
+
+    def __init__(self, engine: PayloadEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine = engine
+        self.host, self.port = host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Serve on the event loop this is awaited on; returns the base URL."""
+        app = web.Application(client_max_size=256 * 1024**2)
+        app.router.add_post("/generate", self._generate)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        try:
+            payload = await request.json()
+        except json.JSONDecodeError as e:
+            return web.json_response({"error": f"body is not JSON: {e}"}, status=400)
+        if not isinstance(payload, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        try:
+            answer = await self.engine.generate(payload)
+        except Exception as e:  # noqa: BLE001 - the caller gets the engine's or router's error, not a dropped connection
+            status = getattr(e, "status", None)
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=status if isinstance(status, int) else 502)
+        return web.json_response(answer)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def post(url: str, payload: dict[str, Any], max_retries: int = 1, headers: dict[str, str] | None = None) -> Any:
+    """POST `payload` as JSON and return the decoded answer (slime's `slime.utils.http_utils.post`). A refused
+    connection is retried up to `max_retries` times; an error status raises at once with the server's message."""
+    for attempt in range(max(1, max_retries)):
+        try:
+            async with ClientSession(timeout=ClientTimeout(total=None)) as session:
+                async with session.post(url, json=payload, headers=headers) as response:
+                    body = await response.text()
+        except ClientConnectionError:
+            if attempt + 1 >= max_retries:
+                raise
+            continue
+        if response.status >= 400:
+            raise RuntimeError(f"POST {url} answered {response.status}: {body[:500]}")
+        return json.loads(body)
+    raise AssertionError("unreachable")

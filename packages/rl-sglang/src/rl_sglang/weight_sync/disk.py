@@ -1,0 +1,83 @@
+"""`DiskWeightTransport`: weights through safetensors files and /update_weights_from_disk."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rl_sglang.client import SGLangClient
+from rl_sglang.weight_sync.common import (
+    DEFAULT_BUCKET_BYTES,
+    _BackgroundLoop,
+    _buckets,
+    _close_all,
+    _on_all,
+)
+
+
+class DiskWeightTransport:
+    """Writes each version as safetensors shards (HF layout with an index) into a fresh subfolder of
+    `directory`, has every engine load it via /update_weights_from_disk, then deletes the versions
+    this transport wrote before."""
+
+    def __init__(
+        self,
+        engine_urls: list[str],
+        directory: str | Path,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout_s: float = 600,
+    ):
+        if not engine_urls:
+            raise ValueError("engine_urls is empty")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.bucket_bytes = bucket_bytes
+        self._loop = _BackgroundLoop()
+        self._clients = [SGLangClient(url, timeout_s=timeout_s) for url in engine_urls]
+        self._written: list[Path] = []
+
+    def _fresh_folder(self, weight_version: str) -> Path:
+        stem = "weights_" + (re.sub(r"[^A-Za-z0-9_.-]", "_", weight_version) or "unnamed")
+        folder, suffix = self.directory / stem, 1
+        while folder.exists():
+            folder, suffix = self.directory / f"{stem}-{suffix}", suffix + 1
+        folder.mkdir()
+        return folder
+
+    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> Path:
+        folder = self._fresh_folder(weight_version)
+        shard_maps: list[list[str]] = []
+        for index, bucket in enumerate(_buckets(named_tensors, self.bucket_bytes)):
+            # clone: tied weights share storage, which safetensors refuses to write twice
+            tensors = {name: t.to("cpu").contiguous().clone() for name, t in bucket}
+            save_file(tensors, str(folder / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
+            shard_maps.append(list(tensors))
+        total = len(shard_maps)
+        weight_map = {}
+        for index, names in enumerate(shard_maps):
+            final = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+            (folder / f"shard-{index:05d}.safetensors").rename(folder / final)
+            weight_map.update({name: final for name in names})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return folder
+
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
+        folder = self.write(named_tensors, weight_version)
+        self._written.append(folder)
+        self._loop.run(
+            _on_all(self._clients, "update_weights_from_disk", str(folder), weight_version=weight_version)
+        )
+        for old in self._written[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._written = self._written[-1:]
+
+    def close(self) -> None:
+        self._loop.run(_close_all(self._clients))
+        self._loop.close()

@@ -1,0 +1,83 @@
+"""`TensorWeightTransport`: colocated weights handed over by handle (`rl_sglang.tensor_handoff`)
+through /update_weights_from_tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+
+from rl_sglang.tensor_handoff import flattened_bucket, serialize_entry
+from rl_sglang.weight_sync.common import (
+    DEFAULT_BUCKET_BYTES,
+    _buckets,
+    _close_all,
+    _gather_raising,
+    _in_dtype,
+    _once_per_storage,
+    _SessionTransport,
+    _with_last,
+)
+
+
+class TensorWeightTransport(_SessionTransport):
+    """Colocated sync: hands the engines the trainer's tensors by handle (CUDA IPC on GPU, shared
+    memory file descriptors on CPU) through /update_weights_from_tensor, one serialized entry per
+    engine TP rank, in buckets of about `bucket_bytes` (`load_format="flattened_bucket"`: one
+    uint8 tensor per bucket), inside a weight-update session. Each bucket stays referenced until
+    every engine has answered, since the engines read the memory in place."""
+
+    def __init__(
+        self,
+        engine_urls: list[str],
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        load_format: Literal["flattened_bucket", "direct"] | None = "flattened_bucket",
+        dtype: torch.dtype | Literal["engine"] | None = "engine",
+        timeout_s: float = 600,
+    ):
+        if load_format not in (None, "direct", "flattened_bucket"):
+            raise ValueError(f"load_format must be None, 'direct' or 'flattened_bucket', got {load_format!r}")
+        super().__init__(engine_urls, timeout_s=timeout_s, dtype=dtype)
+        self.bucket_bytes = bucket_bytes
+        self.load_format = load_format
+
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
+        layouts = self._engine_layouts()
+        buckets = _buckets(_once_per_storage(named_tensors), self.bucket_bytes)
+        sent: list[int] = []
+
+        def send_all() -> None:
+            for bucket, last in _with_last(buckets):
+                self._send_bucket(bucket, layouts, weight_version if last else None, flush_cache=last)
+                sent.append(len(bucket))
+
+        self._update_in_session(send_all)
+        if not sent:
+            raise ValueError("update got no tensors to send")
+
+    def _send_bucket(
+        self, bucket: list[tuple[str, torch.Tensor]], layouts: list[tuple[int, torch.dtype | None]],
+        weight_version: str | None, *, flush_cache: bool,
+    ) -> None:
+        keep_alive: list[Any] = []
+        by_dtype: dict[torch.dtype | None, Any] = {}
+        calls = []
+        for client, (tp_size, dtype) in zip(self._clients, layouts):
+            if dtype not in by_dtype:
+                tensors = [(n, t.contiguous()) for n, t in _in_dtype(bucket, dtype)]
+                by_dtype[dtype] = flattened_bucket(tensors) if self.load_format == "flattened_bucket" else tensors
+                keep_alive.append(by_dtype[dtype])
+            entries = [serialize_entry(by_dtype[dtype]) for _ in range(tp_size)]  # each TP rank opens its own
+            calls.append(
+                client.update_weights_from_tensor(
+                    entries, load_format=self.load_format, flush_cache=flush_cache, weight_version=weight_version
+                )
+            )
+        self._loop.run(_gather_raising(calls))
+        del keep_alive  # every engine has answered: it no longer reads this memory
+
+    def close(self) -> None:
+        self._loop.run(_close_all(self._clients))
+        self._loop.close()
