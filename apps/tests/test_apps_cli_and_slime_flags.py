@@ -127,3 +127,9 @@ def test_every_path_flag_takes_a_module_or_a_file_and_relative_files_are_made_ab
     assert load_sample_filter(module_form) is check_reward_nonzero_std
     with pytest.raises(ValueError, match=r"--buffer-filter-path .*nope.py.*: no file"):
         build_data_source(config(buffer_filter_path="nope.py:f"))
+
+
+def test_engine_type_sglang_where_sglang_cannot_be_imported_stops_before_ray_naming_the_interpreter(tiny_task, run_cli, tmp_path):
+    missing = tmp_path / "no-env" / "python"
+    code, err = run_cli(base_args(tiny_task) + ["--engine-type", "sglang", "--engine-python", str(missing)])
+    assert code == 1 and f"{missing} cannot import sglang" in err and "--engine-python" in err

@@ -62,6 +62,15 @@ def check_inputs(config: TrainConfig) -> None:
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config), **config.reward_options())
         load_generation_hooks(config)
+        if config.engine_type == "sglang":
+            from rl_sglang.launcher import sglang_available
+
+            python = str(config.engine_python) if config.engine_python is not None else None
+            if not sglang_available(python):
+                raise InputError(
+                    f"--engine-type sglang: {python or sys.executable} cannot import sglang; install sglang==0.5.23"
+                    " there or name its environment's interpreter with --engine-python (docs/sglang.md)"
+                )
         if config.use_wandb:
             import importlib.util
 
