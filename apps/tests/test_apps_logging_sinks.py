@@ -92,8 +92,8 @@ def test_use_wandb_without_the_extra_installed_names_the_extra(monkeypatch, tiny
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--wandb-project", "p"], "wandb_project is set but W&B is off: add --use-wandb"),
-    (["--tb-experiment-name", "e"], "tb_experiment_name needs tb_project_name"),
+    (["--wandb-project", "p"], "--wandb-project is set but W&B is off: add --use-wandb"),
+    (["--tb-experiment-name", "e"], "--tb-experiment-name needs --tb-project-name"),
     (["--no-use-tensorboard", "--tb-project-name", "p"], "--no-use-tensorboard turns TensorBoard off"),
 ])
 def test_logging_flags_without_their_sink_are_refused(tiny_task, run_cli, flags, message):

@@ -19,14 +19,17 @@ def _set_rank_env(rank: int, world_size: int, master_addr: str, master_port: int
 
 @ray.remote
 class EngineActor:
-    """Owns one engine server process (SGLang or the embedded engine) on the actor's devices."""
+    """Owns one engine server process (SGLang or the embedded engine) on the actor's devices; with engine
+    restarts on (`TrainConfig.engine_restarts`), restarts it when it dies or hangs, behind a URL that stays."""
 
     def __init__(self, config: TrainConfig, index: int) -> None:
         self.config = config
         self.index = index
         self.process = None
+        self.supervisor = None
+        self.forwarder = None
 
-    def start(self, timeout_s: float = 600.0) -> str:
+    def _launch(self, timeout_s: float) -> Any:
         from rl_sglang.launcher import launch_engine
 
         args = dict(self.config.sglang_args)
@@ -38,11 +41,52 @@ class EngineActor:
             if self.config.rollout_num_gpus_per_engine > 1:  # the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES)
                 args["tp_size"] = self.config.rollout_num_gpus_per_engine
         python = str(self.config.engine_python) if self.config.engine_python is not None else None
-        self.process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args, python=python)
-        self.process.wait_until_healthy(timeout_s)
-        return self.process.url
+        process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args, python=python)
+        try:
+            process.wait_until_healthy(timeout_s)
+        except BaseException:
+            process.terminate()
+            raise
+        return process
+
+    def start(self, timeout_s: float = 600.0) -> str:
+        self.process = self._launch(timeout_s)
+        if not self.config.engine_restarts():
+            return self.process.url
+        from rl_sglang.launcher import free_port
+
+        from rl_apps.engine_supervision import EngineSupervisor, HoldingForwarder
+
+        self.forwarder = HoldingForwarder(free_port(), hold_s=timeout_s)
+        self.forwarder.open(int(self.process.url.rsplit(":", 1)[1]))
+        self.supervisor = EngineSupervisor(
+            self.process, self.forwarder, lambda: self._launch(timeout_s),
+            weights_dir=self.config.output_dir / "weights",
+            max_restarts=self.config.rollout_max_engine_restarts,
+            first_wait_s=self.config.rollout_health_check_first_wait,
+            interval_s=self.config.rollout_health_check_interval,
+            timeout_s=self.config.rollout_health_check_timeout,
+            log=lambda line: print(f"engine {self.index}: {line}", flush=True),
+        )
+        return f"http://127.0.0.1:{self.forwarder.port}"
+
+    def restart_count(self) -> int:
+        """How often this engine's process was restarted."""
+        return self.supervisor.restarts if self.supervisor is not None else 0
+
+    def pid(self) -> int | None:
+        """The engine process's id (tests kill it)."""
+        process = self.supervisor.process if self.supervisor is not None else self.process
+        return process.process.pid if process is not None else None
 
     def shutdown(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+            self.process = None
+        if self.forwarder is not None:
+            self.forwarder.close()
+            self.forwarder = None
         if self.process is not None:
             self.process.terminate()
             self.process = None

@@ -37,6 +37,8 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         else:
             result = ray.get(parts.rollout.generate.remote(rollout_id))
         samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
+        if config.engine_restarts() and parts.engines:
+            metrics["engines/restarts"] = float(sum(ray.get([e.restart_count.remote() for e in parts.engines])))
         if asynchronous:
             timing["wait_rollout"] = time.perf_counter() - step_start
 

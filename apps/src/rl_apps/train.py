@@ -123,6 +123,11 @@ def run(config: TrainConfig, loop: Callable[[Any, Any, Any, Any], None] | None =
     from rl_apps.cluster import placed_parts, placement_notice
 
     print(f"rl-train: {placement_notice(config)}", flush=True)
+    if config.use_fault_tolerance and not config.engine_restarts():
+        print(f"rl-train: --use-fault-tolerance: a failing engine leaves rotation until its health check passes, but"
+              f" its process is not restarted (restarts need --update-weight-transport disk and"
+              f" --rollout-max-engine-restarts > 0; now {config.update_weight_transport},"
+              f" {config.rollout_max_engine_restarts})", flush=True)
     from rl_apps.metrics import open_sinks, plot_reward_curve
 
     output_dir = Path(config.output_dir)

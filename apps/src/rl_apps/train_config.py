@@ -142,6 +142,13 @@ class RolloutEngineConfig(Section):
     """Seconds between engine health checks (with --use-fault-tolerance)."""
     rollout_health_check_timeout: float = Field(30.0, gt=0.0)
     """Seconds an engine may take to answer a health check, which runs a one-token generation."""
+    rollout_health_check_first_wait: float = Field(0.0, ge=0.0)
+    """Seconds after an engine starts before its first restart check (with --use-fault-tolerance): time for
+    compilation and warm-up, as slime's."""
+    rollout_max_engine_restarts: int = Field(3, ge=0)
+    """Restarts of a dead or hung engine process, per engine (with --use-fault-tolerance and
+    --update-weight-transport disk): the restarted engine loads the policy's current weights before any request
+    reaches it, and the router readmits it. 0 leaves a dead engine out of rotation for the rest of the run."""
     update_weights_interval: int = Field(1, ge=1)
     """Send the trainer's weights to the engines every N rollouts (slime's name)."""
     rollout_request_timeout: float | None = Field(None, gt=0.0)
@@ -519,6 +526,23 @@ class TrainConfig(
             )
         if self.start_rollout_id is not None and self.num_epoch is None and self.start_rollout_id >= self.num_rollout:
             raise ValueError(f"start_rollout_id ({self.start_rollout_id}) >= num_rollout ({self.num_rollout}): nothing to run")
+        return self
+
+    def engine_restarts(self) -> bool:
+        """Whether engine processes are restarted when they die or hang."""
+        return self.use_fault_tolerance and self.update_weight_transport == "disk" and self.rollout_max_engine_restarts > 0
+
+    @model_validator(mode="after")
+    def _restart_flags(self) -> TrainConfig:
+        for name in ("rollout_health_check_first_wait", "rollout_max_engine_restarts"):
+            if name in self.model_fields_set and not self.use_fault_tolerance:
+                raise ValueError(f"{name} is set but --use-fault-tolerance is off")
+        if ("rollout_max_engine_restarts" in self.model_fields_set and self.rollout_max_engine_restarts > 0
+                and self.update_weight_transport != "disk"):
+            raise ValueError(
+                f"rollout_max_engine_restarts needs --update-weight-transport disk: a restarted engine reloads the"
+                f" policy's weights from disk, and cannot rejoin the trainer's {self.update_weight_transport} group"
+            )
         return self
 
     def actor_world_size(self) -> int:
