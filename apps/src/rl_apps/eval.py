@@ -6,8 +6,6 @@ Writes one row to `<output-dir>/eval_metrics.jsonl` (step --eval-step) and print
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import ClassVar, Sequence
 
 from pydantic import Field
