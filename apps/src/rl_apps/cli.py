@@ -67,7 +67,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the message and a pointer to --help, no usage dump."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser(model: type[BaseModel], prog: str, description: str) -> argparse.ArgumentParser:
