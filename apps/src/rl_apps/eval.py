@@ -43,7 +43,7 @@ def evaluate_model(config: EvalAppConfig) -> dict[str, float]:
     print(f"rl-eval: {placement_notice(config, trainers=False)}", flush=True)
     with placed_parts(config, trainers=False) as parts:
         metrics = ray.get(parts.rollout.evaluate.remote())
-    sinks = open_sinks(config)  # eval_metrics.jsonl, and TensorBoard / W&B as their flags ask
+    sinks = open_sinks(config, rollouts_file=False)  # eval_metrics.jsonl, and TensorBoard / W&B as their flags ask
     try:
         sinks.evals.log(config.eval_step, metrics)
     finally:

@@ -20,17 +20,14 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file: Any = None  # opened at the first row, so a run that logs nothing here leaves no empty file
+        self._file = path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._file.close()
 
 
 class TensorBoardSink:
@@ -138,11 +135,12 @@ class RunSinks:
             sink.close()
 
 
-def open_sinks(config: Any) -> RunSinks:
-    """metrics.jsonl and eval_metrics.jsonl in --output-dir, plus TensorBoard and W&B when their flags ask."""
+def open_sinks(config: Any, *, rollouts_file: bool = True) -> RunSinks:
+    """metrics.jsonl (unless `rollouts_file` is off: rl-eval logs no rollouts) and eval_metrics.jsonl in
+    --output-dir, plus TensorBoard and W&B when their flags ask."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rollouts: list[MetricSink] = [JsonlSink(output_dir / "metrics.jsonl")]
+    rollouts: list[MetricSink] = [JsonlSink(output_dir / "metrics.jsonl")] if rollouts_file else []
     evals: list[MetricSink] = [JsonlSink(output_dir / "eval_metrics.jsonl")]
     if config.use_tensorboard:
         tensorboard = TensorBoardSink(config.tensorboard_dir())
