@@ -91,6 +91,44 @@ class MegatronFlags(Section):
     """Megatron's bfloat16 switch: the same as --param-dtype bfloat16, which it sets."""
 
 
+class LoraFlags(Section):
+    """LoRA on the policy (the critic of ppo trains in full), on --train-backend fsdp through peft; each
+    field goes to rl_core.backend_config.BackendConfig's of the same name, which checks it."""
+
+    lora_rank: int = Field(0, ge=0)
+    """Rank of the LoRA adapters trained instead of the policy's weights; 0: full fine-tuning. The KL
+    reference is the base with adapters off; the engines get the merged weights."""
+    lora_alpha: float = Field(16.0, gt=0.0)
+    """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B @ A."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in train steps."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    """all-linear (every linear layer but the LM head) or module names (q_proj v_proj ...)."""
+    lora_adapter_path: Path | None = None
+    """PEFT adapter folder (peft's save_pretrained) to start from; it gives rank, alpha, dropout, targets."""
+
+    def lora_fields(self) -> dict[str, Any]:
+        """The LoRA flags given on the command line (the others keep BackendConfig's defaults)."""
+        fields = {name: getattr(self, name) for name in LoraFlags.model_fields if name in self.model_fields_set}
+        if fields.get("lora_adapter_path") is not None:
+            fields["lora_adapter_path"] = fields["lora_adapter_path"].resolve()
+        return fields
+
+    @model_validator(mode="after")
+    def _lora_needs_fsdp(self) -> LoraFlags:
+        given = [name for name in LoraFlags.model_fields if name in self.model_fields_set]
+        backend = getattr(self, "train_backend", "fsdp")
+        if given and backend != "fsdp":
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: LoRA is implemented on --train-backend fsdp (through peft), not {backend}")
+        if given:
+            from rl_fsdp import FSDPConfig
+
+            # The backend's own checks (an adapter folder, values that contradict it), before Ray starts.
+            FSDPConfig(model_path=Path("."), **self.lora_fields())
+        return self
+
+
 class RolloutEngineConfig(Section):
     engine_type: Literal["embedded", "sglang"] = "embedded"
     """`sglang` launches sglang.launch_server; `embedded` the built-in engine with the same HTTP API."""
@@ -273,7 +311,7 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(
-    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, MegatronFlags, RolloutEngineConfig, GenerationHooksConfig,
+    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, MegatronFlags, LoraFlags, RolloutEngineConfig, GenerationHooksConfig,
     RewardConfig, LoggingConfig, CheckpointConfig, EvalConfig
 ):
     def eval_datasets(self) -> list[tuple[str, Path]]:
@@ -310,6 +348,7 @@ class TrainConfig(
             device=self.train_device,
             param_dtype=self.param_dtype,
             gradient_checkpointing=self.gradient_checkpointing,
+            **(self.lora_fields() if policy else {}),
         )
         if self.train_backend == "megatron":
             from rl_megatron import MegatronConfig
