@@ -1,5 +1,6 @@
 """LoRA on the FSDP backend, each behaviour against plain peft + PyTorch on the same tiny model."""
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -239,3 +240,28 @@ def test_lora_settings_are_refused_where_they_cannot_apply(llama_dir, tied_dir, 
         FSDPBackend(FSDPConfig(model_path=llama_dir, lora_rank=4, lora_target_modules=["not_a_layer"]))
     with pytest.raises(ValueError, match="lm_head.*tied to the embeddings"):
         FSDPBackend(FSDPConfig(model_path=tied_dir, lora_rank=4, lora_target_modules=["q_proj", "lm_head"]))
+
+
+@pytest.mark.slow
+def test_two_lora_ranks_give_the_same_kl_step_and_merged_weights_as_one(run_two_ranks, tied_dir, make_batch, tmp_path):
+    adapter = saved_adapter(tied_dir, tmp_path / "adapter")
+    loss = PolicyLossConfig(use_kl_loss=True, kl_loss_coef=0.1)
+    config = dict(model_path=str(tied_dir), lora_adapter_path=str(adapter), ref_model=True, optimizer="sgd", lr=0.5,
+                  micro_batch_size=2)
+    batch = make_batch(5, seed=8)
+    result, weights = run_two_ranks(Path(__file__).with_name("_fsdp_worker.py"),
+                                    config | {"loss": dataclasses.asdict(loss), "use_rollout_logprobs": False}, batch)
+    one = FSDPBackend(FSDPConfig(**config))
+    try:
+        log_probs = one.forward(batch)
+        metrics = one.train_step(batch, PolicyLoss(loss))
+        expected = {name: t.cpu().clone() for name, t in one.weights()}
+    finally:
+        one.close()
+    for got, want in zip(result["log_probs"], log_probs):
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-6, rtol=0)
+    assert sorted(weights) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0)
+    for key in ("loss", "kl_loss", "grad_norm"):
+        assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
