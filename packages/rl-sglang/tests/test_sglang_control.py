@@ -116,5 +116,6 @@ async def test_releasing_the_kv_cache_aborts_the_running_batch(client, engine):
     await asyncio.wait_for(client.release_memory_occupation(["kv_cache"]), 30)
     answer = await asyncio.wait_for(task, 30)
     assert answer["meta_info"]["finish_reason"]["type"] == "abort"
-    assert engine.scheduler._state is None  # the batch's KV cache is gone
+    assert engine.scheduler.running_count == 0 and engine.runner.pool is None  # the KV pool is gone
     await asyncio.wait_for(client.resume_memory_occupation(["kv_cache"]), 30)
+    assert engine.runner.pool.allocator.available == engine.runner.pool.tokens  # a fresh, empty pool

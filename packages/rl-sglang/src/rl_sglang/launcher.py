@@ -25,7 +25,10 @@ from rl_sglang.version import SGLANG_VERSION_CODED_AGAINST
 logger = logging.getLogger(__name__)
 
 # The embedded engine's own flags; other `--sglang-*` settings have no meaning there.
-EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "seed")
+EMBEDDED_FLAGS = (
+    "device", "dtype", "max_running_requests", "seed", "mem_fraction_static", "max_total_tokens", "context_length",
+    "chunked_prefill_size", "cuda_graph_max_bs", "disable_cuda_graph", "disable_radix_cache",
+)
 _STDERR_TAIL_CHARS = 4000
 
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from rl_sglang.embedded.options import FLAG_HELP, EngineOptions
 from rl_sglang.embedded.server import EmbeddedEngine
 
 
@@ -19,6 +20,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-running-requests", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mem-fraction-static", type=float, default=None, help=FLAG_HELP["mem_fraction_static"])
+    parser.add_argument("--max-total-tokens", type=int, default=None, help=FLAG_HELP["max_total_tokens"])
+    parser.add_argument("--context-length", type=int, default=None, help=FLAG_HELP["context_length"])
+    parser.add_argument("--chunked-prefill-size", type=int, default=8192, help=FLAG_HELP["chunked_prefill_size"])
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help=FLAG_HELP["cuda_graph_max_bs"])
+    parser.add_argument("--disable-cuda-graph", action="store_true", help=FLAG_HELP["disable_cuda_graph"])
+    parser.add_argument("--disable-radix-cache", action="store_true", help=FLAG_HELP["disable_radix_cache"])
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -32,6 +40,15 @@ async def serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
         seed=args.seed,
+        options=EngineOptions(
+            mem_fraction_static=args.mem_fraction_static,
+            max_total_tokens=args.max_total_tokens,
+            context_length=args.context_length,
+            chunked_prefill_size=args.chunked_prefill_size,
+            cuda_graph_max_bs=args.cuda_graph_max_bs,
+            disable_cuda_graph=args.disable_cuda_graph,
+            disable_radix_cache=args.disable_radix_cache,
+        ),
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

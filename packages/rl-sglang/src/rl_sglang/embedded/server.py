@@ -15,6 +15,7 @@ from aiohttp import web
 from safetensors import safe_open
 
 from rl_sglang.embedded.model_runner import MEMORY_TAGS, ModelRunner, parse_dtype
+from rl_sglang.embedded.options import EngineOptions
 from rl_sglang.embedded.sampling import SamplingParams
 from rl_sglang.embedded.scheduler import Scheduler
 from rl_sglang.embedded.weight_group import WeightUpdateGroup
@@ -39,6 +40,7 @@ class EmbeddedEngine:
         dtype: str = "auto",
         max_running_requests: int = 64,
         seed: int = 0,
+        options: EngineOptions | None = None,
     ):
         if max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {max_running_requests}")
@@ -49,6 +51,7 @@ class EmbeddedEngine:
         self.dtype = dtype
         self.max_running_requests = max_running_requests
         self.seed = seed
+        self.options = options or EngineOptions()
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self._groups: dict[str, WeightUpdateGroup] = {}
@@ -62,7 +65,13 @@ class EmbeddedEngine:
     async def start(self) -> str:
         """Load the model (off the loop), start the scheduler and the HTTP server; return the URL."""
         self.runner = await asyncio.to_thread(
-            ModelRunner, self.model_path, device=self.device, dtype=self.dtype, seed=self.seed
+            ModelRunner,
+            self.model_path,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+            max_running_requests=self.max_running_requests,
+            options=self.options,
         )
         self.scheduler = Scheduler(self.runner, self.max_running_requests)
         self.scheduler.start()
@@ -233,7 +242,7 @@ class EmbeddedEngine:
         )
 
     async def _flush_cache(self, request: web.Request) -> web.Response:
-        # No prefix cache is kept across requests, so there is nothing stale to drop.
+        self.scheduler.flush_cache()
         return web.Response(text="Cache flushed.\n")
 
     # ---- memory -------------------------------------------------------------------------------
