@@ -39,7 +39,7 @@ def decode_attention(
     if num_splits is None:
         num_splits = decode_splits(batch, kv_heads, req_to_token.shape[1], q.device)
     block_h = max(16, triton.next_power_of_2(group))
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))
     partial = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, kv_heads, num_splits)](

@@ -107,7 +107,11 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         if self.use_decode_kernel and not self.options.disable_cuda_graph:
             max_bs = self.options.cuda_graph_max_bs or min(self.max_running_requests, 512)
-            self.graphs = DecodeGraphs(self._decode_forward, capture_sizes(max_bs), self.device)
+            try:
+                self.graphs = DecodeGraphs(self._decode_forward, capture_sizes(max_bs), self.device)
+            except Exception:  # an architecture whose forward cannot be captured still serves, eagerly
+                logger.exception("CUDA graph capture failed; decoding eagerly")
+                self.graphs = None
 
     def _drop_cache(self) -> None:
         self.graphs = None
@@ -190,7 +194,7 @@ class ModelRunner:
 
     def _decode_forward(self, ids, positions, rows, seq_lens, slots) -> torch.Tensor:
         """The decode step as a pure function of device tensors (what a CUDA graph captures)."""
-        self.pool.req_to_token[rows, positions] = slots.to(torch.int32)
+        self.pool.req_to_token[rows.long(), positions] = slots.to(torch.int32)
         batch = ForwardBatch(self.pool, slots, decode=True, rows=rows, seq_lens=seq_lens)
         out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch})
         return out.logits[0]

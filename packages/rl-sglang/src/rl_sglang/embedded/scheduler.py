@@ -27,7 +27,7 @@ from rl_sglang.embedded.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-STATS_EVERY_S = 10.0
+STATS_EVERY_S = 5.0
 
 
 @dataclass(eq=False)
