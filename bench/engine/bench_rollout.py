@@ -51,7 +51,25 @@ def hf_generate(model, batch: list[list[int]]) -> float:
     return (out.shape[1] - PROMPT) * len(batch) / elapsed
 
 
-async def engine_run(client: SGLangClient, batch: list[list[int]], *, one_payload: bool = False) -> dict:
+def logprob_gap(model_dir: str, answers: list[dict], batch: list[list[int]]) -> dict:
+    """Served log-probs (temperature 1) against a plain HF forward over prompt + output, as the trainer
+    recomputes them: in bf16 (the train/rollout gap) and in fp32."""
+    report = {}
+    sequences = torch.tensor([p + a["output_ids"] for p, a in zip(batch, answers)], device="cuda")
+    served = torch.tensor([[e[0] for e in a["meta_info"]["output_token_logprobs"]] for a in answers], device="cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            logits = model(sequences).logits[:, PROMPT - 1 : -1].float()
+        recomputed = torch.log_softmax(logits, -1).gather(-1, sequences[:, PROMPT:, None]).squeeze(-1)
+        gap = (served - recomputed).abs()
+        report[f"vs_hf_{str(dtype).removeprefix('torch.')}"] = {"mean_abs": round(gap.mean().item(), 5), "max_abs": round(gap.max().item(), 4)}
+        del model, logits
+        torch.cuda.empty_cache()
+    return report
+
+
+async def engine_run(client: SGLangClient, batch: list[list[int]], *, one_payload: bool = False, keep: list | None = None) -> dict:
     params = {"temperature": 1.0, "max_new_tokens": NEW, "ignore_eos": True}
     start = time.perf_counter()
     if one_payload:
@@ -61,6 +79,8 @@ async def engine_run(client: SGLangClient, batch: list[list[int]], *, one_payloa
             *(client.generate({"input_ids": p, "sampling_params": params, "return_logprob": True}) for p in batch)
         )
     elapsed = time.perf_counter() - start
+    if keep is not None:
+        keep.extend(answers)
     new = sum(a["meta_info"]["completion_tokens"] for a in answers)
     assert all(len(a["meta_info"]["output_token_logprobs"]) == NEW for a in answers)
     return {"requests": len(batch), "seconds": round(elapsed, 3), "new_tok_s": round(new / elapsed)}
@@ -80,8 +100,10 @@ async def engine_bench(model_dir: str, counts: list[int], args) -> tuple[list[di
         client = SGLangClient(engine.url, timeout_s=900)
         try:
             await engine_run(client, prompts(16, seed=99))  # first prefill shapes, not counted
+            kept: list[dict] = []
             for count in counts:
-                results.append(await engine_run(client, prompts(count, seed=count)))
+                results.append(await engine_run(client, prompts(count, seed=count), keep=kept if count == counts[0] else None))
+            results.append({"logprob_gap_first_8": await asyncio.to_thread(logprob_gap, model_dir, kept[:8], prompts(counts[0], seed=counts[0])[:8])})
             results.append({"one_payload": True, **await engine_run(client, prompts(256, seed=256), one_payload=True)})
             shared = [p for p in prompts(64, seed=7) for _ in range(4)]  # 64 prompts x 4 samples
             results.append({"prompts_x_samples": "64x4", **await engine_run(client, shared)})

@@ -120,7 +120,7 @@ async def test_a_small_kv_pool_queues_requests_until_slots_free_and_refuses_one_
         await _close(engine, client)
 
 
-def test_the_triton_decode_kernel_equals_attention_over_the_gathered_cache():
+def test_the_triton_kernels_equal_attention_over_the_gathered_cache_hf_rmsnorm_and_indexed_writes():
     """Run in the Triton interpreter on CPU (a subprocess: the switch is read when triton is imported)."""
     pytest.importorskip("triton")
     script = r"""
@@ -147,6 +147,16 @@ for splits in (1, 3):
         vv = v[idx].transpose(0, 1).repeat_interleave(Hq // Hkv, 0).double()
         p = torch.softmax((q[i].double()[:, None, :] @ kk.transpose(1, 2)) * 0.3, dim=-1)
         worst = max(worst, (out[i].double() - (p @ vv)[:, 0]).abs().max().item())
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+from rl_sglang.embedded.fused_ops import rms_norm, store_kv
+norm = Qwen3RMSNorm(D, eps=1e-6)
+norm.weight.data = torch.randn(D)
+x = torch.randn(3, 5, D) * 4
+worst = max(worst, (rms_norm(x, norm.weight, norm.variance_epsilon) - norm(x)).abs().max().item())
+key, value = torch.randn(5, Hkv, D).transpose(0, 1), torch.randn(5, Hkv, D).transpose(0, 1)
+at = torch.tensor([9, 2, 150, 33, 4])
+store_kv(k, v, at, key, value)
+worst = max(worst, (k[at] - key.transpose(0, 1)).abs().max().item(), (v[at] - value.transpose(0, 1)).abs().max().item())
 print(worst)
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}

@@ -41,6 +41,7 @@ class ForwardBatch:
     pool: KVPool
     out_slots: torch.Tensor  # [N] where each token's K/V goes
     decode: bool = False
+    fused: bool = False  # CUDA with Triton: write K/V with one kernel
     rows: torch.Tensor | None = None  # decode: [B] int32 table rows
     seq_lens: torch.Tensor | None = None  # decode: [B] int32 context length including the new token
     groups: list[ExtendGroup] = field(default_factory=list)
@@ -101,8 +102,13 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the embedded engine's attention has no sliding window, soft-capping or sinks")
     k_cache, v_cache = batch.pool.layer(module.layer_idx)
-    k_cache[batch.out_slots] = key[0].transpose(0, 1).to(k_cache.dtype)
-    v_cache[batch.out_slots] = value[0].transpose(0, 1).to(v_cache.dtype)
+    if batch.fused:
+        from rl_sglang.embedded.fused_ops import store_kv
+
+        store_kv(k_cache, v_cache, batch.out_slots, key[0], value[0])
+    else:
+        k_cache[batch.out_slots] = key[0].transpose(0, 1).to(k_cache.dtype)
+        v_cache[batch.out_slots] = value[0].transpose(0, 1).to(v_cache.dtype)
     q = query[0].transpose(0, 1)  # [N, Hq, D]
     if batch.decode:
         from rl_sglang.embedded.decode_kernel import decode_attention

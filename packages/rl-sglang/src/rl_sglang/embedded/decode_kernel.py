@@ -40,8 +40,12 @@ def decode_attention(
         num_splits = decode_splits(batch, kv_heads, req_to_token.shape[1], q.device)
     block_h = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(dim))
-    partial = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
+    if num_splits == 1:  # no merge: the one split writes the output
+        partial, lse = out.unsqueeze(2), out.new_empty(1, 1, dtype=torch.float32)
+    else:
+        partial = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, req_to_token, rows, seq_lens, partial, lse,
         scale,
@@ -53,9 +57,10 @@ def decode_attention(
         lse.stride(0), lse.stride(1),
         num_splits,
         GROUP=group, DIM=dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=64,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, STORE_LSE=num_splits > 1,
     )
-    out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        return out
     _merge_kernel[(batch, heads)](
         partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2),
@@ -93,7 +98,7 @@ try:  # the kernels exist only where Triton does; callers check triton_available
         stride_lb, stride_lh,
         num_splits,
         GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -142,9 +147,10 @@ try:  # the kernels exist only where Triton does; callers check triton_available
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(
             Partial + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-            out, mask=h_mask[:, None] & d_mask[None, :],
+            out.to(Partial.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :],
         )
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+        if STORE_LSE:
+            tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
     @triton.jit
     def _merge_kernel(

@@ -6,6 +6,7 @@ change always lands between two forward passes."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from rl_sglang.embedded.attention import ATTN_IMPLEMENTATION, BATCH_KWARG, ForwardBatch, build_extend_groups
 from rl_sglang.embedded.cuda_graphs import DecodeGraphs, capture_sizes
 from rl_sglang.embedded.decode_kernel import triton_available
+from rl_sglang.embedded.fused_ops import fuse_rms_norms
 from rl_sglang.embedded.kv_cache import KVLayout, KVPool, pool_tokens
 from rl_sglang.embedded.options import EngineOptions
 from rl_sglang.embedded.prefix_cache import PrefixCache
@@ -77,10 +79,13 @@ class ModelRunner:
             logger.warning("--context-length %d exceeds the model's max_position_embeddings %d", self.context_length, model_context)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_version = "default"
+        self.decode_seconds = 0.0  # time spent inside decode(), for the scheduler's stats
         self.weight_generation = 0  # bumped by every weight change: cached prefixes are stale then
         self.released_tags: set[str] = set()
         self.layout = KVLayout.of(self.model.config, self.dtype)
         self.use_decode_kernel = self.device.type == "cuda" and triton_available()
+        if self.use_decode_kernel:
+            logger.info("fused %d RMSNorm modules into one-kernel forwards", fuse_rms_norms(self.model))
         self.pool: KVPool | None = None
         self.prefix_cache: PrefixCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -112,6 +117,12 @@ class ModelRunner:
             except Exception:  # an architecture whose forward cannot be captured still serves, eagerly
                 logger.exception("CUDA graph capture failed; decoding eagerly")
                 self.graphs = None
+
+    def close(self) -> None:
+        """Let the KV pool and the graphs go (an engine stopped in a process that goes on)."""
+        self._drop_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _drop_cache(self) -> None:
         self.graphs = None
@@ -150,16 +161,33 @@ class ModelRunner:
             return [], []
         logits = self._extend_logits(rows, prefix_lens, chunks, slots, sample_at)
         tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator)
-        return tokens.tolist(), logprobs.tolist()
+        return self._to_host(tokens, logprobs)
+
+    def _to_host(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The sampled tokens and log-probs as lists; on CUDA through pinned memory and an event wait,
+        which lets go of the GIL while the GPU finishes (the event loop keeps serving meanwhile)."""
+        if self.device.type != "cuda":
+            return tokens.tolist(), logprobs.tolist()
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host_tokens.tolist(), host_logprobs.tolist()
 
     @torch.inference_mode()
     def decode(
         self, rows: list[int], positions: list[int], last_tokens: list[int], slots: torch.Tensor, params: list[SamplingParams]
     ) -> tuple[list[int], list[float]]:
         """One token for each row: `last_tokens[i]` goes in at `positions[i]` (its K/V to `slots[i]`)."""
+        started = time.perf_counter()
         logits = self._decode_logits(rows, positions, last_tokens, slots)
         tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator)
-        return tokens.tolist(), logprobs.tolist()
+        answer = self._to_host(tokens, logprobs)
+        self.decode_seconds += time.perf_counter() - started
+        return answer
 
     def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at) -> torch.Tensor:
         q_lens = [len(c) for c in chunks]
@@ -176,7 +204,7 @@ class ModelRunner:
         slots_d = slots.to(self.device, non_blocking=True)
         self.pool.req_to_token[row_d, pos_d] = slots_d.to(torch.int32)
         groups = build_extend_groups(self.pool, rows, prefix_lens, q_lens, self.device)
-        batch = ForwardBatch(self.pool, slots_d, groups=groups)
+        batch = ForwardBatch(self.pool, slots_d, fused=self.use_decode_kernel, groups=groups)
         keep_d = torch.tensor(keep, dtype=torch.int64).to(self.device, non_blocking=True)
         out = self.model(
             input_ids=ids_d[None], position_ids=pos_d[None], use_cache=False, logits_to_keep=keep_d, **{BATCH_KWARG: batch}
@@ -195,7 +223,7 @@ class ModelRunner:
     def _decode_forward(self, ids, positions, rows, seq_lens, slots) -> torch.Tensor:
         """The decode step as a pure function of device tensors (what a CUDA graph captures)."""
         self.pool.req_to_token[rows.long(), positions] = slots.to(torch.int32)
-        batch = ForwardBatch(self.pool, slots, decode=True, rows=rows, seq_lens=seq_lens)
+        batch = ForwardBatch(self.pool, slots, decode=True, fused=True, rows=rows, seq_lens=seq_lens)
         out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch})
         return out.logits[0]
 

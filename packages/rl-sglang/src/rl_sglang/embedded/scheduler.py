@@ -75,7 +75,8 @@ class Scheduler:
         self._batch_empty = asyncio.Event()
         self._batch_empty.set()
         self._task: asyncio.Task[None] | None = None
-        self._stats = {"decode_steps": 0, "decode_rows": 0, "prefill_steps": 0, "prefill_tokens": 0, "cached_tokens": 0}
+        self._stats = {"decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0, "cached_tokens": 0}
+        self._runner_decode_s = runner.decode_seconds
         self._stats_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self.on_model_thread(self.runner.close)
         self._executor.shutdown(wait=True)
 
     async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -171,9 +173,13 @@ class Scheduler:
                     await self._idle()
                 continue
             if self._prefilling:
+                started = time.perf_counter()
                 await self._run(self._prefill_step)
+                self._stats["prefill_s"] += time.perf_counter() - started
             if self._decoding and not self._holds:
+                started = time.perf_counter()
                 await self._run(self._decode_step)
+                self._stats["decode_s"] += time.perf_counter() - started
             self._log_stats()
 
     async def _idle(self) -> None:
@@ -356,12 +362,15 @@ class Scheduler:
         if now - self._stats_at < STATS_EVERY_S:
             return
         s, elapsed = self._stats, now - self._stats_at
+        steps = max(1, s["decode_steps"])
+        in_runner = self.runner.decode_seconds - self._runner_decode_s
+        self._runner_decode_s = self.runner.decode_seconds
         logger.info(
-            "last %.0f s: %d decode steps (mean batch %.1f, %.0f tok/s), %d prefill steps (%d tokens), %d prompt tokens from the prefix cache; "
-            "running %d, waiting %d, free KV slots %d",
-            elapsed, s["decode_steps"], s["decode_rows"] / max(1, s["decode_steps"]), s["decode_rows"] / elapsed,
-            s["prefill_steps"], s["prefill_tokens"], s["cached_tokens"], self.running_count, len(self._waiting),
-            self.runner.pool.allocator.available if self.runner.pool is not None else 0,
+            "last %.0f s: %d decode steps (mean batch %.1f, %.0f tok/s, %.1f ms a step, %.1f ms of it in ModelRunner.decode), "
+            "%d prefill steps (%d tokens, %.2f s), %d prompt tokens from the prefix cache; running %d, waiting %d, free KV slots %d",
+            elapsed, s["decode_steps"], s["decode_rows"] / steps, s["decode_rows"] / elapsed, s["decode_s"] / steps * 1e3,
+            in_runner / steps * 1e3, s["prefill_steps"], s["prefill_tokens"], s["prefill_s"], s["cached_tokens"],
+            self.running_count, len(self._waiting), self.runner.pool.allocator.available if self.runner.pool is not None else 0,
         )
         self._stats = dict.fromkeys(s, 0)
         self._stats_at = now
