@@ -80,6 +80,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_version = "default"
         self.decode_seconds = 0.0  # time spent inside decode(), for the scheduler's stats
+        self._sampling: tuple[object, SamplingBatch | None] = (None, None)
         self.weight_generation = 0  # bumped by every weight change: cached prefixes are stale then
         self.released_tags: set[str] = set()
         self.layout = KVLayout.of(self.model.config, self.dtype)
@@ -179,12 +180,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, rows: list[int], positions: list[int], last_tokens: list[int], slots: torch.Tensor, params: list[SamplingParams]
+        self,
+        rows: list[int],
+        positions: list[int],
+        last_tokens: list[int],
+        slots: torch.Tensor,
+        params: list[SamplingParams],
+        batch_key: object = None,
     ) -> tuple[list[int], list[float]]:
-        """One token for each row: `last_tokens[i]` goes in at `positions[i]` (its K/V to `slots[i]`)."""
+        """One token for each row: `last_tokens[i]` goes in at `positions[i]` (its K/V to `slots[i]`).
+        Steps with the same `batch_key` (same requests, same order) reuse one `SamplingBatch`."""
         started = time.perf_counter()
         logits = self._decode_logits(rows, positions, last_tokens, slots)
-        tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator)
+        if batch_key is None or self._sampling[0] != batch_key:
+            self._sampling = (batch_key, SamplingBatch(params, self.device))
+        tokens, logprobs = sample(logits, self._sampling[1], self.generator)
         answer = self._to_host(tokens, logprobs)
         self.decode_seconds += time.perf_counter() - started
         return answer

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -48,7 +49,9 @@ class Request:
     entry: PrefixEntry | None = None
     filling: bool = False  # it prefills `entry` for the requests with the same prompt
     table_pending: bool = False  # the shared slots are not yet in the device table
-    reserved: int = 0  # slots it may still take
+    need: int = 0  # slots reserved at admission: its new prompt tokens and its most output tokens
+    stops: frozenset[int] = frozenset()  # tokens that end it (EOS unless ignore_eos, and stop_token_ids)
+    finished: bool = False  # set with the future's result (or its cancellation): cheap to test per step
 
     @property
     def done(self) -> bool:
@@ -64,7 +67,8 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._decoding: list[Request] = []
-        self._reserved = 0
+        self._reserved = 0  # slots admitted requests may still take
+        self._decode_version = 0  # bumped whenever the decoding set changes
         self._weight_generation = runner.weight_generation
         self._stepping = False
         self._by_rid: dict[str, Request] = {}
@@ -106,14 +110,20 @@ class Scheduler:
             raise ValueError(f"rid {rid!r} is already in flight")
         request = Request(rid, input_ids, params, return_logprob, asyncio.get_running_loop().create_future())
         request.limit = min(params.max_new_tokens, self.runner.context_length - len(input_ids))
+        request.stops = params.stop_token_ids | (frozenset() if params.ignore_eos else self.runner.eos_token_ids)
         self._by_rid[rid] = request
-        request.future.add_done_callback(lambda _: self._by_rid.pop(rid, None))
+        request.future.add_done_callback(lambda _: self._forget(request))
         if params.max_new_tokens == 0:
             self._finish(request, {"type": "length", "length": 0})
         else:
             self._waiting.append(request)
             self._work.set()
         return request
+
+    def _forget(self, request: Request) -> None:
+        request.finished = True
+        if self._by_rid.get(request.rid) is request:
+            del self._by_rid[request.rid]
 
     def abort(self, rid: str | None) -> int:
         """Finish `rid` (or everything when None) with finish_reason abort and its partial output;
@@ -237,7 +247,7 @@ class Scheduler:
             else:
                 request.entry = cache.open(request.input_ids)
                 request.filling = request.entry is not None
-            request.reserved = need
+            request.need = need
             self._reserved += need
             self._prefilling.append(request)
         self._waiting.extendleft(reversed(deferred))
@@ -248,17 +258,13 @@ class Scheduler:
             self.runner.prefix_cache.evict(count)
         return pool.allocator.alloc(count)
 
-    def _take(self, request: Request, count: int) -> None:
-        request.reserved -= count
-        self._reserved -= count
-
     async def _prefill_step(self) -> None:
         pool = self.runner.pool
         budget, batch = self.chunk_tokens, []
         for request in self._prefilling:
             if budget <= 0:
                 break
-            if request.done:
+            if request.finished:
                 continue
             take = min(len(request.input_ids) - request.kv_len, budget)
             batch.append((request, take))
@@ -275,8 +281,8 @@ class Scheduler:
             slots,
         )
         table_writes = [(r.row, r.entry.slots) for r, _ in batch if r.table_pending]
-        for request, take in batch:
-            self._take(request, take)
+        self._reserved -= len(slots)
+        for request, _ in batch:
             request.table_pending = False
         sample_at = [i for i, (r, take) in enumerate(batch) if r.kv_len + take == len(r.input_ids)]
         params = [batch[i][0].params for i in sample_at]
@@ -295,47 +301,57 @@ class Scheduler:
             self._absorb(request, token, logprob)
             self._prefilling.remove(request)
             self._decoding.append(request)
+            self._decode_version += 1
 
     async def _decode_step(self) -> None:
         pool = self.runner.pool
-        batch = [r for r in self._decoding if not r.done]
+        batch = [r for r in self._decoding if not r.finished]
         if not batch:
             return
         slots = self._alloc(len(batch))
+        self._reserved -= len(batch)
         rows = [r.row for r in batch]
         positions = [r.kv_len for r in batch]
         pool.assign(torch.tensor(rows, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), slots)
-        for request in batch:
-            self._take(request, 1)
         tokens, logprobs = await self.on_model_thread(
-            self.runner.decode, rows, positions, [r.output_ids[-1] for r in batch], slots, [r.params for r in batch]
-        )
+            self.runner.decode, rows, positions, [r.output_ids[-1] for r in batch], slots,
+            [r.params for r in batch], (self._decode_version, len(batch)),
+        )  # fmt: skip
         self._stats["decode_steps"] += 1
         self._stats["decode_rows"] += len(batch)
-        for request, token, logprob in zip(batch, tokens, logprobs):
+        for request, token, logprob in zip(batch, tokens, logprobs):  # the hot loop: kept lean
             request.kv_len += 1
-            self._absorb(request, token, logprob)
+            if request.finished:  # aborted while the step ran
+                continue
+            output = request.output_ids
+            output.append(token)
+            request.output_logprobs.append(logprob)
+            if token in request.stops or len(output) >= request.limit:
+                self._finish_on(request, token)
 
     def _absorb(self, request: Request, token: int, logprob: float) -> None:
-        if request.done:  # aborted while the step ran
+        if request.finished:  # aborted while the step ran
             return
         request.output_ids.append(token)
         request.output_logprobs.append(logprob)
-        params = request.params
-        if not params.ignore_eos and token in self.runner.eos_token_ids:
+        if token in request.stops or len(request.output_ids) >= request.limit:
+            self._finish_on(request, token)
+
+    def _finish_on(self, request: Request, token: int) -> None:
+        if token in request.stops:
             self._finish(request, {"type": "stop", "matched": token})
-        elif token in params.stop_token_ids:
-            self._finish(request, {"type": "stop", "matched": token})
-        elif len(request.output_ids) >= request.limit:
+        else:
             self._finish(request, {"type": "length", "length": len(request.output_ids)})
 
     def _reap(self) -> None:
         """Give the slots, rows and prefix references of finished requests back."""
-        if any(r.done for r in self._prefilling) or any(r.done for r in self._decoding):
-            for request in [r for r in self._prefilling + self._decoding if r.done]:
+        ended = [r for r in self._prefilling if r.done] + [r for r in self._decoding if r.done]
+        if ended:
+            for request in ended:
                 self._release(request)
-            self._prefilling = [r for r in self._prefilling if not r.done]
-            self._decoding = [r for r in self._decoding if not r.done]
+            self._prefilling = [r for r in self._prefilling if r.row is not None]
+            self._decoding = [r for r in self._decoding if r.row is not None]
+            self._decode_version += 1
         if not self._prefilling and not self._decoding:
             self._batch_empty.set()
         else:
@@ -343,7 +359,10 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         pool, cache = self.runner.pool, self.runner.prefix_cache
-        if request.row is None or pool is None:
+        if request.row is None:
+            return
+        if pool is None:  # the pool itself is gone (released): nothing to give back to it
+            request.row = None
             return
         pool.allocator.free(pool.slots_of(request.row, request.shared, request.kv_len))
         if request.entry is not None:
@@ -352,8 +371,7 @@ class Scheduler:
             else:
                 cache.release(request.entry)
             request.entry = None
-        self._reserved -= request.reserved
-        request.reserved = 0
+        self._reserved -= request.need - (request.kv_len - request.cached_tokens)  # what it did not take
         pool.give_row(request.row)
         request.row = None
 
@@ -378,6 +396,7 @@ class Scheduler:
     def _finish(self, request: Request, finish_reason: dict[str, Any]) -> None:
         if request.done:
             return
+        request.finished = True
         meta_info: dict[str, Any] = {
             "id": request.rid,
             "finish_reason": finish_reason,
@@ -388,9 +407,8 @@ class Scheduler:
             "e2e_latency": time.monotonic() - request.created_at,
         }
         if request.return_logprob:
-            meta_info["output_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(request.output_logprobs, request.output_ids)
-            ]
+            # tuples: JSON arrays all the same, but of atoms only, so the garbage collector skips them
+            meta_info["output_token_logprobs"] = list(zip(request.output_logprobs, request.output_ids, repeat(None)))
         request.future.set_result(
             {
                 "text": self.runner.decode_text(request.output_ids, request.params.skip_special_tokens),
