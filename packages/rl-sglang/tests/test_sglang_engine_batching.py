@@ -13,7 +13,9 @@ import pytest
 
 from rl_sglang.client import SGLangClient
 from rl_sglang.embedded import EmbeddedEngine
+from rl_sglang.embedded.__main__ import options_from_args, parse_args
 from rl_sglang.embedded.options import EngineOptions
+from rl_sglang.launcher import build_embedded_argv
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -85,6 +87,31 @@ async def test_the_samples_of_one_prompt_prefill_it_once_and_flush_cache_forgets
     assert pool.allocator.available + engine.runner.prefix_cache.evictable_tokens == pool.tokens  # nothing leaked
 
 
+async def test_aborting_the_request_that_fills_a_shared_prompt_hands_the_prompt_to_a_sibling(model_dir, ref):
+    engine, client = await _serve(model_dir, chunked_prefill_size=2)  # the filler's prefill spans many steps
+    try:
+        prompt = [(7 * i) % 60 + 3 for i in range(41)]
+        params = {**GREEDY, "max_new_tokens": 12}
+        filler = asyncio.create_task(client.generate({"input_ids": prompt, "sampling_params": params, "rid": "filler"}))
+        for _ in range(20000):  # until the filler is part-way through its prompt
+            request = engine.scheduler._by_rid.get("filler")
+            if request is not None and 0 < request.kv_len < 20:
+                break
+            await asyncio.sleep(0.0005)
+        siblings = [asyncio.create_task(client.generate({"input_ids": prompt, "sampling_params": params})) for _ in range(3)]
+        await asyncio.sleep(0.001)
+        engine.scheduler.abort("filler")
+        assert (await asyncio.wait_for(filler, 30))["meta_info"]["finish_reason"]["type"] == "abort"
+        answers = await asyncio.wait_for(asyncio.gather(*siblings), 60)
+        assert sorted(a["meta_info"]["cached_tokens"] for a in answers) == [0, 40, 40]  # one sibling prefilled it anew
+        expected = ref.greedy(model_dir, prompt, 12)
+        assert all(a["output_ids"] == expected for a in answers)
+        pool = engine.runner.pool
+        assert pool.allocator.available + engine.runner.prefix_cache.evictable_tokens == pool.tokens
+    finally:
+        await _close(engine, client)
+
+
 async def test_a_long_prompt_prefilled_in_chunks_matches_a_plain_forward(model_dir, ref):
     engine, client = await _serve(model_dir, chunked_prefill_size=3, disable_radix_cache=True)
     try:
@@ -118,6 +145,17 @@ async def test_a_small_kv_pool_queues_requests_until_slots_free_and_refuses_one_
         assert "KV slots" in too_big["meta_info"]["finish_reason"]["message"]
     finally:
         await _close(engine, client)
+
+
+def test_rl_train_sglang_flags_reach_the_engine_options_through_the_launcher_argv():
+    flags = {
+        "mem_fraction_static": 0.5, "max_total_tokens": 4096, "context_length": 2048, "chunked_prefill_size": 512,
+        "cuda_graph_max_bs": 32, "disable_cuda_graph": True, "disable_radix_cache": True,
+    }  # fmt: skip
+    argv = build_embedded_argv("/m", "127.0.0.1", 1, {"device": "cpu", **flags})
+    assert options_from_args(parse_args(argv[3:])) == EngineOptions(**flags)
+    with pytest.raises(ValueError, match="--mem-fraction-static"):
+        EngineOptions(mem_fraction_static=1.5)
 
 
 def test_the_triton_kernels_equal_attention_over_the_gathered_cache_hf_rmsnorm_and_indexed_writes():

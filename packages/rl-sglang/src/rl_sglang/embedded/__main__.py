@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(**{name: getattr(args, name) for name in FLAG_HELP})
+
+
 async def serve(args: argparse.Namespace) -> None:
     engine = EmbeddedEngine(
         args.model_path,
@@ -40,15 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
         seed=args.seed,
-        options=EngineOptions(
-            mem_fraction_static=args.mem_fraction_static,
-            max_total_tokens=args.max_total_tokens,
-            context_length=args.context_length,
-            chunked_prefill_size=args.chunked_prefill_size,
-            cuda_graph_max_bs=args.cuda_graph_max_bs,
-            disable_cuda_graph=args.disable_cuda_graph,
-            disable_radix_cache=args.disable_radix_cache,
-        ),
+        options=options_from_args(args),
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

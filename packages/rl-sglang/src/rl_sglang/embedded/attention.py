@@ -57,18 +57,17 @@ def build_extend_groups(
         starts.append(offset)
         offset += q
     order = sorted(range(len(rows)), key=lambda i: (q_lens[i], prefix_lens[i] + q_lens[i]), reverse=True)
-    groups, current, real = [], [], 0
+    groups, current, real, kv_max = [], [], 0, 0
     for i in order:
         kv = prefix_lens[i] + q_lens[i]
         if current:
-            q_max = q_lens[current[0]]
-            kv_max = max(kv, max(prefix_lens[j] + q_lens[j] for j in current))
-            padded = (len(current) + 1) * q_max * kv_max
+            padded = (len(current) + 1) * q_lens[current[0]] * max(kv_max, kv)
             if padded > _GROUP_SLACK * (real + q_lens[i] * kv) + _GROUP_MIN_AREA:
                 groups.append(current)
-                current, real = [], 0
+                current, real, kv_max = [], 0, 0
         current.append(i)
         real += q_lens[i] * kv
+        kv_max = max(kv_max, kv)
     if current:
         groups.append(current)
     return [_make_group(pool, g, rows, prefix_lens, q_lens, starts, device) for g in groups]

@@ -25,6 +25,7 @@ from rl_sglang.embedded.sampling import SamplingBatch, SamplingParams, sample
 logger = logging.getLogger(__name__)
 
 MEMORY_TAGS = ("weights", "kv_cache")
+MAX_TABLE_BYTES = 4 << 30
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,6 +76,11 @@ class ModelRunner:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         model_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.context_length = self.options.context_length or model_context
+        if KVPool.table_bytes(max_running_requests, self.context_length) > MAX_TABLE_BYTES:
+            raise ValueError(
+                f"context length {self.context_length} x {max_running_requests} running requests makes a request-to-token "
+                "table over 4 GiB; pass a smaller --context-length or --max-running-requests"
+            )
         if self.context_length > model_context:
             logger.warning("--context-length %d exceeds the model's max_position_embeddings %d", self.context_length, model_context)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -85,6 +91,9 @@ class ModelRunner:
         self.released_tags: set[str] = set()
         self.layout = KVLayout.of(self.model.config, self.dtype)
         self.use_decode_kernel = self.device.type == "cuda" and triton_available()
+        ignored = _ignored_here(self.options, self.device, self.use_decode_kernel)
+        if ignored:
+            logger.warning("ignored on %s: %s", self.device.type, ", ".join(ignored))
         if self.use_decode_kernel:
             logger.info("fused %d RMSNorm modules into one-kernel forwards", fuse_rms_norms(self.model))
         self.pool: KVPool | None = None
@@ -305,6 +314,19 @@ class ModelRunner:
             self._build_cache()
         elif self.pool is not None and self.graphs is None:
             self._capture_graphs()
+
+
+def _ignored_here(options: EngineOptions, device: torch.device, graphs_possible: bool) -> list[str]:
+    """The flags given that mean nothing on this device (no GPU memory to share, no CUDA graphs)."""
+    ignored = []
+    if device.type != "cuda" and options.mem_fraction_static is not None:
+        ignored.append(f"--mem-fraction-static {options.mem_fraction_static} (the pool is sized by --max-total-tokens)")
+    if not graphs_possible:
+        if options.cuda_graph_max_bs is not None:
+            ignored.append(f"--cuda-graph-max-bs {options.cuda_graph_max_bs} (no CUDA graphs without CUDA and Triton)")
+        if options.disable_cuda_graph:
+            ignored.append("--disable-cuda-graph (no CUDA graphs without CUDA and Triton)")
+    return ignored
 
 
 def _load_tokenizer(model_path: str) -> PreTrainedTokenizerBase | None:
