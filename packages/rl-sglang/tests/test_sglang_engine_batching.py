@@ -185,12 +185,10 @@ for splits in (1, 3):
         vv = v[idx].transpose(0, 1).repeat_interleave(Hq // Hkv, 0).double()
         p = torch.softmax((q[i].double()[:, None, :] @ kk.transpose(1, 2)) * 0.3, dim=-1)
         worst = max(worst, (out[i].double() - (p @ vv)[:, 0]).abs().max().item())
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 from rl_sglang.embedded.fused_ops import rms_norm, store_kv
-norm = Qwen3RMSNorm(D, eps=1e-6)
-norm.weight.data = torch.randn(D)
-x = torch.randn(3, 5, D) * 4
-worst = max(worst, (rms_norm(x, norm.weight, norm.variance_epsilon) - norm(x)).abs().max().item())
+weight, x = torch.randn(D), torch.randn(3, 5, D) * 4
+expected = weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()  # HF's RMSNorm
+worst = max(worst, (rms_norm(x, weight, 1e-6).double() - expected).abs().max().item())
 key, value = torch.randn(5, Hkv, D).transpose(0, 1), torch.randn(5, Hkv, D).transpose(0, 1)
 at = torch.tensor([9, 2, 150, 33, 4])
 store_kv(k, v, at, key, value)
