@@ -132,7 +132,7 @@ def test_an_empty_response_counts_in_its_group_but_is_not_trained_on():
     config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=4)
     policy = BigramBackend(VOCAB, optimizer="sgd")
     (metrics,) = rl_step(config, samples, policy)
-    assert metrics["train/empty_responses"] == 1.0
+    assert metrics["rollout/untrained_samples"] == 1.0
     # The group's statistics include the aborted sample's reward 3; its own term is absent from the loss.
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
@@ -188,7 +188,7 @@ def test_removed_samples_count_in_their_group_and_post_processed_rewards_replace
     config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=4)
     policy = BigramBackend(VOCAB, optimizer="sgd")
     (metrics,) = rl_step(config, samples, policy, normalized_rewards=custom)
-    assert metrics["train/empty_responses"] == 1.0
+    assert metrics["rollout/untrained_samples"] == 1.0
     table = BigramBackend(VOCAB).model.logits.detach().double().clone().requires_grad_(True)
     kept = [(s, a) for s, a in zip(samples, custom) if not s.remove_sample]
     tokens = sum(s.response_length for s, _ in kept)

@@ -103,7 +103,7 @@ def rl_step(
 
     Samples with an empty response (aborted before their first token), nothing in their loss mask, or
     slime's `remove_sample` set keep their place in their group's reward statistics but are not trained on
-    (`train/empty_responses` counts them). `normalized_rewards` (--custom-reward-post-process-path)
+    (`rollout/untrained_samples` counts them). `normalized_rewards` (--custom-reward-post-process-path)
     replace the estimator's reward normalisation. The policy sits out
     the first --num-critic-only-steps rollouts. Returns one metric dict per optimizer step (`train/...` for
     the policy, `critic/...`), each also holding the rollout's `train/reward_kl` under --kl-coef, for the
@@ -115,7 +115,7 @@ def rl_step(
             if s.response_length > 0 and any(s.effective_loss_mask()) and not s.remove_sample]
     trained = [samples[i] for i in keep]
     # Rollout-level figures go into every step's metrics, so that averaging over steps keeps them.
-    rollout_level = {"train/empty_responses": float(len(samples) - len(keep))}
+    rollout_level = {"rollout/untrained_samples": float(len(samples) - len(keep))}
     if not trained:
         return [rollout_level]
     # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
