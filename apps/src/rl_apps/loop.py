@@ -49,7 +49,8 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
             log_rollout(sink, rollout_id, metrics, [], timing)
             continue
         train_start = time.perf_counter()
-        train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id)
+        train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id,
+                                normalized_rewards=result.get("normalized_rewards"))
         timing["train"] = time.perf_counter() - train_start
 
         swap_start = time.perf_counter()

@@ -155,6 +155,18 @@ class GenerationHooksConfig(Section):
     the path is replaced."""
     load_debug_rollout_data: str | None = None
     """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    rollout_sample_filter_path: str | None = None
+    """slime's `filter(args, groups)`: sets `sample.remove_sample` on samples not to train on (they still count
+    in their group's reward statistics)."""
+    rollout_all_samples_process_path: str | None = None
+    """slime's `process(args, all_groups, data_source)`: sees every generated group, dropped ones too."""
+    custom_reward_post_process_path: str | None = None
+    """slime's `post_process(args, samples) -> (raw_rewards, rewards)`: the rewards the advantages come from,
+    replacing the group normalisation."""
+    custom_convert_samples_to_train_data_path: str | None = None
+    """slime's `convert(args, samples) -> dict` (tokens, response_lengths, loss_masks, rewards): what training reads."""
+    group_rm: bool = False
+    """Call the --custom-rm-path function once per prompt group, `reward_func(args, samples) -> list` (slime's)."""
     debug_rollout_only: bool = False
     """Generate (and grade) rollouts, but do not train and do not sync weights."""
     debug_train_only: bool = False
@@ -350,7 +362,9 @@ class TrainConfig(
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
-        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path"):
+        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path",
+                     "rollout_sample_filter_path", "rollout_all_samples_process_path", "custom_reward_post_process_path",
+                     "custom_convert_samples_to_train_data_path"):
             spec = getattr(self, name)
             if spec and ".py:" in spec:
                 object.__setattr__(self, name, _absolute_file_spec(spec))
@@ -405,6 +419,8 @@ class TrainConfig(
         if self.colocate and self.engine_type == "embedded" and "mem_fraction_static" not in self.sglang_args:
             # SGLang's default (0.85 of the GPU for weights and KV) leaves a colocated trainer almost nothing.
             object.__setattr__(self, "sglang_args", {**self.sglang_args, "mem_fraction_static": 0.4})
+        if self.group_rm and self.custom_rm_path is None:
+            raise ValueError("--group-rm calls a --custom-rm-path function once per group; give --custom-rm-path")
         if self.debug_train_only and self.eval_prompt_data:
             raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 
 from rl_core.dynamic_sampling import DynamicSamplingStats, sort_groups
 from rl_core.generation import GenerateRequest
@@ -160,6 +160,15 @@ async def generate_groups(
     return stats.kept, stats
 
 
+class RolloutResult(NamedTuple):
+    groups: list[list[Sample]]
+    """The groups to train on, in group order."""
+    dropped: list[list[Sample]]
+    """Groups a dynamic-sampling filter refused."""
+    metrics: dict[str, float]
+    timing: dict[str, float]
+
+
 async def default_rollout(
     generator: SampleGenerator,
     reward_model: RewardModel,
@@ -169,19 +178,18 @@ async def default_rollout(
     over_sampling_batch_size: int | None = None,
     sample_filter: SampleFilter | None = None,
     max_error_ratio: float = 1.0,
-) -> tuple[list[list[Sample]], dict[str, float], dict[str, float]]:
+) -> RolloutResult:
     """The rollout slime's `--rollout-function-path` replaces: `num_groups` prompt groups generated and
-    scored (in over-sampled rounds when a dynamic-sampling filter is set). Returns the groups, the
-    dynamic-sampling metrics and the time spent generating and grading."""
+    scored (in over-sampled rounds when a dynamic-sampling filter is set)."""
     start = time.perf_counter()
     if sample_filter is None and over_sampling_batch_size is None:
         groups = data_source.get_samples(num_groups)
         groups = regroup(groups, await generate_samples(generator, [s for g in groups for s in g]))
         generated = time.perf_counter()
         await score_samples(reward_model, [s for g in groups for s in g], max_error_ratio=max_error_ratio)
-        return groups, {}, {"generate": generated - start, "reward": time.perf_counter() - generated}
+        return RolloutResult(groups, [], {}, {"generate": generated - start, "reward": time.perf_counter() - generated})
     groups, stats = await generate_groups(
         generator, reward_model, data_source, num_groups=num_groups, over_sampling_batch_size=over_sampling_batch_size,
         sample_filter=sample_filter, max_error_ratio=max_error_ratio,
     )
-    return groups, stats.metrics(), {"generate_and_reward": time.perf_counter() - start}
+    return RolloutResult(groups, stats.dropped, stats.metrics(), {"generate_and_reward": time.perf_counter() - start})
