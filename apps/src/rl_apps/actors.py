@@ -190,6 +190,7 @@ class RolloutManager:
                     over_sampling_batch_size=self.config.over_sampling_batch_size,
                     sample_filter=self.sample_filter,
                     max_error_ratio=self.config.max_reward_error_ratio,
+                    abort=self._router_client().abort if self.config.partial_rollout else None,
                 )
             args = await self._slime_args() if self.sample_hooks != SampleHooks() else None
             samples, normalized_rewards = apply_sample_hooks(self.sample_hooks, args, groups, dropped, self.data_source)
@@ -232,7 +233,8 @@ class RolloutManager:
 
         if self.custom_generate is None:
             return default_generator(SGLangGenerate(self._router_client()), sampling_params,
-                                     max_context_len=self.config.rollout_max_context_len)
+                                     max_context_len=self.config.rollout_max_context_len,
+                                     mask_offpolicy=self.config.mask_offpolicy_in_partial_rollout)
         return custom_generator(self.custom_generate, await self._slime_args(), sampling_params)
 
     async def _slime_args(self) -> Any:

@@ -48,6 +48,8 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
             timing["step"] = time.perf_counter() - step_start
             log_rollout(sink, rollout_id, metrics, [], timing)
             continue
+        if config.max_staleness is not None:
+            metrics["rollout/stale_samples"] = drop_stale(samples, rollout_id, config.max_staleness)
         train_start = time.perf_counter()
         train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id,
                                 normalized_rewards=result.get("normalized_rewards"))
@@ -73,6 +75,19 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
             del timing["offload"]
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
+
+
+def drop_stale(samples: list[Any], version: int, max_staleness: int) -> float:
+    """Mark (remove_sample) the samples whose oldest part came from a policy more than `max_staleness`
+    versions before `version` (the policy being trained: the rollouts trained on so far); returns the count.
+    The engines' first weights are version 0 ("default")."""
+    stale = 0
+    for sample in samples:
+        versions = [0 if v == "default" else int(v) for v in sample.weight_versions or [sample.weight_version or "default"]]
+        if version - min(versions) > max_staleness:
+            sample.remove_sample = True
+            stale += 1
+    return float(stale)
 
 
 def make_room_for_training(config: TrainConfig, parts: Any) -> None:

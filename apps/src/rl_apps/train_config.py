@@ -155,6 +155,15 @@ class GenerationHooksConfig(Section):
     the path is replaced."""
     load_debug_rollout_data: str | None = None
     """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    partial_rollout: bool = False
+    """slime's partial rollout (APRIL): with --over-sampling-batch-size, stop once --rollout-batch-size groups
+    are done; the rest are aborted and continued in a later rollout from where they stopped."""
+    mask_offpolicy_in_partial_rollout: bool = False
+    """With --partial-rollout: a continued sample's tokens from an older policy leave the loss mask."""
+    max_staleness: int | None = Field(None, ge=0)
+    """Samples whose oldest part was generated more than N policy versions before the one being trained are
+    not trained on (counted as rollout/stale_samples); bounds off-policyness under rl-train-async and
+    --partial-rollout."""
     rollout_sample_filter_path: str | None = None
     """slime's `filter(args, groups)`: sets `sample.remove_sample` on samples not to train on (they still count
     in their group's reward statistics)."""
@@ -419,6 +428,15 @@ class TrainConfig(
         if self.colocate and self.engine_type == "embedded" and "mem_fraction_static" not in self.sglang_args:
             # SGLang's default (0.85 of the GPU for weights and KV) leaves a colocated trainer almost nothing.
             object.__setattr__(self, "sglang_args", {**self.sglang_args, "mem_fraction_static": 0.4})
+        if self.partial_rollout and (self.over_sampling_batch_size or self.rollout_batch_size) <= self.rollout_batch_size:
+            raise ValueError(
+                "--partial-rollout aborts the groups generated beyond --rollout-batch-size, so it needs"
+                f" --over-sampling-batch-size larger than {self.rollout_batch_size}"
+            )
+        if self.mask_offpolicy_in_partial_rollout and not self.partial_rollout:
+            raise ValueError("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
+        if self.partial_rollout and self.rollout_function_path:
+            raise ValueError("--partial-rollout is a mode of the default rollout, which --rollout-function-path replaces")
         if self.group_rm and self.custom_rm_path is None:
             raise ValueError("--group-rm calls a --custom-rm-path function once per group; give --custom-rm-path")
         if self.debug_train_only and self.eval_prompt_data:
