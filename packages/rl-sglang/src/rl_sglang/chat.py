@@ -124,12 +124,11 @@ def _overlap(text: str, closing: str) -> int:
 
 class ChatCompletions:
     """The endpoint's logic, apart from HTTP: `create` answers one request, `trajectories` / `pop` give a
-    session's recorded trajectories. `tokenizer` is the served model's (a chat template is required)."""
+    session's recorded trajectories. `tokenizer` is the served model's; requests are refused while it has no
+    chat template."""
 
     def __init__(self, engine: PayloadEngine, tokenizer: Any, *, tool_call_parser: str = "qwen25",
                  max_sessions: int = 100_000) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; /v1/chat/completions needs one")
         self.engine, self.tokenizer = engine, tokenizer
         self.parser = build_tool_call_parser(tool_call_parser)
         self.max_sessions = max_sessions
@@ -162,6 +161,8 @@ class ChatCompletions:
     def _parse(self, body: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any], dict[str, Any]]:
         if not isinstance(body, dict):
             raise ChatRequestError("body must be a JSON object")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ChatRequestError(f"the tokenizer of {self.model_name} has no chat template; /v1/chat/completions needs one")
         if body.get("n", 1) != 1:
             raise ChatRequestError(f"n={body['n']} is not supported: send one request per sample")
         if body.get("logprobs") or body.get("top_logprobs"):
