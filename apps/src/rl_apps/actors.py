@@ -37,6 +37,21 @@ class EngineActor:
         self.process.wait_until_healthy(timeout_s)
         return self.process.url
 
+    def release_memory(self, release: bool) -> None:
+        """Give the GPU up (KV cache, weights, CUDA graphs) while the trainer trains, or take it back."""
+        import asyncio
+
+        from rl_sglang.client import SGLangClient
+
+        async def call() -> None:
+            client = SGLangClient(self.process.url)
+            try:
+                await (client.release_memory_occupation() if release else client.resume_memory_occupation())
+            finally:
+                await client.close()
+
+        asyncio.run(call())
+
     def shutdown(self) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -81,6 +96,9 @@ class TrainerActor:
     def save(self, directory: str) -> None:
         self.backend.save(directory)
 
+    def offload(self, offloaded: bool) -> None:
+        self.backend.offload() if offloaded else self.backend.onload()
+
     def load(self, directory: str) -> None:
         self.backend.load(directory)
 
@@ -89,6 +107,10 @@ class TrainerActor:
 
         if self.config.update_weight_transport == "disk":
             return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
+        if self.config.update_weight_transport == "tensor":
+            from rl_sglang.weight_sync import TensorWeightTransport
+
+            return TensorWeightTransport(engine_urls)
         import torch
 
         backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"

@@ -121,8 +121,16 @@ class RolloutEngineConfig(Section):
     its health check passes, which usually finds a hung engine first). Default: 600 plus 0.1 per token of the
     longest response allowed (--rollout-max-response-len, --eval-max-response-len), i.e. at least 10 tokens/s
     per request, so long generations are not cut; raise it when many long requests queue on few engines."""
-    update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
-    """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
+    update_weight_transport: Literal["disk", "broadcast", "tensor"] | None = None
+    """How new weights reach the engines: safetensors on disk, a broadcast over a process group (NCCL on
+    GPUs), or tensor handles (CUDA IPC; SGLang's /update_weights_from_tensor) to engines sharing the
+    trainer's GPU. Default: tensor with --colocate, broadcast otherwise."""
+    offload_train: bool = False
+    """While the engines generate, the trainer's parameters, gradients and optimizer state leave the GPU."""
+    offload_rollout: bool = False
+    """While the trainer trains, the engines release their KV cache and weights (SGLang's memory routes)."""
+    offload: bool = False
+    """Both --offload-train and --offload-rollout (slime's)."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
     """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
 
@@ -384,6 +392,19 @@ class TrainConfig(
             if "param_dtype" in self.model_fields_set and self.param_dtype != "bfloat16":
                 raise ValueError(f"--bf16 is --param-dtype bfloat16, not {self.param_dtype!r}")
             object.__setattr__(self, "param_dtype", "bfloat16")
+        if self.offload:
+            object.__setattr__(self, "offload_train", True)
+            object.__setattr__(self, "offload_rollout", True)
+        if self.update_weight_transport is None:
+            object.__setattr__(self, "update_weight_transport", "tensor" if self.colocate else "broadcast")
+        if self.colocate and self.update_weight_transport == "broadcast":
+            raise ValueError(
+                "--update-weight-transport broadcast with --colocate: NCCL cannot put the trainer and an engine on one"
+                " GPU (ncclInvalidUsage: Duplicate GPU detected); use tensor (CUDA IPC, the default) or disk"
+            )
+        if self.colocate and self.engine_type == "embedded" and "mem_fraction_static" not in self.sglang_args:
+            # SGLang's default (0.85 of the GPU for weights and KV) leaves a colocated trainer almost nothing.
+            object.__setattr__(self, "sglang_args", {**self.sglang_args, "mem_fraction_static": 0.4})
         if self.debug_train_only and self.eval_prompt_data:
             raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:
