@@ -19,7 +19,7 @@ from typing import Any, Protocol
 @dataclass
 class ParsedOutput:
     content: str | None
-    """The text for the message's `content` (None when empty)."""
+    """The text for the message's `content` (None when a tool-call block leaves nothing before it)."""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     """OpenAI's `tool_calls` entries: {"id", "type": "function", "function": {"name", "arguments": JSON text}}."""
 
