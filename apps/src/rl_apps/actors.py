@@ -242,10 +242,11 @@ class RolloutManager:
         actor's event loop, where the user's functions run)."""
         from rl_sglang.gateway import GenerateGateway
 
+        from rl_apps.data import load_tokenizer
         from rl_apps.slime_api import slime_args
 
-        if self._gateway is None:
-            self._gateway = GenerateGateway(self._router_client())
+        if self._gateway is None:  # the tokenizer serves /v1/chat/completions (docs/agents.md)
+            self._gateway = GenerateGateway(self._router_client(), tokenizer=load_tokenizer(self.config))
             await self._gateway.start()
             self._args = slime_args(self.config, self._gateway.url)
         return self._args
