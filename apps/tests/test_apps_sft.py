@@ -77,3 +77,25 @@ def test_bad_rows_and_flags_are_refused_before_training(tiny_task, tmp_path, cap
     with pytest.raises(SystemExit, match="--load .*: no checkpoint in"):
         convert.main(["--hf-checkpoint", str(tiny_task / "model"), "--load", str(tmp_path), "--save-hf", str(tmp_path / "o")])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("module, flag", [("rl_apps.sft", "--num-epoch"), ("rl_apps.convert", "--save-hf")])
+def test_help_answers_without_importing_torch(module, flag):
+    import subprocess
+    import sys
+
+    code = (f"import sys, runpy; sys.argv=['x','--help']\ntry:\n runpy.run_module({module!r}, run_name='__main__')\n"
+            "except SystemExit: pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert flag in out.stdout and out.stdout.strip().endswith("False")
+
+
+def test_rl_train_takes_slimes_loss_type_and_refuses_policy_loss_flags_beside_sft_loss(tiny_task, run_cli):
+    from rl_apps.train_config import TrainConfig
+
+    base = ["--hf-checkpoint", str(tiny_task / "model"), "--prompt-data", str(tiny_task / "train.jsonl"), "--rm-type", "math"]
+    code, err = run_cli(base + ["--loss-type", "sft_loss", "--use-kl-loss", "--kl-loss-coef", "0.1"])
+    assert code == 2 and "--use-kl-loss, --kl-loss-coef: shape advantages or the policy loss" in err
+    config = TrainConfig(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math",
+                         loss_type="sft_loss")
+    assert type(config.sft_loss()).__name__ == "SFTLoss" and not config.backend_config("policy").ref_model
