@@ -172,8 +172,16 @@ class RolloutEngineConfig(Section):
     its health check passes, which usually finds a hung engine first). Default: 600 plus 0.1 per token of the
     longest response allowed (--rollout-max-response-len, --eval-max-response-len), i.e. at least 10 tokens/s
     per request, so long generations are not cut; raise it when many long requests queue on few engines."""
-    update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
-    """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
+    update_weight_transport: Literal["disk", "broadcast", "tensor"] | None = None
+    """How new weights reach the engines: safetensors on disk, a broadcast over a process group (NCCL on
+    GPUs), or tensor handles (CUDA IPC; SGLang's /update_weights_from_tensor) to engines sharing the
+    trainer's GPU. Default: tensor with --colocate, broadcast otherwise."""
+    offload_train: bool = False
+    """While the engines generate, the trainer's parameters, gradients and optimizer state leave the GPU."""
+    offload_rollout: bool = False
+    """While the trainer trains, the engines release their KV cache and weights (SGLang's memory routes)."""
+    offload: bool = False
+    """Both --offload-train and --offload-rollout (slime's)."""
     sglang_args: dict[str, Any] = Field(default_factory=dict)
     """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
 
@@ -198,6 +206,27 @@ class GenerationHooksConfig(Section):
     the path is replaced."""
     load_debug_rollout_data: str | None = None
     """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    partial_rollout: bool = False
+    """slime's partial rollout (APRIL): with --over-sampling-batch-size, stop once --rollout-batch-size groups
+    are done; the rest are aborted and continued in a later rollout from where they stopped."""
+    mask_offpolicy_in_partial_rollout: bool = False
+    """With --partial-rollout: a continued sample's tokens from an older policy leave the loss mask."""
+    max_staleness: int | None = Field(None, ge=0)
+    """Samples whose oldest part was generated more than N policy versions before the one being trained are
+    not trained on (counted as rollout/stale_samples); bounds off-policyness under rl-train-async and
+    --partial-rollout."""
+    rollout_sample_filter_path: str | None = None
+    """slime's `filter(args, groups)`: sets `sample.remove_sample` on samples not to train on (they still count
+    in their group's reward statistics)."""
+    rollout_all_samples_process_path: str | None = None
+    """slime's `process(args, all_groups, data_source)`: sees every generated group, dropped ones too."""
+    custom_reward_post_process_path: str | None = None
+    """slime's `post_process(args, samples) -> (raw_rewards, rewards)`: the rewards the advantages come from,
+    replacing the group normalisation."""
+    custom_convert_samples_to_train_data_path: str | None = None
+    """slime's `convert(args, samples) -> dict` (tokens, response_lengths, loss_masks, rewards): what training reads."""
+    group_rm: bool = False
+    """Call the --custom-rm-path function once per prompt group, `reward_func(args, samples) -> list` (slime's)."""
     debug_rollout_only: bool = False
     """Generate (and grade) rollouts, but do not train and do not sync weights."""
     debug_train_only: bool = False
@@ -375,7 +404,9 @@ class TrainConfig(
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 object.__setattr__(self, name, value.resolve())
-        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path"):
+        for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path",
+                     "rollout_sample_filter_path", "rollout_all_samples_process_path", "custom_reward_post_process_path",
+                     "custom_convert_samples_to_train_data_path"):
             spec = getattr(self, name)
             if spec and ".py:" in spec:
                 object.__setattr__(self, name, _absolute_file_spec(spec))
@@ -406,6 +437,30 @@ class TrainConfig(
         if len(set(names)) != len(names):
             raise ValueError(f"--eval-prompt-data names must differ, got {names}")
         check_trainer_flags(self)
+        if self.offload:
+            object.__setattr__(self, "offload_train", True)
+            object.__setattr__(self, "offload_rollout", True)
+        if self.update_weight_transport is None:
+            object.__setattr__(self, "update_weight_transport", "tensor" if self.colocate else "broadcast")
+        if self.colocate and self.update_weight_transport == "broadcast":
+            raise ValueError(
+                "--update-weight-transport broadcast with --colocate: NCCL cannot put the trainer and an engine on one"
+                " GPU (ncclInvalidUsage: Duplicate GPU detected); use tensor (CUDA IPC, the default) or disk"
+            )
+        if self.colocate and self.engine_type == "embedded" and "mem_fraction_static" not in self.sglang_args:
+            # SGLang's default (0.85 of the GPU for weights and KV) leaves a colocated trainer almost nothing.
+            object.__setattr__(self, "sglang_args", {**self.sglang_args, "mem_fraction_static": 0.4})
+        if self.partial_rollout and (self.over_sampling_batch_size or self.rollout_batch_size) <= self.rollout_batch_size:
+            raise ValueError(
+                "--partial-rollout aborts the groups generated beyond --rollout-batch-size, so it needs"
+                f" --over-sampling-batch-size larger than {self.rollout_batch_size}"
+            )
+        if self.mask_offpolicy_in_partial_rollout and not self.partial_rollout:
+            raise ValueError("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
+        if self.partial_rollout and self.rollout_function_path:
+            raise ValueError("--partial-rollout is a mode of the default rollout, which --rollout-function-path replaces")
+        if self.group_rm and self.custom_rm_path is None:
+            raise ValueError("--group-rm calls a --custom-rm-path function once per group; give --custom-rm-path")
         if self.debug_train_only and self.eval_prompt_data:
             raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:

@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 # The embedded engine's own flags (SGLang's names; `seed` is its older spelling of `random_seed`);
 # other `--sglang-*` settings have no meaning there.
-EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "random_seed", "seed")
+EMBEDDED_FLAGS = (
+    "device", "dtype", "max_running_requests", "random_seed", "seed", "mem_fraction_static", "max_total_tokens",
+    "context_length", "chunked_prefill_size", "cuda_graph_max_bs", "disable_cuda_graph", "disable_radix_cache",
+)
 _STDERR_TAIL_CHARS = 4000
 
 
