@@ -102,6 +102,11 @@ class TrainerActor:
     def load(self, directory: str) -> None:
         self.backend.load(directory)
 
+    def save_hf(self, directory: str) -> None:
+        from rl_apps.hf_export import save_hf
+
+        save_hf(self.backend, directory, self.config.hf_checkpoint, writer=int(os.environ["RANK"]) == self.backend.result_rank)
+
     def _make_transport(self, engine_urls: list[str]) -> Any:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 

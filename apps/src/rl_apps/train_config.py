@@ -91,6 +91,57 @@ class MegatronFlags(Section):
     """Megatron's bfloat16 switch: the same as --param-dtype bfloat16, which it sets."""
 
 
+def check_trainer_flags(config: Any) -> None:
+    """Checks of the TrainerConfig and MegatronFlags fields of an app's config (one with loss_aggregation),
+    where its validator calls it: Megatron flags need --train-backend megatron; --bf16 sets --param-dtype."""
+    megatron_only = sorted(name for name in MegatronFlags.model_fields if name in config.model_fields_set
+                           and name not in ("calculate_per_token_loss", "bf16"))
+    if megatron_only and config.train_backend != "megatron":
+        flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
+        raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
+    if config.calculate_per_token_loss and config.loss_aggregation != "token_mean":
+        raise ValueError(f"--calculate-per-token-loss is --loss-aggregation token_mean, not {config.loss_aggregation!r}")
+    if config.bf16:
+        if "param_dtype" in config.model_fields_set and config.param_dtype != "bfloat16":
+            raise ValueError(f"--bf16 is --param-dtype bfloat16, not {config.param_dtype!r}")
+        object.__setattr__(config, "param_dtype", "bfloat16")
+
+
+def trainer_backend_config(config: Any, *, total_steps: int, **role_fields: Any) -> Any:
+    """The BackendConfig typed for --train-backend from an app config's TrainerConfig and MegatronFlags
+    fields, plus what differs per trained model (`role_fields`: model_path, head, lr, ...). A decaying
+    --lr-decay-style without --lr-decay-iters decays over `total_steps` optimizer steps."""
+    decay_iters = config.lr_decay_iters
+    if decay_iters is None and config.lr_decay_style != "constant":
+        decay_iters = total_steps
+    common = dict(
+        role_fields,
+        seed=config.seed,
+        optimizer=config.optimizer,
+        min_lr=config.min_lr,
+        lr_decay_style=config.lr_decay_style,
+        lr_decay_iters=decay_iters,
+        lr_warmup_iters=config.lr_warmup_iters,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_eps=config.adam_eps,
+        clip_grad=config.clip_grad,
+        device=config.train_device,
+        param_dtype=config.param_dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    if config.train_backend == "megatron":
+        from rl_megatron import MegatronConfig
+
+        megatron = {name: getattr(config, name) for name in MegatronFlags.model_fields
+                    if name not in ("calculate_per_token_loss", "bf16")}
+        return MegatronConfig(**common, **megatron)
+    from rl_fsdp import FSDPConfig
+
+    return FSDPConfig(**common)
+
+
 class RolloutEngineConfig(Section):
     engine_type: Literal["embedded", "sglang"] = "embedded"
     """`sglang` launches sglang.launch_server; `embedded` the built-in engine with the same HTTP API."""
@@ -293,11 +344,17 @@ class CheckpointConfig(Section):
     """Save every N rollouts (with --save); the last rollout is always saved."""
     load: Path | None = None
     """Resume from the newest checkpoint in this folder (a --save folder of an earlier run)."""
+    save_hf: str | None = None
+    """Also write the policy as a Hugging Face folder (config.json, tokenizer files, model.safetensors) whenever
+    a checkpoint is due (the last one at least, even without --save); `{rollout_id}` in it is replaced
+    (slime's), else each write replaces the previous one."""
 
     @model_validator(mode="after")
     def _interval_needs_a_folder(self) -> CheckpointConfig:
-        if self.save_interval is not None and self.save is None:
-            raise ValueError("--save-interval needs --save")
+        if self.save_interval is not None and self.save is None and self.save_hf is None:
+            raise ValueError("--save-interval needs --save or --save-hf")
+        if self.save_hf is not None:
+            object.__setattr__(self, "save_hf", str(Path(self.save_hf).resolve()))
         return self
 
 
@@ -314,41 +371,17 @@ class TrainConfig(
         """The BackendConfig of the policy (LM head, a reference copy when a KL needs one) or of PPO's
         critic (value head, --critic-lr), typed for --train-backend."""
         policy = role == "policy"
-        decay_iters = self.lr_decay_iters
-        if decay_iters is None and self.lr_decay_style != "constant":
-            decay_iters = self.num_rollout * self.num_steps_per_rollout  # type: ignore[operator]
-        common = dict(
+        return trainer_backend_config(
+            self,
+            total_steps=self.num_rollout * self.num_steps_per_rollout,  # type: ignore[operator]
             model_path=self.hf_checkpoint,
             head="lm" if policy else "value",
             ref_model=policy and (self.use_kl_loss or self.kl_coef > 0.0),
             # Temperature 0 is greedy; the engine reports log-probs of the unscaled logits then, as SGLang does.
             rollout_temperature=self.rollout_temperature or 1.0,
-            seed=self.seed,
-            optimizer=self.optimizer,
             lr=self.lr if policy else self.critic_lr,
-            min_lr=self.min_lr,
-            lr_decay_style=self.lr_decay_style,
-            lr_decay_iters=decay_iters,
-            lr_warmup_iters=self.lr_warmup_iters,
-            weight_decay=self.weight_decay,
-            adam_beta1=self.adam_beta1,
-            adam_beta2=self.adam_beta2,
-            adam_eps=self.adam_eps,
-            clip_grad=self.clip_grad,
             micro_batch_size=self.micro_batch_size,
-            device=self.train_device,
-            param_dtype=self.param_dtype,
-            gradient_checkpointing=self.gradient_checkpointing,
         )
-        if self.train_backend == "megatron":
-            from rl_megatron import MegatronConfig
-
-            megatron = {name: getattr(self, name) for name in MegatronFlags.model_fields
-                        if name not in ("calculate_per_token_loss", "bf16")}
-            return MegatronConfig(**common, **megatron)
-        from rl_fsdp import FSDPConfig
-
-        return FSDPConfig(**common)
 
     def eval_sampling_params(self) -> dict[str, Any]:
         """The rollout's sampling parameters with the --eval-* overrides."""
@@ -403,18 +436,7 @@ class TrainConfig(
         names = self.eval_prompt_data[::2]
         if len(set(names)) != len(names):
             raise ValueError(f"--eval-prompt-data names must differ, got {names}")
-        megatron_only = sorted(name for name in MegatronFlags.model_fields if name in self.model_fields_set
-                               and name not in ("calculate_per_token_loss", "bf16"))
-        if megatron_only and self.train_backend != "megatron":
-            flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
-            raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
-        if self.calculate_per_token_loss:
-            if self.loss_aggregation != "token_mean":
-                raise ValueError(f"--calculate-per-token-loss is --loss-aggregation token_mean, not {self.loss_aggregation!r}")
-        if self.bf16:
-            if "param_dtype" in self.model_fields_set and self.param_dtype != "bfloat16":
-                raise ValueError(f"--bf16 is --param-dtype bfloat16, not {self.param_dtype!r}")
-            object.__setattr__(self, "param_dtype", "bfloat16")
+        check_trainer_flags(self)
         if self.offload:
             object.__setattr__(self, "offload_train", True)
             object.__setattr__(self, "offload_rollout", True)

@@ -90,6 +90,21 @@ def _step_bounds(count: int, steps: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def sft_step(
+    config: RLStepConfig, samples: Sequence[Sample], policy: StepBackend, rollout_level: dict[str, float] | None = None
+) -> list[dict[str, float]]:
+    """--loss-type sft_loss: `num_steps_per_rollout` optimizer steps of the negative log-likelihood of the
+    samples' loss-mask tokens; no forward pass, no reward, no advantage (they would multiply nothing)."""
+    whole = TrainBatch.from_samples(samples, [[0.0] * s.response_length for s in samples])
+    loss = config.sft_loss()
+    steps = []
+    for start, end in _step_bounds(len(samples), config.num_steps_per_rollout):  # type: ignore[arg-type]
+        metrics = dict(rollout_level or {})
+        metrics.update({f"train/{k}": v for k, v in policy.train_step(whole.select(range(start, end)), loss).items()})
+        steps.append(metrics)
+    return steps
+
+
 def rl_step(
     config: RLStepConfig,
     samples: Sequence[Sample],
@@ -105,10 +120,13 @@ def rl_step(
     slime's `remove_sample` set keep their place in their group's reward statistics but are not trained on
     (`rollout/untrained_samples` counts them). `normalized_rewards` (--custom-reward-post-process-path)
     replace the estimator's reward normalisation. The policy sits out
-    the first --num-critic-only-steps rollouts. Returns one metric dict per optimizer step (`train/...` for
+    the first --num-critic-only-steps rollouts. With --loss-type sft_loss the samples' rewards are not read:
+    the policy takes `sft_step`'s likelihood steps instead. Returns one metric dict per optimizer step (`train/...` for
     the policy, `critic/...`), each also holding the rollout's `train/reward_kl` under --kl-coef, for the
     caller to average key by key.
     """
+    if config.loss_type == "sft_loss" and critic is not None:
+        raise ValueError("--loss-type sft_loss trains the policy only, but a critic was given")
     if config.use_critic and critic is None:
         raise ValueError(f"advantage_estimator {config.advantage_estimator!r} trains a critic, but none was given")
     keep = [i for i, s in enumerate(samples)
@@ -118,6 +136,8 @@ def rl_step(
     rollout_level = {"rollout/untrained_samples": float(len(samples) - len(keep))}
     if not trained:
         return [rollout_level]
+    if config.loss_type == "sft_loss":
+        return sft_step(config, trained, policy, rollout_level)
     # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
     whole = TrainBatch.from_samples(trained, [[0.0] * s.response_length for s in trained])
     recompute_old = config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs  # type: ignore[operator]
