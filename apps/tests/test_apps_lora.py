@@ -61,12 +61,15 @@ async def test_adapter_only_weights_make_a_load_lora_adapter_from_tensors_call_s
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_a_lora_run_trains_and_the_engine_serves_the_merged_weights(tiny_run_config, tmp_path):
+def test_a_lora_run_trains_the_engine_serves_the_merged_weights_and_save_hf_writes_both(tiny_run_config, tmp_path):
+    from peft import PeftModel
     from rl_apps.metrics import read_metrics
     from rl_apps.train import run
+    from transformers import AutoModelForCausalLM
 
-    rows = read_metrics(run(tiny_run_config(tmp_path / "run", lora_rank=4, lr=5e-2, num_rollout=2, use_kl_loss=True,
-                                            kl_loss_coef=0.1, use_tensorboard=False, save_reward_curve=False)))
+    config = tiny_run_config(tmp_path / "run", lora_rank=4, lr=5e-2, num_rollout=2, use_kl_loss=True, kl_loss_coef=0.1,
+                             use_tensorboard=False, save_reward_curve=False, save_hf=str(tmp_path / "hf"))
+    rows = read_metrics(run(config))
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
         # The engine's log-probs equal the trainer's before each update: it serves base + adapter, merged.
@@ -74,3 +77,9 @@ def test_a_lora_run_trains_and_the_engine_serves_the_merged_weights(tiny_run_con
         assert row["train/grad_norm"] > 0
     assert rows[1]["train/kl_loss"] != 0.0  # the policy left the base (the adapters-off reference)
     assert rows[1]["rollout/weight_version_min"] == rows[1]["rollout/weight_version_max"] == 1
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(config.hf_checkpoint, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").merge_and_unload().state_dict()
+    assert merged.keys() == adapted.keys()
+    for name, tensor in adapted.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0)

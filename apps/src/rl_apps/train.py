@@ -45,7 +45,9 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_router import load_middleware
     from rl_sglang.sglang_flags import check_sglang_args
 
-    from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+    from rl_apps.data import (
+        build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_sample_hooks, load_tokenizer,
+    )
     from rl_apps.slime_api import slime_args
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
@@ -59,6 +61,7 @@ def check_inputs(config: TrainConfig) -> None:
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config), **config.reward_options())
         load_generation_hooks(config)
+        load_sample_hooks(config)
     except (DataError, ValueError, ImportError, FileNotFoundError, AttributeError, TypeError) as e:
         raise InputError(str(e)) from None
     if config.train_backend == "megatron":
