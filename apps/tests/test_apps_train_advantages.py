@@ -63,3 +63,18 @@ def test_kl_coef_and_ppo_are_accepted_and_the_critic_lr_defaults_to_lr():
 def test_critic_flags_without_a_critic_are_refused_naming_the_flag(flag):
     with pytest.raises(ValueError, match=f"{next(iter(flag))} is set but advantage_estimator 'grpo' trains no critic"):
         train_config(**flag)
+
+
+def test_samples_older_than_the_staleness_bound_are_not_trained_and_counted():
+    from rl_apps.loop import drop_stale
+
+    samples = [Sample(weight_versions=["default"]), Sample(weight_versions=["3", "5"]), Sample(weight_versions=["4"]),
+               Sample(weight_version="6")]
+    assert drop_stale(samples, version=6, max_staleness=2) == 2.0
+    assert [s.remove_sample for s in samples] == [True, True, False, False]
+
+
+def test_partial_rollout_needs_over_sampling_to_have_something_to_abort():
+    with pytest.raises(ValueError, match="--partial-rollout .* --over-sampling-batch-size larger than 1"):
+        train_config(partial_rollout=True)
+    assert train_config(partial_rollout=True, over_sampling_batch_size=2, mask_offpolicy_in_partial_rollout=True).partial_rollout

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rl_apps.metrics import read_metrics
 from rl_apps.train import run
@@ -135,8 +136,19 @@ def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_run_config
 def test_a_run_resumed_from_its_checkpoint_continues_with_the_saved_weights_and_data_position(tiny_run_config, tmp_path):
     checkpoints, out = tmp_path / "ckpt", tmp_path / "run_resume"
     run(tiny_run_config(out, num_rollout=2, save=checkpoints, save_interval=1, use_tensorboard=False,
-                        save_reward_curve=False))
+                        save_reward_curve=False, save_hf=str(tmp_path / "hf" / "rollout_{rollout_id}")))
     assert (checkpoints / "latest").read_text().strip() == "rollout_000001"
+    # --save-hf wrote the policy with each checkpoint; rl-convert of the checkpoint gives the same tensors.
+    from safetensors.torch import load_file
+
+    from rl_apps import convert
+
+    convert.main(["--hf-checkpoint", str(tiny_run_config(out).hf_checkpoint), "--load", str(checkpoints),
+                  "--save-hf", str(tmp_path / "converted")])
+    exported = load_file(tmp_path / "hf" / "rollout_1" / "model.safetensors")
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    assert (tmp_path / "hf" / "rollout_0" / "config.json").is_file() and exported.keys() == converted.keys()
+    assert all(torch.equal(exported[k], converted[k]) for k in exported)
     for k in (0, 1):
         assert (checkpoints / f"rollout_{k:06d}" / "policy" / ".metadata").is_file()
     assert json.loads((checkpoints / "rollout_000001" / "state.json").read_text())["data_source"]["offset"] == 8

@@ -74,10 +74,29 @@ class EngineActor:
         """How often this engine's process was restarted."""
         return self.supervisor.restarts if self.supervisor is not None else 0
 
+    def _current(self) -> Any:
+        """The engine process serving now (a restart replaces it)."""
+        return self.supervisor.process if self.supervisor is not None else self.process
+
     def pid(self) -> int | None:
         """The engine process's id (tests kill it)."""
-        process = self.supervisor.process if self.supervisor is not None else self.process
+        process = self._current()
         return process.process.pid if process is not None else None
+
+    def release_memory(self, release: bool) -> None:
+        """Give the GPU up (KV cache, weights, CUDA graphs) while the trainer trains, or take it back."""
+        import asyncio
+
+        from rl_sglang.client import SGLangClient
+
+        async def call() -> None:
+            client = SGLangClient(self._current().url)
+            try:
+                await (client.release_memory_occupation() if release else client.resume_memory_occupation())
+            finally:
+                await client.close()
+
+        asyncio.run(call())
 
     def shutdown(self) -> None:
         if self.supervisor is not None:
@@ -130,14 +149,26 @@ class TrainerActor:
     def save(self, directory: str) -> None:
         self.backend.save(directory)
 
+    def offload(self, offloaded: bool) -> None:
+        self.backend.offload() if offloaded else self.backend.onload()
+
     def load(self, directory: str) -> None:
         self.backend.load(directory)
+
+    def save_hf(self, directory: str) -> None:
+        from rl_apps.hf_export import save_hf
+
+        save_hf(self.backend, directory, self.config.hf_checkpoint, writer=int(os.environ["RANK"]) == self.backend.result_rank)
 
     def _make_transport(self, engine_urls: list[str]) -> Any:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
         if self.config.update_weight_transport == "disk":
             return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
+        if self.config.update_weight_transport == "tensor":
+            from rl_sglang.weight_sync import TensorWeightTransport
+
+            return TensorWeightTransport(engine_urls)
         import torch
 
         backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
@@ -158,7 +189,9 @@ class RolloutManager:
         from rl_router import MetricsMiddleware, Router, RouterThread
         from rl_sglang.client import SGLangClient
 
-        from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+        from rl_apps.data import (
+            build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_sample_hooks, load_tokenizer,
+        )
         from rl_apps.slime_api import slime_args
 
         self.config = config
@@ -167,8 +200,9 @@ class RolloutManager:
         self.eval_rows = load_eval_rows(config, tokenizer)
         self.sample_filter = load_sample_filter(config)
         self.custom_generate, self.rollout_function, self.eval_function = load_generation_hooks(config)
+        self.sample_hooks = load_sample_hooks(config)
         self.reward = build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config),
-                                   **config.reward_options())
+                                   group_rm=config.group_rm, **config.reward_options())
         self.eval_reward = self.reward.with_reward_key(config.eval_reward_key or config.reward_key)
         request_timeout = config.rollout_request_timeout_s()  # the clients' own HTTP timeout must not fire first
         self.router = RouterThread(
@@ -191,34 +225,40 @@ class RolloutManager:
         from rl_core.debug_data import load_rollout, save_rollout
         from rl_core.metrics import rollout_metrics
         from rl_core.rollout import default_rollout
+        from rl_core.sample_hooks import SampleHooks, apply_sample_hooks
 
         if self.config.save is not None:  # only a checkpoint reads it; the state carries every buffered sample
             self._state_before = (rollout_id, self.data_source.state_dict())
         start = time.perf_counter()
         extra: dict[str, float] = {}
+        normalized_rewards = None
         if self.config.load_debug_rollout_data is not None:
             samples = load_rollout(self.config.load_debug_rollout_data, rollout_id)
             timing = {"load_rollout": time.perf_counter() - start}
-        elif self.rollout_function is not None:
-            groups = await self._call_rollout_function(self.rollout_function, rollout_id, evaluation=False)
-            samples = await self._score_unscored([s for g in groups for s in g], self.reward)
-            timing = {"generate_and_reward": time.perf_counter() - start}
         else:
-            groups, extra, timing = await default_rollout(
-                await self._generator(self.config.sampling_params()), self.reward, self.data_source,
-                num_groups=self.config.rollout_batch_size,
-                over_sampling_batch_size=self.config.over_sampling_batch_size,
-                sample_filter=self.sample_filter,
-                max_error_ratio=self.config.max_reward_error_ratio,
-            )
-            samples = [s for g in groups for s in g]
+            if self.rollout_function is not None:
+                groups = await self._call_rollout_function(self.rollout_function, rollout_id, evaluation=False)
+                await self._score_unscored([s for g in groups for s in g], self.reward)
+                dropped: list[Any] = []
+                timing = {"generate_and_reward": time.perf_counter() - start}
+            else:
+                groups, dropped, extra, timing = await default_rollout(
+                    await self._generator(self.config.sampling_params()), self.reward, self.data_source,
+                    num_groups=self.config.rollout_batch_size,
+                    over_sampling_batch_size=self.config.over_sampling_batch_size,
+                    sample_filter=self.sample_filter,
+                    max_error_ratio=self.config.max_reward_error_ratio,
+                    abort=self._router_client().abort if self.config.partial_rollout else None,
+                )
+            args = await self._slime_args() if self.sample_hooks != SampleHooks() else None
+            samples, normalized_rewards = apply_sample_hooks(self.sample_hooks, args, groups, dropped, self.data_source)
         if self.config.save_debug_rollout_data is not None:
             save_rollout(self.config.save_debug_rollout_data, rollout_id, samples)
         metrics = rollout_metrics(samples)
         metrics.update(extra)
         metrics.update(self.router.metrics())  # counters, faults, per-engine load and every middleware's snapshot()
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
-        return {"samples": samples, "metrics": metrics, "timing": timing}
+        return {"samples": samples, "metrics": metrics, "timing": timing, "normalized_rewards": normalized_rewards}
 
     async def evaluate(self) -> dict[str, float]:
         """Every --eval-prompt-data set, each prompt `n_samples_per_eval_prompt` times with the eval sampling
@@ -251,7 +291,8 @@ class RolloutManager:
 
         if self.custom_generate is None:
             return default_generator(SGLangGenerate(self._router_client()), sampling_params,
-                                     max_context_len=self.config.rollout_max_context_len)
+                                     max_context_len=self.config.rollout_max_context_len,
+                                     mask_offpolicy=self.config.mask_offpolicy_in_partial_rollout)
         return custom_generator(self.custom_generate, await self._slime_args(), sampling_params)
 
     async def _slime_args(self) -> Any:
@@ -259,10 +300,11 @@ class RolloutManager:
         actor's event loop, where the user's functions run)."""
         from rl_sglang.gateway import GenerateGateway
 
+        from rl_apps.data import load_tokenizer
         from rl_apps.slime_api import slime_args
 
-        if self._gateway is None:
-            self._gateway = GenerateGateway(self._router_client())
+        if self._gateway is None:  # the tokenizer serves /v1/chat/completions (docs/agents.md)
+            self._gateway = GenerateGateway(self._router_client(), tokenizer=load_tokenizer(self.config))
             await self._gateway.start()
             self._args = slime_args(self.config, self._gateway.url)
         return self._args

@@ -24,13 +24,19 @@ class CheckpointError(ValueError):
 
 
 def save_if_due(config: TrainConfig, parts: Any, rollout_id: int, timing: dict[str, float]) -> None:
-    """Save after rollout `rollout_id` when --save is set and it is the last rollout or a --save-interval multiple."""
-    if config.save is None:
+    """Save after rollout `rollout_id` when --save (or --save-hf) is set and it is the last rollout or a
+    --save-interval multiple."""
+    if config.save is None and config.save_hf is None:
         return
     last = rollout_id + 1 == config.num_rollout
     if last or (config.save_interval is not None and (rollout_id + 1) % config.save_interval == 0):
         start = time.perf_counter()
-        save_checkpoint(config, parts, rollout_id)
+        if config.save is not None:
+            save_checkpoint(config, parts, rollout_id)
+        if config.save_hf is not None:
+            from rl_apps.hf_export import hf_folder
+
+            parts.policy.save_hf(str(hf_folder(config.save_hf, rollout_id)))
         timing["save"] = time.perf_counter() - start
 
 

@@ -73,3 +73,17 @@ def load_generation_hooks(config: TrainConfig) -> tuple[Any, Any, Any]:
     rollout = load("--rollout-function-path", config.rollout_function_path)
     evaluation = load("--eval-function-path", config.eval_function_path) or rollout
     return generate, rollout, evaluation
+
+
+def load_sample_hooks(config: TrainConfig) -> Any:
+    """slime's sample hooks between rollout and training (rl_core.sample_hooks)."""
+    from rl_core.sample_hooks import SampleHooks
+
+    load = lambda flag, spec: load_function(spec, flag=flag) if spec else None  # noqa: E731
+    return SampleHooks(
+        sample_filter=load("--rollout-sample-filter-path", config.rollout_sample_filter_path),
+        all_samples_process=load("--rollout-all-samples-process-path", config.rollout_all_samples_process_path),
+        reward_post_process=load("--custom-reward-post-process-path", config.custom_reward_post_process_path),
+        convert_to_train_data=load("--custom-convert-samples-to-train-data-path",
+                                   config.custom_convert_samples_to_train_data_path),
+    )

@@ -26,6 +26,7 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
     from rl_apps.evaluation import evaluate_if_due
 
     start = resume(config, parts)
+    offload_trainer(config, parts, True)
     evaluate_if_due(config, parts, eval_sink, start, before_training=True)
     in_flight = parts.rollout.generate.remote(start) if asynchronous and start < config.num_rollout else None
     for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
@@ -39,6 +40,9 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
         if config.engine_restarts() and parts.engines:
             metrics["engines/restarts"] = float(sum(ray.get([e.restart_count.remote() for e in parts.engines])))
+        swap_start = time.perf_counter()
+        make_room_for_training(config, parts)
+        timing["offload"] = time.perf_counter() - swap_start
         if asynchronous:
             timing["wait_rollout"] = time.perf_counter() - step_start
 
@@ -46,10 +50,16 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
             timing["step"] = time.perf_counter() - step_start
             log_rollout(sink, rollout_id, metrics, [], timing)
             continue
+        if config.max_staleness is not None:
+            metrics["rollout/stale_samples"] = drop_stale(samples, rollout_id, config.max_staleness)
         train_start = time.perf_counter()
-        train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id)
+        train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id,
+                                normalized_rewards=result.get("normalized_rewards"))
         timing["train"] = time.perf_counter() - train_start
 
+        swap_start = time.perf_counter()
+        engines_take_memory_back(config, parts)
+        timing["offload"] += time.perf_counter() - swap_start
         due = (rollout_id + 1) % config.update_weights_interval == 0 and not (asynchronous and last)
         if due and parts.engines:  # --debug-train-only runs no engine
             if in_flight is not None:
@@ -60,8 +70,51 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         # Under async the rollout in flight has drawn its prompts already: a checkpoint keeps the data
         # position from before it, so a resumed run generates that rollout again (with the saved weights).
         save_if_due(config, parts, rollout_id, timing)
+        swap_start = time.perf_counter()
+        offload_trainer(config, parts, True)
+        timing["offload"] += time.perf_counter() - swap_start
+        if not (config.offload_train or config.offload_rollout):
+            del timing["offload"]
         timing["step"] = time.perf_counter() - step_start
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
+
+
+def drop_stale(samples: list[Any], version: int, max_staleness: int) -> float:
+    """Mark (remove_sample) the samples whose oldest part came from a policy more than `max_staleness`
+    versions before `version` (the policy being trained: the rollouts trained on so far); returns the count.
+    The engines' first weights are version 0 ("default")."""
+    stale = 0
+    for sample in samples:
+        versions = [0 if v == "default" else int(v) for v in sample.weight_versions or [sample.weight_version or "default"]]
+        if version - min(versions) > max_staleness:
+            sample.remove_sample = True
+            stale += 1
+    return float(stale)
+
+
+def make_room_for_training(config: TrainConfig, parts: Any) -> None:
+    """--offload-rollout: the engines release their GPU memory; --offload-train: the trainer comes back."""
+    import ray
+
+    if config.offload_rollout:
+        ray.get([engine.release_memory.remote(True) for engine in parts.engines])
+    offload_trainer(config, parts, False)
+
+
+def engines_take_memory_back(config: TrainConfig, parts: Any) -> None:
+    """After training, before the weight sync (which writes into the engines' weights)."""
+    import ray
+
+    if config.offload_rollout:
+        ray.get([engine.release_memory.remote(False) for engine in parts.engines])
+
+
+def offload_trainer(config: TrainConfig, parts: Any, offloaded: bool) -> None:
+    """--offload-train: the policy and the critic leave the GPU while the engines generate."""
+    if config.offload_train:
+        for group in (parts.policy, parts.critic):
+            if group is not None:
+                group.offload(offloaded)
 
 
 def push_weights(config: TrainConfig, parts: Any, eval_sink: Any, version: int, timing: dict[str, float]) -> None:

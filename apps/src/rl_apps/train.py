@@ -46,7 +46,9 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_router import load_middleware
     from rl_sglang.sglang_flags import check_sglang_args
 
-    from rl_apps.data import build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_tokenizer
+    from rl_apps.data import (
+        build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_sample_hooks, load_tokenizer,
+    )
     from rl_apps.slime_api import slime_args
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
@@ -62,6 +64,7 @@ def check_inputs(config: TrainConfig) -> None:
         load_sample_filter(config)
         build_reward(config.rm_type, config.custom_rm_path, slime_args=slime_args(config), **config.reward_options())
         load_generation_hooks(config)
+        load_sample_hooks(config)
         if config.engine_type == "sglang":
             from rl_sglang.launcher import sglang_available
 

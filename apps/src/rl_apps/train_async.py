@@ -25,6 +25,11 @@ class AsyncTrainConfig(TrainConfig):
             raise ValueError(
                 "--colocate: rl-train-async generates while it trains, so engines and trainer need devices of their own"
             )
+        if self.offload_train or self.offload_rollout:
+            raise ValueError(
+                "--offload/--offload-train/--offload-rollout: rl-train-async generates while it trains, so neither"
+                " side can give the GPU to the other"
+            )
         return self
 
 

@@ -111,6 +111,97 @@ class MegatronFlags(Section):
     """Megatron's bfloat16 switch: the same as --param-dtype bfloat16, which it sets."""
 
 
+class LoraFlags(Section):
+    help_section: ClassVar[str] = "trainer"
+
+    """LoRA on the policy (the critic of ppo trains in full), on --train-backend fsdp through peft; each
+    field goes to rl_core.backend_config.BackendConfig's of the same name, which checks it."""
+
+    lora_rank: int = Field(0, ge=0)
+    """Rank of the LoRA adapters trained instead of the policy's weights; 0: full fine-tuning. The KL
+    reference is the base with adapters off; the engines get the merged weights."""
+    lora_alpha: float = Field(16.0, gt=0.0)
+    """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B @ A."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in train steps."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    """all-linear (every linear layer but the LM head) or module names (q_proj v_proj ...)."""
+    lora_adapter_path: Path | None = None
+    """PEFT adapter folder (peft's save_pretrained) to start from; it gives rank, alpha, dropout, targets."""
+
+    def lora_fields(self) -> dict[str, Any]:
+        """The LoRA flags given on the command line (the others keep BackendConfig's defaults)."""
+        fields = {name: getattr(self, name) for name in LoraFlags.model_fields if name in self.model_fields_set}
+        if fields.get("lora_adapter_path") is not None:
+            fields["lora_adapter_path"] = fields["lora_adapter_path"].resolve()
+        return fields
+
+    @model_validator(mode="after")
+    def _lora_needs_fsdp(self) -> LoraFlags:
+        given = [name for name in LoraFlags.model_fields if name in self.model_fields_set]
+        backend = getattr(self, "train_backend", "fsdp")
+        if given and backend != "fsdp":
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: LoRA is implemented on --train-backend fsdp (through peft), not {backend}")
+        if given:
+            from rl_fsdp import FSDPConfig
+
+            # The backend's own checks (an adapter folder, values that contradict it), before Ray starts.
+            FSDPConfig(model_path=Path("."), **self.lora_fields())
+        return self
+
+
+def check_trainer_flags(config: Any) -> None:
+    """Checks of the TrainerConfig and MegatronFlags fields of an app's config (one with loss_aggregation),
+    where its validator calls it: Megatron flags need --train-backend megatron; --bf16 sets --param-dtype."""
+    megatron_only = sorted(name for name in MegatronFlags.model_fields if name in config.model_fields_set
+                           and name not in ("calculate_per_token_loss", "bf16"))
+    if megatron_only and config.train_backend != "megatron":
+        flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
+        raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
+    if config.calculate_per_token_loss and config.loss_aggregation != "token_mean":
+        raise ValueError(f"--calculate-per-token-loss is --loss-aggregation token_mean, not {config.loss_aggregation!r}")
+    if config.bf16:
+        if "param_dtype" in config.model_fields_set and config.param_dtype != "bfloat16":
+            raise ValueError(f"--bf16 is --param-dtype bfloat16, not {config.param_dtype!r}")
+        object.__setattr__(config, "param_dtype", "bfloat16")
+
+
+def trainer_backend_config(config: Any, *, total_steps: int, **role_fields: Any) -> Any:
+    """The BackendConfig typed for --train-backend from an app config's TrainerConfig and MegatronFlags
+    fields, plus what differs per trained model (`role_fields`: model_path, head, lr, ...). A decaying
+    --lr-decay-style without --lr-decay-iters decays over `total_steps` optimizer steps."""
+    decay_iters = config.lr_decay_iters
+    if decay_iters is None and config.lr_decay_style != "constant":
+        decay_iters = total_steps
+    common = dict(
+        role_fields,
+        seed=config.seed,
+        optimizer=config.optimizer,
+        min_lr=config.min_lr,
+        lr_decay_style=config.lr_decay_style,
+        lr_decay_iters=decay_iters,
+        lr_warmup_iters=config.lr_warmup_iters,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_eps=config.adam_eps,
+        clip_grad=config.clip_grad,
+        device=config.train_device,
+        param_dtype=config.param_dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    if config.train_backend == "megatron":
+        from rl_megatron import MegatronConfig
+
+        megatron = {name: getattr(config, name) for name in MegatronFlags.model_fields
+                    if name not in ("calculate_per_token_loss", "bf16")}
+        return MegatronConfig(**common, **megatron)
+    from rl_fsdp import FSDPConfig
+
+    return FSDPConfig(**common)
+
+
 class RolloutEngineConfig(Section):
     help_section: ClassVar[str] = "engines"
 
@@ -157,8 +248,16 @@ class RolloutEngineConfig(Section):
     its health check passes, which usually finds a hung engine first). Default: 600 plus 0.1 per token of the
     longest response allowed (--rollout-max-response-len, --eval-max-response-len), i.e. at least 10 tokens/s
     per request, so long generations are not cut; raise it when many long requests queue on few engines."""
-    update_weight_transport: Literal["disk", "broadcast"] = "broadcast"
-    """How new weights reach the engines: safetensors on disk, or a broadcast over a process group."""
+    update_weight_transport: Literal["disk", "broadcast", "tensor"] | None = None
+    """How new weights reach the engines: safetensors on disk, a broadcast over a process group (NCCL on
+    GPUs), or tensor handles (CUDA IPC; SGLang's /update_weights_from_tensor) to engines sharing the
+    trainer's GPU. Default: tensor with --colocate, broadcast otherwise."""
+    offload_train: bool = False
+    """While the engines generate, the trainer's parameters, gradients and optimizer state leave the GPU."""
+    offload_rollout: bool = False
+    """While the trainer trains, the engines release their KV cache and weights (SGLang's memory routes)."""
+    offload: bool = False
+    """Both --offload-train and --offload-rollout (slime's)."""
     engine_python: Path | None = None
     """Python interpreter of an environment of SGLang's own (e.g. /opt/sglang/.venv/bin/python), which runs
     `-m sglang.launch_server` for --engine-type sglang; default: this one."""
@@ -188,6 +287,27 @@ class GenerationHooksConfig(Section):
     the path is replaced."""
     load_debug_rollout_data: str | None = None
     """Train on the samples --save-debug-rollout-data wrote (same `{rollout_id}` template) instead of generating."""
+    partial_rollout: bool = False
+    """slime's partial rollout (APRIL): with --over-sampling-batch-size, stop once --rollout-batch-size groups
+    are done; the rest are aborted and continued in a later rollout from where they stopped."""
+    mask_offpolicy_in_partial_rollout: bool = False
+    """With --partial-rollout: a continued sample's tokens from an older policy leave the loss mask."""
+    max_staleness: int | None = Field(None, ge=0)
+    """Samples whose oldest part was generated more than N policy versions before the one being trained are
+    not trained on (counted as rollout/stale_samples); bounds off-policyness under rl-train-async and
+    --partial-rollout."""
+    rollout_sample_filter_path: str | None = None
+    """slime's `filter(args, groups)`: sets `sample.remove_sample` on samples not to train on (they still count
+    in their group's reward statistics)."""
+    rollout_all_samples_process_path: str | None = None
+    """slime's `process(args, all_groups, data_source)`: sees every generated group, dropped ones too."""
+    custom_reward_post_process_path: str | None = None
+    """slime's `post_process(args, samples) -> (raw_rewards, rewards)`: the rewards the advantages come from,
+    replacing the group normalisation."""
+    custom_convert_samples_to_train_data_path: str | None = None
+    """slime's `convert(args, samples) -> dict` (tokens, response_lengths, loss_masks, rewards): what training reads."""
+    group_rm: bool = False
+    """Call the --custom-rm-path function once per prompt group, `reward_func(args, samples) -> list` (slime's)."""
     debug_rollout_only: bool = False
     """Generate (and grade) rollouts, but do not train and do not sync weights."""
     debug_train_only: bool = False
@@ -370,16 +490,22 @@ class CheckpointConfig(Section):
     start_rollout_id: int | None = Field(None, ge=0)
     """Id of the first rollout to run (default: the one after the --load checkpoint, else 0); metrics steps,
     checkpoint names, policy versions and --num-critic-only-steps count from it."""
+    save_hf: str | None = None
+    """Also write the policy as a Hugging Face folder (config.json, tokenizer files, model.safetensors) whenever
+    a checkpoint is due (the last one at least, even without --save); `{rollout_id}` in it is replaced
+    (slime's), else each write replaces the previous one."""
 
     @model_validator(mode="after")
     def _interval_needs_a_folder(self) -> CheckpointConfig:
-        if self.save_interval is not None and self.save is None:
-            raise ValueError("--save-interval needs --save")
+        if self.save_interval is not None and self.save is None and self.save_hf is None:
+            raise ValueError("--save-interval needs --save or --save-hf")
+        if self.save_hf is not None:
+            object.__setattr__(self, "save_hf", str(Path(self.save_hf).resolve()))
         return self
 
 
 class TrainConfig(
-    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, MegatronFlags, RolloutEngineConfig, GenerationHooksConfig,
+    DataConfig, RLStepConfig, SamplingConfig, ModelConfig, TrainerConfig, MegatronFlags, LoraFlags, RolloutEngineConfig, GenerationHooksConfig,
     RewardConfig, LoggingConfig, CheckpointConfig, EvalConfig
 ):
     def eval_datasets(self) -> list[tuple[str, Path]]:
@@ -391,41 +517,18 @@ class TrainConfig(
         """The BackendConfig of the policy (LM head, a reference copy when a KL needs one) or of PPO's
         critic (value head, --critic-lr), typed for --train-backend."""
         policy = role == "policy"
-        decay_iters = self.lr_decay_iters
-        if decay_iters is None and self.lr_decay_style != "constant":
-            decay_iters = self.num_rollout * self.num_steps_per_rollout  # type: ignore[operator]
-        common = dict(
+        return trainer_backend_config(
+            self,
+            total_steps=self.num_rollout * self.num_steps_per_rollout,  # type: ignore[operator]
             model_path=self.hf_checkpoint,
             head="lm" if policy else "value",
             ref_model=policy and (self.use_kl_loss or self.kl_coef > 0.0),
             # Temperature 0 is greedy; the engine reports log-probs of the unscaled logits then, as SGLang does.
             rollout_temperature=self.rollout_temperature or 1.0,
-            seed=self.seed,
-            optimizer=self.optimizer,
             lr=self.lr if policy else self.critic_lr,
-            min_lr=self.min_lr,
-            lr_decay_style=self.lr_decay_style,
-            lr_decay_iters=decay_iters,
-            lr_warmup_iters=self.lr_warmup_iters,
-            weight_decay=self.weight_decay,
-            adam_beta1=self.adam_beta1,
-            adam_beta2=self.adam_beta2,
-            adam_eps=self.adam_eps,
-            clip_grad=self.clip_grad,
             micro_batch_size=self.micro_batch_size,
-            device=self.train_device,
-            param_dtype=self.param_dtype,
-            gradient_checkpointing=self.gradient_checkpointing,
+            **(self.lora_fields() if policy else {}),
         )
-        if self.train_backend == "megatron":
-            from rl_megatron import MegatronConfig
-
-            megatron = {name: getattr(self, name) for name in MegatronFlags.model_fields
-                        if name not in ("calculate_per_token_loss", "bf16")}
-            return MegatronConfig(**common, **megatron)
-        from rl_fsdp import FSDPConfig
-
-        return FSDPConfig(**common)
 
     def eval_sampling_params(self) -> dict[str, Any]:
         """The rollout's sampling parameters with the --eval-* overrides."""
@@ -451,7 +554,8 @@ class TrainConfig(
         from rl_core.hooks import is_file_spec
 
         for name in ("custom_rm_path", "custom_generate_function_path", "rollout_function_path", "eval_function_path",
-                     "dynamic_sampling_filter_path", "buffer_filter_path"):
+                     "rollout_sample_filter_path", "rollout_all_samples_process_path", "custom_reward_post_process_path",
+                     "custom_convert_samples_to_train_data_path", "dynamic_sampling_filter_path", "buffer_filter_path"):
             spec = getattr(self, name)
             if spec and is_file_spec(spec):
                 object.__setattr__(self, name, _absolute_file_spec(spec))
@@ -481,18 +585,31 @@ class TrainConfig(
         names = self.eval_prompt_data[::2]
         if len(set(names)) != len(names):
             raise ValueError(f"--eval-prompt-data names must differ, got {names}")
-        megatron_only = sorted(name for name in MegatronFlags.model_fields if name in self.model_fields_set
-                               and name not in ("calculate_per_token_loss", "bf16"))
-        if megatron_only and self.train_backend != "megatron":
-            flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
-            raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
-        if self.calculate_per_token_loss:
-            if self.loss_aggregation != "token_mean":
-                raise ValueError(f"--calculate-per-token-loss is --loss-aggregation token_mean, not {self.loss_aggregation!r}")
-        if self.bf16:
-            if "param_dtype" in self.model_fields_set and self.param_dtype != "bfloat16":
-                raise ValueError(f"--bf16 is --param-dtype bfloat16, not {self.param_dtype!r}")
-            object.__setattr__(self, "param_dtype", "bfloat16")
+        check_trainer_flags(self)
+        if self.offload:
+            object.__setattr__(self, "offload_train", True)
+            object.__setattr__(self, "offload_rollout", True)
+        if self.update_weight_transport is None:
+            object.__setattr__(self, "update_weight_transport", "tensor" if self.colocate else "broadcast")
+        if self.colocate and self.update_weight_transport == "broadcast":
+            raise ValueError(
+                "--update-weight-transport broadcast with --colocate: NCCL cannot put the trainer and an engine on one"
+                " GPU (ncclInvalidUsage: Duplicate GPU detected); use tensor (CUDA IPC, the default) or disk"
+            )
+        if self.colocate and self.engine_type == "embedded" and "mem_fraction_static" not in self.sglang_args:
+            # SGLang's default (0.85 of the GPU for weights and KV) leaves a colocated trainer almost nothing.
+            object.__setattr__(self, "sglang_args", {**self.sglang_args, "mem_fraction_static": 0.4})
+        if self.partial_rollout and (self.over_sampling_batch_size or self.rollout_batch_size) <= self.rollout_batch_size:
+            raise ValueError(
+                "--partial-rollout aborts the groups generated beyond --rollout-batch-size, so it needs"
+                f" --over-sampling-batch-size larger than {self.rollout_batch_size}"
+            )
+        if self.mask_offpolicy_in_partial_rollout and not self.partial_rollout:
+            raise ValueError("--mask-offpolicy-in-partial-rollout needs --partial-rollout")
+        if self.partial_rollout and self.rollout_function_path:
+            raise ValueError("--partial-rollout is a mode of the default rollout, which --rollout-function-path replaces")
+        if self.group_rm and self.custom_rm_path is None:
+            raise ValueError("--group-rm calls a --custom-rm-path function once per group; give --custom-rm-path")
         if self.debug_train_only and self.eval_prompt_data:
             raise ValueError("--debug-train-only runs no engine, so it cannot evaluate --eval-prompt-data")
         if self.eval_interval is not None and not self.eval_prompt_data:
@@ -541,7 +658,7 @@ class TrainConfig(
                 and self.update_weight_transport != "disk"):
             raise ValueError(
                 f"rollout_max_engine_restarts needs --update-weight-transport disk: a restarted engine reloads the"
-                f" policy's weights from disk, and cannot rejoin the trainer's {self.update_weight_transport} group"
+                f" policy's weights from disk, and cannot rejoin the trainer's {self.update_weight_transport} weight transport"
             )
         return self
 

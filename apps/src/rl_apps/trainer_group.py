@@ -35,6 +35,14 @@ class TrainerGroup:
     def load(self, directory: str) -> None:
         self._on_every_rank("load", directory)
 
+    def save_hf(self, directory: str) -> None:
+        """The policy as a Hugging Face folder, written by the result rank."""
+        self._on_every_rank("save_hf", directory)
+
+    def offload(self, offloaded: bool) -> None:
+        """Parameters, gradients and optimizer state off the GPU (True) or back on it (False), every rank."""
+        self._on_every_rank("offload", offloaded)
+
     def push_weights(self, engine_urls: list[str], weight_version: str) -> None:
         """Every rank gathers, the result rank sends to the engines."""
         self._on_every_rank("update_weights", engine_urls, weight_version)

@@ -132,7 +132,7 @@ def test_an_empty_response_counts_in_its_group_but_is_not_trained_on():
     config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=4)
     policy = BigramBackend(VOCAB, optimizer="sgd")
     (metrics,) = rl_step(config, samples, policy)
-    assert metrics["train/empty_responses"] == 1.0
+    assert metrics["rollout/untrained_samples"] == 1.0
     # The group's statistics include the aborted sample's reward 3; its own term is absent from the loss.
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
@@ -179,3 +179,50 @@ def test_tool_tokens_of_a_multi_turn_sample_take_no_part_in_the_update():
         loss = loss - advantage * (picked * torch.tensor(sample.loss_mask, dtype=torch.float64)).sum() / tokens
     loss.backward()
     torch.testing.assert_close(policy.model.logits.detach().double(), (table - 0.1 * table.grad).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_removed_samples_count_in_their_group_and_post_processed_rewards_replace_the_normalisation():
+    samples = scored_samples(groups=1, group_size=4, seed=6)
+    samples[2].remove_sample = True
+    custom = [0.5, -0.25, 3.0, -0.25]  # what a --custom-reward-post-process-path function returned
+    config = RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=4)
+    policy = BigramBackend(VOCAB, optimizer="sgd")
+    (metrics,) = rl_step(config, samples, policy, normalized_rewards=custom)
+    assert metrics["rollout/untrained_samples"] == 1.0
+    table = BigramBackend(VOCAB).model.logits.detach().double().clone().requires_grad_(True)
+    kept = [(s, a) for s, a in zip(samples, custom) if not s.remove_sample]
+    tokens = sum(s.response_length for s, _ in kept)
+    loss = torch.zeros((), dtype=torch.float64)
+    for sample, advantage in kept:  # the advantages are the post-processed rewards as given
+        ids, n = torch.tensor(sample.tokens), sample.response_length
+        loss = loss - advantage * torch.log_softmax(table[ids[-n - 1 : -1]], -1).gather(1, ids[-n:, None]).sum() / tokens
+    loss.backward()
+    torch.testing.assert_close(policy.model.logits.detach().double(), (table - 0.1 * table.grad).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_sft_loss_steps_equal_the_negative_log_likelihood_update_computed_by_hand():
+    samples = scored_samples(groups=2, group_size=2, seed=5)
+    samples[0].loss_mask = [0] + [1] * (samples[0].response_length - 1)  # a masked token takes no gradient
+    for sample in samples:
+        sample.reward = None  # SFT data has no reward; the step must not read it
+    config = RLStepConfig(rollout_batch_size=2, n_samples_per_prompt=2, loss_type="sft_loss")
+    policy = BigramBackend(VOCAB, optimizer="sgd")
+    (metrics,) = rl_step(config, samples, policy)
+
+    table = BigramBackend(VOCAB).model.logits.detach().double().clone().requires_grad_(True)
+    total, tokens = torch.zeros((), dtype=torch.float64), 0
+    for sample in samples:
+        ids, n = torch.tensor(sample.tokens), sample.response_length
+        mask = torch.tensor(sample.effective_loss_mask(), dtype=torch.float64)
+        log_probs = torch.log_softmax(table[ids[-n - 1 : -1]], dim=-1).gather(1, ids[-n:, None])[:, 0]
+        total, tokens = total - (mask * log_probs).sum(), tokens + int(mask.sum())
+    (total / tokens).backward()
+    assert metrics["train/sft_loss"] == pytest.approx(float(total.detach() / tokens), rel=1e-5)
+    torch.testing.assert_close(policy.model.logits.detach().double(), (table - 0.1 * table.grad).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_sft_loss_refuses_flags_of_the_policy_loss_it_does_not_compute():
+    with pytest.raises(ValueError, match="--use-kl-loss, --kl-loss-coef: shape advantages or the policy loss"):
+        RLStepConfig(loss_type="sft_loss", use_kl_loss=True, kl_loss_coef=0.1)
+    with pytest.raises(ValueError, match="--advantage-estimator"):
+        RLStepConfig(loss_type="sft_loss", advantage_estimator="ppo")

@@ -90,8 +90,10 @@ async def test_a_second_turn_appends_to_the_first_with_its_own_weight_version_an
     generate = EchoGenerate()
     await default_generator(generate, {"max_new_tokens": 2})(sample)
     sample.append_response_tokens(tokens=[9, 9], trainable=False)  # a tool's answer
-    await default_generator(generate, {"max_new_tokens": 1})(sample)
+    # max_new_tokens bounds the whole response: 4 tokens so far, so 1 more is asked for.
+    await default_generator(generate, {"max_new_tokens": 5})(sample)
     assert generate.requests[1].input_ids == [1, 2, 2, 1, 9, 9]  # the whole context goes to the engine
+    assert generate.requests[1].sampling_params["max_new_tokens"] == 1
     assert sample.tokens == [1, 2, 2, 1, 9, 9, 9] and sample.response_length == 5
     assert sample.loss_mask == [1, 1, 0, 0, 1] and sample.rollout_log_probs == [-0.5, -1.0, 0.0, 0.0, -0.5]
     assert sample.weight_versions == ["3", "3"] and sample.status is SampleStatus.TRUNCATED

@@ -99,3 +99,49 @@ async def test_cuda_tensors_reach_an_engine_process_by_ipc_handles_naming_the_gp
         await asyncio.to_thread(transport.close)
         await client.close()
         await asyncio.to_thread(process.terminate)
+
+
+async def test_cuda_graph_decode_with_requests_joining_matches_the_reference_model(cuda_engine, model_dir, ref):
+    """Decode runs under captured CUDA graphs (Triton attention over the paged pool); batches of
+    several sizes (padded to their bucket) and a prefix shared by samples give the reference output."""
+    engine, client = cuda_engine
+    assert engine.runner.graphs is not None and engine.runner.use_decode_kernel
+    prompts = [[5, 9, 14, 3], [7, 8], [20, 21, 22, 23, 24, 25, 26], [11], [5, 9, 14, 3]]
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        payload = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 10 + 5 * i, "ignore_eos": True}, "return_logprob": True}
+        tasks.append(asyncio.create_task(client.generate(payload)))
+        await asyncio.sleep(0.05)  # each joins a running batch
+    answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    for prompt, answer in zip(prompts, answers):
+        assert answer["output_ids"] == ref.greedy(model_dir, prompt, len(answer["output_ids"]))
+        served = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
+        assert served == pytest.approx(ref.teacher_forced_logprobs(model_dir, prompt, answer["output_ids"]), abs=1e-3)
+    await asyncio.wait_for(client.release_memory_occupation(), 60)
+    assert engine.runner.graphs is None and engine.runner.pool is None
+    await asyncio.wait_for(client.resume_memory_occupation(), 60)
+    assert engine.runner.graphs is not None  # recaptured over the new pool and weights
+    again = await asyncio.wait_for(client.generate(PAYLOAD), 60)
+    assert again["output_ids"] == ref.greedy(model_dir, PROMPT, 8)
+
+
+def test_the_decode_kernel_in_bf16_on_cuda_equals_sdpa_over_the_gathered_cache():
+    from rl_sglang.embedded.decode_kernel import decode_attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, slots = 48, 16, 8, 128, 40000
+    k = torch.randn(slots + 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(slots + 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    lens = torch.randint(1, 700, (batch,), device="cuda", dtype=torch.int32)
+    table = torch.zeros(batch + 1, 1024, dtype=torch.int32, device="cuda")
+    for i in range(batch):
+        table[i + 1, : lens[i]] = (torch.randperm(slots, device="cuda")[: lens[i]] + 1).int()
+    rows = torch.arange(1, batch + 1, dtype=torch.int32, device="cuda")
+    out = decode_attention(q, k, v, table, rows, lens, None)
+    for i in range(batch):
+        idx = table[i + 1, : lens[i]].long()
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[i][:, None].float(), k[idx].transpose(0, 1).float(), v[idx].transpose(0, 1).float(), enable_gqa=True
+        )[:, 0]
+        assert (out[i].float() - expected).abs().max().item() < 2e-2

@@ -3,8 +3,9 @@ with a `type` literal and its own fields, and a `build_backend(config)` factory 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,9 +51,62 @@ class BackendConfig(BaseModel):
     """Compute dtype of forward/backward; master weights, gradient reduction and optimizer state stay float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (slime's --recompute-granularity full)."""
+    lora_rank: int = Field(0, ge=0)
+    """Rank of the LoRA adapters trained instead of the full weights; 0: full fine-tuning. The base stays
+    frozen, the KL reference is the base with adapters off (no second copy), the engines get merged weights."""
+    lora_alpha: float = Field(16.0, gt=0.0)
+    """Scale numerator of the adapters: the update is (lora_alpha / lora_rank) * B @ A."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in train steps."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    """Layers that get adapters: ["all-linear"] (every linear layer but the LM head) or module names
+    (q_proj, v_proj, ...: each matches the layers whose name ends with it)."""
+    lora_adapter_path: Path | None = None
+    """A PEFT adapter folder (adapter_config.json and weights, as peft's save_pretrained writes) to start
+    from; its config gives rank, alpha, dropout and target modules."""
+
+    supports_lora: ClassVar[bool] = False
+    """Whether the backend implements the lora_* fields; those that do not refuse them."""
 
     @model_validator(mode="after")
     def _check_head(self) -> BackendConfig:
         if self.head == "value" and self.ref_model:
             raise ValueError("ref_model is set on a value-head backend; only the policy (head 'lm') keeps a reference")
         return self
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank > 0 or self.lora_adapter_path is not None
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> BackendConfig:
+        tuning = sorted(name for name in ("lora_alpha", "lora_dropout", "lora_target_modules") if name in self.model_fields_set)
+        if not self.uses_lora:
+            if tuning:
+                raise ValueError(f"{', '.join(tuning)} set but lora_rank is 0 and there is no lora_adapter_path: no LoRA to apply them to")
+            return self
+        if not self.supports_lora:
+            raise ValueError(f"LoRA (lora_rank / lora_adapter_path) is not implemented by the {self.type!r} backend; use 'fsdp'")
+        if self.head == "value":
+            raise ValueError("LoRA is set on a value-head backend; adapters are trained on the policy (head 'lm') only")
+        if self.lora_adapter_path is not None:
+            self._take_adapter_config(self.lora_adapter_path)
+        return self
+
+    def _take_adapter_config(self, path: Path) -> None:
+        """Fill rank, alpha and dropout from the adapter's config; refuse values that contradict it."""
+        file = path / "adapter_config.json"
+        if not file.is_file():
+            raise ValueError(f"lora_adapter_path {path}: no adapter_config.json there (not a PEFT adapter folder)")
+        adapter = json.loads(file.read_text())
+        if adapter.get("peft_type") != "LORA":
+            raise ValueError(f"{file}: peft_type is {adapter.get('peft_type')!r}, not 'LORA'")
+        if "lora_target_modules" in self.model_fields_set:
+            raise ValueError(f"lora_target_modules set with lora_adapter_path: the adapter's config ({file}) names its target modules")
+        for name, key in (("lora_rank", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+            value = adapter.get(key)
+            if value is None:
+                continue
+            if name in self.model_fields_set and getattr(self, name) != value:
+                raise ValueError(f"{name}={getattr(self, name)} contradicts {key}={value} in {file}")
+            object.__setattr__(self, name, value)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from rl_core.algorithms.advantages import AdvantageConfig
     from rl_core.algorithms.policy_loss import PolicyLossConfig
-    from rl_core.losses import PolicyLoss, ValueLoss
+    from rl_core.losses import PolicyLoss, SFTLoss, ValueLoss
 
 
 class Section(BaseModel):
@@ -166,9 +166,21 @@ class SamplingConfig(Section):
         return params
 
 
+# AlgorithmConfig fields that only shape advantages or the policy-gradient loss, which --loss-type sft_loss skips.
+_POLICY_LOSS_ONLY = (
+    "advantage_estimator", "disable_grpo_std_normalization", "disable_rewards_normalization", "normalize_advantages",
+    "gamma", "lambd", "kl_coef", "value_clip", "use_kl_loss", "kl_loss_coef", "kl_loss_type", "use_unbiased_kl",
+    "entropy_coef", "eps_clip", "eps_clip_high", "eps_clip_c", "use_rollout_logprobs", "use_tis", "tis_clip",
+    "tis_clip_low", "tis_mode", "use_opsm", "opsm_delta", "num_critic_only_steps",
+)
+
+
 class AlgorithmConfig(Section):
     help_section: ClassVar[str] = "algorithm"
 
+    loss_type: Literal["policy_loss", "sft_loss"] = "policy_loss"
+    """policy_loss: the policy-gradient loss on advantages; sft_loss: negative log-likelihood of the
+    loss-mask tokens, with no advantages computed (slime's supervised fine-tuning)."""
     advantage_estimator: str = "grpo"
     """Advantage estimator by name: grpo, gspo, cispo, reinforce_plus_plus, reinforce_plus_plus_baseline, ppo."""
     disable_grpo_std_normalization: bool = False
@@ -228,6 +240,13 @@ class AlgorithmConfig(Section):
         from rl_core.algorithms.advantages import ADVANTAGE_ESTIMATORS, GROUP_RELATIVE, KL_SHAPED
 
         estimator = self.advantage_estimator
+        if self.loss_type == "sft_loss":
+            ignored_by_sft = [f"--{n.replace('_', '-')}" for n in _POLICY_LOSS_ONLY if n in self.model_fields_set]
+            if ignored_by_sft:
+                raise ValueError(
+                    f"{', '.join(ignored_by_sft)}: shape advantages or the policy loss, which --loss-type sft_loss"
+                    " does not compute; drop them or use --loss-type policy_loss"
+                )
         if estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage_estimator {estimator!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
         if self.use_kl_loss and self.kl_loss_coef == 0.0:
@@ -332,6 +351,11 @@ class RLStepConfig(AlgorithmConfig, BatchConfig):
         from rl_core.losses import PolicyLoss
 
         return PolicyLoss(self.policy_loss_config(), use_rollout_logprobs=self.use_rollout_logprobs)
+
+    def sft_loss(self) -> SFTLoss:
+        from rl_core.losses import SFTLoss
+
+        return SFTLoss(self.loss_aggregation, self.loss_aggregation_constant)
 
     def value_loss(self) -> ValueLoss:
         from rl_core.losses import ValueLoss

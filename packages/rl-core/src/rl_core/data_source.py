@@ -10,7 +10,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from rl_core.prompt_files import DataError, read_records, split_row_slice
 from rl_core.protocols import BufferFilter
-from rl_core.sample import Sample
+from rl_core.sample import Sample, SampleStatus
 
 __all__ = ["DataError", "JsonlDataSource", "PromptRow", "PromptTokenizer", "load_prompt_rows", "pop_first"]
 
@@ -133,6 +133,11 @@ def _fresh(sample: Sample) -> Sample:
     )
 
 
+def _continued(sample: Sample) -> Sample:
+    """The sample with its tokens so far, to be generated on: PENDING again, not scored."""
+    return sample.model_copy(update={"status": SampleStatus.PENDING, "reward": None}, deep=True)
+
+
 class JsonlDataSource:
     """Serves `n_samples_per_prompt` copies of each prompt as one group, epoch after epoch.
 
@@ -214,9 +219,11 @@ class JsonlDataSource:
             groups.append(self._group(self._next_row()))
         return groups
 
-    def add_samples(self, groups: list[list[Sample]]) -> None:
+    def add_samples(self, groups: list[list[Sample]], *, partial: bool = False) -> None:
+        """Take groups back, served again before new prompts. `partial` keeps what was generated so far
+        (partial rollout: they are continued, not regenerated); else they start afresh from the prompt."""
         for group in groups:
-            self._returned.append([_fresh(s) for s in group])
+            self._returned.append([_continued(s) if partial else _fresh(s) for s in group])
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,8 @@ class DynamicSamplingStats:
     surplus_groups: int = 0
     """Groups that passed after the target was reached; handed back to the data source."""
     kept: list[list[Sample]] = field(default_factory=list, repr=False)
+    dropped: list[list[Sample]] = field(default_factory=list, repr=False)
+    """The groups the filter refused (slime's --rollout-all-samples-process-path sees them too)."""
 
     def metrics(self) -> dict[str, float]:
         prefix = "rollout/dynamic_sampling/"
@@ -63,6 +65,7 @@ def sort_groups(
         stats.generated_groups += 1
         if sample_filter is not None and not sample_filter(group):
             stats.dropped_groups += 1
+            stats.dropped.append(list(group))
         elif len(stats.kept) < target:
             stats.kept.append(list(group))
             stats.kept_groups += 1

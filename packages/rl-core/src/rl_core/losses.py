@@ -53,9 +53,15 @@ class LossInputs:
 class TrainLoss(Protocol):
     """A loss over one micro-batch; `needs` tells the backend which forward outputs to compute."""
 
-    needs: frozenset[Output]
-    entropy_grad: bool
-    """Keep the entropy's graph (an entropy bonus is in the loss); else entropy is a metric only."""
+    @property
+    def needs(self) -> frozenset[Output]:
+        """The forward outputs the loss reads."""
+        ...
+
+    @property
+    def entropy_grad(self) -> bool:
+        """Keep the entropy's graph (an entropy bonus is in the loss); else entropy is a metric only."""
+        ...
 
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This micro-batch's share of the loss, and detached metrics aggregated the same way (so that

@@ -143,8 +143,9 @@ class DataSource(Protocol):
         """`num_prompts` groups, each of `n_samples_per_prompt` fresh PENDING samples of one prompt."""
         ...
 
-    def add_samples(self, groups: list[list[Sample]]) -> None:
-        """Take back groups that were not used (aborted, filtered) so they can be served again."""
+    def add_samples(self, groups: list[list[Sample]], *, partial: bool = False) -> None:
+        """Take back groups that were not used (aborted, filtered) so they can be served again; with
+        `partial` their tokens so far are kept, to be continued (partial rollout)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

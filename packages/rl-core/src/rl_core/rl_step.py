@@ -29,16 +29,27 @@ def rollout_advantages(
     log_probs: Sequence[torch.Tensor] | None = None,
     ref_log_probs: Sequence[torch.Tensor] | None = None,
     values: Sequence[torch.Tensor] | None = None,
+    trained: Sequence[bool] | None = None,
+    normalized_rewards: Sequence[float] | None = None,
 ) -> Advantages:
     """The configured estimator (and whitening) over the whole rollout. `log_probs` and `ref_log_probs`
-    (per sample, response tokens) carry the reward KL of --kl-coef; `values` are the critic's (ppo)."""
+    (per sample, response tokens) carry the reward KL of --kl-coef; `values` are the critic's (ppo).
+    Samples with `trained` False count in their group's reward statistics only (their response is seen
+    as empty). `normalized_rewards`, from --custom-reward-post-process-path, replace the rewards and the
+    estimator's own group normalisation."""
+    trained = [True] * len(samples) if trained is None else trained
+    config_ = config.advantage_config()
+    if normalized_rewards is not None:
+        config_ = dataclasses.replace(config_, rewards_normalization=False)
+    rewards = normalized_rewards if normalized_rewards is not None else [float(s.reward) for s in samples]  # type: ignore[arg-type]
     return estimate_advantages(
-        config.advantage_config(),
+        config_,
         AdvantageInputs(
-            rewards=[float(s.reward) for s in samples],  # type: ignore[arg-type]
+            rewards=list(rewards),
             group_size=config.n_samples_per_prompt,
-            response_lengths=[s.response_length for s in samples],
-            loss_masks=[torch.tensor(s.effective_loss_mask(), dtype=torch.float32) for s in samples],
+            response_lengths=[s.response_length if t else 0 for s, t in zip(samples, trained)],
+            loss_masks=[torch.tensor(s.effective_loss_mask() if t else [], dtype=torch.float32)
+                        for s, t in zip(samples, trained)],
             log_probs=log_probs,
             ref_log_probs=ref_log_probs,
             values=values,
@@ -79,6 +90,21 @@ def _step_bounds(count: int, steps: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def sft_step(
+    config: RLStepConfig, samples: Sequence[Sample], policy: StepBackend, rollout_level: dict[str, float] | None = None
+) -> list[dict[str, float]]:
+    """--loss-type sft_loss: `num_steps_per_rollout` optimizer steps of the negative log-likelihood of the
+    samples' loss-mask tokens; no forward pass, no reward, no advantage (they would multiply nothing)."""
+    whole = TrainBatch.from_samples(samples, [[0.0] * s.response_length for s in samples])
+    loss = config.sft_loss()
+    steps = []
+    for start, end in _step_bounds(len(samples), config.num_steps_per_rollout):  # type: ignore[arg-type]
+        metrics = dict(rollout_level or {})
+        metrics.update({f"train/{k}": v for k, v in policy.train_step(whole.select(range(start, end)), loss).items()})
+        steps.append(metrics)
+    return steps
+
+
 def rl_step(
     config: RLStepConfig,
     samples: Sequence[Sample],
@@ -86,23 +112,32 @@ def rl_step(
     *,
     critic: StepBackend | None = None,
     rollout_id: int = 0,
+    normalized_rewards: Sequence[float] | None = None,
 ) -> list[dict[str, float]]:
     """Train `policy` (and `critic`, for ppo) on one rollout's scored samples, in group order.
 
-    Samples with an empty response (aborted before their first token) keep their place in their group's
-    reward statistics but are not trained on (`train/empty_responses` counts them). The policy sits out
-    the first --num-critic-only-steps rollouts. Returns one metric dict per optimizer step (`train/...` for
+    Samples with an empty response (aborted before their first token), nothing in their loss mask, or
+    slime's `remove_sample` set keep their place in their group's reward statistics but are not trained on
+    (`rollout/untrained_samples` counts them). `normalized_rewards` (--custom-reward-post-process-path)
+    replace the estimator's reward normalisation. The policy sits out
+    the first --num-critic-only-steps rollouts. With --loss-type sft_loss the samples' rewards are not read:
+    the policy takes `sft_step`'s likelihood steps instead. Returns one metric dict per optimizer step (`train/...` for
     the policy, `critic/...`), each also holding the rollout's `train/reward_kl` under --kl-coef, for the
     caller to average key by key.
     """
+    if config.loss_type == "sft_loss" and critic is not None:
+        raise ValueError("--loss-type sft_loss trains the policy only, but a critic was given")
     if config.use_critic and critic is None:
         raise ValueError(f"advantage_estimator {config.advantage_estimator!r} trains a critic, but none was given")
-    keep = [i for i, s in enumerate(samples) if s.response_length > 0]
+    keep = [i for i, s in enumerate(samples)
+            if s.response_length > 0 and any(s.effective_loss_mask()) and not s.remove_sample]
     trained = [samples[i] for i in keep]
     # Rollout-level figures go into every step's metrics, so that averaging over steps keeps them.
-    rollout_level = {"train/empty_responses": float(len(samples) - len(keep))}
+    rollout_level = {"rollout/untrained_samples": float(len(samples) - len(keep))}
     if not trained:
         return [rollout_level]
+    if config.loss_type == "sft_loss":
+        return sft_step(config, trained, policy, rollout_level)
     # The forward passes read tokens and lengths only; the advantages are filled in once they are known.
     whole = TrainBatch.from_samples(trained, [[0.0] * s.response_length for s in trained])
     recompute_old = config.num_steps_per_rollout > 1 and not config.use_rollout_logprobs  # type: ignore[operator]
@@ -121,12 +156,15 @@ def rl_step(
 
         # As slime: the reward KL is taken from the engine's log-probs when they are the old policy.
         kl_log_probs = _as_tensors(whole.rollout_log_probs) if config.use_rollout_logprobs else own_log_probs
+        kept = set(keep)
         result = rollout_advantages(
             config,
             samples,
             log_probs=_spread(kl_log_probs, keep, len(samples)) if reward_kl else None,
             ref_log_probs=_spread(ref_log_probs, keep, len(samples)),
             values=_spread(values, keep, len(samples)),
+            trained=[i in kept for i in range(len(samples))],
+            normalized_rewards=normalized_rewards,
         )
         whole = dataclasses.replace(
             whole,

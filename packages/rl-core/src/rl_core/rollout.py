@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 
 from rl_core.dynamic_sampling import DynamicSamplingStats, sort_groups
 from rl_core.generation import GenerateRequest
@@ -24,14 +24,29 @@ def request_id(sample: Sample) -> str:
 
 
 def default_generator(
-    generate: GenerateFn, sampling_params: dict[str, Any], *, max_context_len: int | None = None
+    generate: GenerateFn,
+    sampling_params: dict[str, Any],
+    *,
+    max_context_len: int | None = None,
+    mask_offpolicy: bool = False,
 ) -> SampleGenerator:
-    """One engine call from the sample's tokens (the prompt, plus any response so far), recorded as one turn;
-    with `max_context_len` (--rollout-max-context-len) it asks for no more tokens than fit, and a sample
+    """One engine call from the sample's tokens (the prompt, plus any response so far), recorded as one turn.
+
+    A sample continued after a partial rollout asks only for the new tokens its budget has left, and with
+    `mask_offpolicy` (--mask-offpolicy-in-partial-rollout) the tokens an older policy sampled leave the loss
+    mask. With `max_context_len` (--rollout-max-context-len) it asks for no more tokens than fit; a sample
     with no room left is TRUNCATED without a call."""
 
     async def generate_sample(sample: Sample) -> Sample:
         params = dict(sampling_params)
+        if sample.response_length:
+            if mask_offpolicy:
+                sample.loss_mask = [0] * sample.response_length
+            budget = int(params.get("max_new_tokens", 1 << 30)) - sample.response_length
+            if budget <= 0:
+                sample.status = SampleStatus.TRUNCATED
+                return sample
+            params["max_new_tokens"] = budget
         if max_context_len is not None:
             room = max_context_len - len(sample.tokens)
             if room <= 0:
@@ -160,6 +175,15 @@ async def generate_groups(
     return stats.kept, stats
 
 
+class RolloutResult(NamedTuple):
+    groups: list[list[Sample]]
+    """The groups to train on, in group order."""
+    dropped: list[list[Sample]]
+    """Groups a dynamic-sampling filter refused."""
+    metrics: dict[str, float]
+    timing: dict[str, float]
+
+
 async def default_rollout(
     generator: SampleGenerator,
     reward_model: RewardModel,
@@ -169,19 +193,83 @@ async def default_rollout(
     over_sampling_batch_size: int | None = None,
     sample_filter: SampleFilter | None = None,
     max_error_ratio: float = 1.0,
-) -> tuple[list[list[Sample]], dict[str, float], dict[str, float]]:
+    abort: Callable[[], Awaitable[Any]] | None = None,
+) -> RolloutResult:
     """The rollout slime's `--rollout-function-path` replaces: `num_groups` prompt groups generated and
-    scored (in over-sampled rounds when a dynamic-sampling filter is set). Returns the groups, the
-    dynamic-sampling metrics and the time spent generating and grading."""
+    scored (in over-sampled rounds when a dynamic-sampling filter is set). With `abort` (partial rollout,
+    slime's --partial-rollout) the groups are streamed instead: see `partial_rollout`."""
     start = time.perf_counter()
+    if abort is not None:
+        return await partial_rollout(
+            generator, reward_model, data_source, abort, num_groups=num_groups,
+            over_sampling_batch_size=over_sampling_batch_size or num_groups, sample_filter=sample_filter,
+            max_error_ratio=max_error_ratio,
+        )
     if sample_filter is None and over_sampling_batch_size is None:
         groups = data_source.get_samples(num_groups)
         groups = regroup(groups, await generate_samples(generator, [s for g in groups for s in g]))
         generated = time.perf_counter()
         await score_samples(reward_model, [s for g in groups for s in g], max_error_ratio=max_error_ratio)
-        return groups, {}, {"generate": generated - start, "reward": time.perf_counter() - generated}
+        return RolloutResult(groups, [], {}, {"generate": generated - start, "reward": time.perf_counter() - generated})
     groups, stats = await generate_groups(
         generator, reward_model, data_source, num_groups=num_groups, over_sampling_batch_size=over_sampling_batch_size,
         sample_filter=sample_filter, max_error_ratio=max_error_ratio,
     )
-    return groups, stats.metrics(), {"generate_and_reward": time.perf_counter() - start}
+    return RolloutResult(groups, stats.dropped, stats.metrics(), {"generate_and_reward": time.perf_counter() - start})
+
+
+async def partial_rollout(
+    generator: SampleGenerator,
+    reward_model: RewardModel,
+    data_source: DataSource,
+    abort: Callable[[], Awaitable[Any]],
+    *,
+    num_groups: int,
+    over_sampling_batch_size: int,
+    sample_filter: SampleFilter | None = None,
+    max_error_ratio: float = 1.0,
+) -> RolloutResult:
+    """slime's partial rollout (APRIL): `over_sampling_batch_size` groups generate at once; each group is
+    graded as soon as all its samples are done; once `num_groups` groups are kept, `abort()` stops what is
+    still generating, and those groups go back to the data source with their tokens so far, to be
+    continued (not regenerated) in a later rollout, by the policy of that time."""
+    start = time.perf_counter()
+    groups = data_source.get_samples(over_sampling_batch_size)
+    kept: list[list[Sample]] = []
+    dropped: list[list[Sample]] = []
+    enough = asyncio.Event()
+
+    async def run_group(group: list[Sample]) -> list[Sample]:
+        done = await generate_samples(generator, group)
+        if enough.is_set() or any(s.status is SampleStatus.ABORTED for s in done):
+            return done
+        await score_samples(reward_model, done, max_error_ratio=max_error_ratio)
+        if enough.is_set():
+            return done
+        if sample_filter is not None and not sample_filter(done):
+            dropped.append(done)
+        else:
+            kept.append(done)
+            if len(kept) == num_groups:
+                enough.set()
+        return done
+
+    tasks = [asyncio.ensure_future(run_group(g)) for g in groups]
+    waiter = asyncio.ensure_future(enough.wait())
+    await asyncio.wait([waiter, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
+    if enough.is_set():
+        await abort()
+    finished = await asyncio.gather(*tasks)
+    waiter.cancel()
+    if len(kept) < num_groups:
+        raise RuntimeError(
+            f"partial rollout kept {len(kept)} of {num_groups} groups from {len(groups)} generated"
+            f" ({len(dropped)} dropped by the filter): raise --over-sampling-batch-size"
+        )
+    kept_ids = {id(g) for g in kept} | {id(g) for g in dropped}
+    unfinished = [g for g in finished if id(g) not in kept_ids]
+    if unfinished:
+        data_source.add_samples(unfinished, partial=True)
+    kept.sort(key=lambda g: g[0].index if g[0].index is not None else 0)
+    metrics = {"rollout/partial/continued_groups": float(len(unfinished)), "rollout/partial/dropped_groups": float(len(dropped))}
+    return RolloutResult(kept, dropped, metrics, {"generate_and_reward": time.perf_counter() - start})

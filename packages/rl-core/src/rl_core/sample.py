@@ -57,6 +57,8 @@ class Sample(BaseModel):
     weight_versions: list[str] = Field(default_factory=list)
     """The weight version of each generation call that produced the response, in order (slime's)."""
     status: SampleStatus = SampleStatus.PENDING
+    remove_sample: bool = False
+    """Set by a --rollout-sample-filter-path function: not trained on, still in its group's reward statistics."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free-form per-sample data from the data source (e.g. the row's metadata key)."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
+from rl_fsdp.lora import adapter_config, adapter_weights, merged_weights, wrap_with_lora, write_adapter
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 from rl_fsdp.value_head import ValueModel, response_values
@@ -35,29 +37,37 @@ class FSDPBackend:
 
     Every rank is handed the same global batch and trains on samples rank::world_size; all public
     methods are collective, and every rank returns the full results (result_rank 0).
+
+    With LoRA (config.lora_rank or lora_adapter_path) the model is wrapped by peft before sharding: only
+    the adapters are trained and held by the optimizer, the reference is the same model with adapters off,
+    and `weights()` yields the merged weights under the base model's names.
     """
 
     result_rank = 0
 
     def __init__(self, config: FSDPConfig) -> None:
         self.config = config
-        self._world = join_world(config.device)
-        self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
-        mesh = self._world.mesh
-
         causal_lm = load_hf_model(config.model_path, config.seed)
         causal_lm.config.use_cache = False
         self.hf_config = causal_lm.config
         self.vocab_size = causal_lm.get_input_embeddings().weight.shape[0]
         self.tied_aliases = tied_aliases(causal_lm) if config.head == "lm" else {}
-        reference = copy.deepcopy(causal_lm).requires_grad_(False).eval() if config.ref_model else None
+        self.lora = config.uses_lora
+        copy_reference = config.ref_model and not self.lora
+        reference = copy.deepcopy(causal_lm).requires_grad_(False).eval() if copy_reference else None
         layer_classes = set(causal_lm._no_split_modules or ())
         if config.gradient_checkpointing:
             enable_activation_checkpointing(causal_lm)
         model: nn.Module = causal_lm
+        if self.lora:
+            model = wrap_with_lora(causal_lm, config)
         if config.head == "value":
             model = ValueModel(causal_lm.base_model, causal_lm.config.hidden_size)
             del causal_lm
+        # Joined once the model is built, so that a model or adapter that fails to load leaves no process group.
+        self._world = join_world(config.device)
+        self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
+        mesh = self._world.mesh
         param_dtype = _DTYPES[config.param_dtype]
         self.model = shard_model(model, mesh, param_dtype, layer_classes)
         self.reference = shard_model(reference, mesh, param_dtype, layer_classes) if reference is not None else None
@@ -65,23 +75,31 @@ class FSDPBackend:
         self.steps = 0
         """Optimizer steps taken, which the learning-rate schedule reads; kept in checkpoints."""
 
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        """The KL reference: the frozen copy, or with LoRA the policy's own modules with adapters off."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.model.disable_adapter():
+            yield self.model
+
     def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
         validate_batch(batch, self.vocab_size)
         return rank_micro_batches(batch, self.rank, self.world_size, self.config.micro_batch_size, self.device)
 
     def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
         """Log-probs of every sample's response tokens (values, for a value head), float32 on the CPU."""
-        if model == "reference" and self.reference is None:
+        if model == "reference" and not self.config.ref_model:
             raise ValueError("forward(model='reference') needs the reference model: build the backend with ref_model=True")
-        net = self.reference if model == "reference" else self.model
-        assert net is not None
-        net.eval()
-        if self.config.head == "value":
-            compute = lambda mb: response_values(net, mb)  # noqa: E731
-        else:
-            temperature = self.config.rollout_temperature
-            compute = lambda mb: response_log_probs(net, mb, temperature, with_entropy=False)[0]  # noqa: E731
-        return gather_per_token(batch, self._micro_batches(batch), compute, self.device, self.world_size)
+        with self._reference() if model == "reference" else contextlib.nullcontext(self.model) as net:
+            net.eval()
+            if self.config.head == "value":
+                compute = lambda mb: response_values(net, mb)  # noqa: E731
+            else:
+                temperature = self.config.rollout_temperature
+                compute = lambda mb: response_log_probs(net, mb, temperature, with_entropy=False)[0]  # noqa: E731
+            return gather_per_token(batch, self._micro_batches(batch), compute, self.device, self.world_size)
 
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
         """One optimizer step of `loss` on the global batch; returns its global-batch metrics, grad_norm, lr."""
@@ -108,7 +126,7 @@ class FSDPBackend:
             raise ValueError(f"{type(loss).__name__} needs {sorted(loss.needs)}, but this backend has a value head")
         if self.config.head == "lm" and "values" in loss.needs:
             raise ValueError(f"{type(loss).__name__} needs values: train it on a backend with head='value'")
-        if "ref_log_probs" in loss.needs and self.reference is None:
+        if "ref_log_probs" in loss.needs and not self.config.ref_model:
             raise ValueError(f"{type(loss).__name__} needs the reference model: build the backend with ref_model=True")
 
     def _outputs(self, mb: MicroBatch, loss: TrainLoss) -> dict[str, torch.Tensor | None]:
@@ -121,18 +139,40 @@ class FSDPBackend:
         )
         outputs: dict[str, torch.Tensor | None] = {"log_probs": log_probs, "entropy": entropy}
         if "ref_log_probs" in loss.needs:
-            assert self.reference is not None
-            with torch.no_grad():
-                outputs["ref_log_probs"], _ = response_log_probs(self.reference, mb, temperature, with_entropy=False)
+            with torch.no_grad(), self._reference() as reference:
+                outputs["ref_log_probs"], _ = response_log_probs(reference, mb, temperature, with_entropy=False)
         return outputs
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, full tensor) for every state-dict entry, on this rank's device (collective).
 
         Tied weights appear under both names (e.g. `model.embed_tokens.weight` and `lm_head.weight`),
-        exactly as the unwrapped model's `state_dict()` lists them.
+        exactly as the unwrapped model's `state_dict()` lists them. With LoRA: the base model's names, each
+        adapted weight merged (W + scale * B @ A), no adapter tensors.
         """
-        return gather_named_weights(self.model)
+        return merged_weights(self.model) if self.lora else gather_named_weights(self.model)
+
+    def adapter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """With LoRA: the adapter tensors alone under PEFT's names (those of adapter_model.safetensors), on
+        this rank's device (collective); with `adapter_config()`, what an engine that keeps the base and
+        loads adapters takes (SGLang's /load_lora_adapter_from_tensors)."""
+        if not self.lora:
+            raise ValueError("adapter_weights() needs LoRA: build the backend with lora_rank > 0 or lora_adapter_path")
+        return adapter_weights(self.model)
+
+    def adapter_config(self) -> dict[str, Any]:
+        """With LoRA: the adapter's PEFT config, as adapter_config.json holds it."""
+        if not self.lora:
+            raise ValueError("adapter_config() needs LoRA: build the backend with lora_rank > 0 or lora_adapter_path")
+        return adapter_config(self.model)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """With LoRA: a PEFT adapter folder from rank 0 (collective), which `lora_adapter_path` and
+        `PeftModel.from_pretrained` read."""
+        tensors = {name: tensor.cpu().contiguous() for name, tensor in self.adapter_weights()}
+        if self.rank == 0:
+            write_adapter(Path(directory), tensors, self.adapter_config())
+        dist.barrier()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a Hugging Face checkpoint (config, float32 safetensors, tokenizer files) from rank 0 (collective)."""

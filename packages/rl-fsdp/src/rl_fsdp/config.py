@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rl_core.backend_config import BackendConfig
 
 
 class FSDPConfig(BackendConfig):
     """A Hugging Face causal LM (or its body with a value head) sharded with FSDP2 over every rank of the
-    default process group; nothing beyond rl-core's common fields is needed."""
+    default process group; nothing beyond rl-core's common fields is needed. LoRA goes through peft."""
 
     type: Literal["fsdp"] = "fsdp"
+    supports_lora: ClassVar[bool] = True

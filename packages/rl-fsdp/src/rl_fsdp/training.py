@@ -16,12 +16,19 @@ from rl_core.lr_schedule import learning_rate
 from rl_core.micro_batches import MicroBatch
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (all of them, or LoRA's adapters on a frozen base)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(model: nn.Module, config: BackendConfig) -> torch.optim.Optimizer:
-    """AdamW (Megatron's adam: decoupled weight decay) or SGD with weight decay, as --optimizer says."""
+    """AdamW (Megatron's adam: decoupled weight decay) or SGD with weight decay, as --optimizer says, over
+    the trainable parameters only (no optimizer state for a frozen base)."""
+    params = trainable_parameters(model)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(
-        model.parameters(),
+        params,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
@@ -35,7 +42,7 @@ def clip_and_step(
     """Clip the global gradient norm (0: no clipping), take optimizer step number `step` (from 1) at the
     scheduled learning rate, zero the gradients; returns grad_norm and lr."""
     max_norm = config.clip_grad if config.clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     rate = learning_rate(

@@ -384,10 +384,11 @@ class MegatronBackend:
             for hf_name, tensor in megatron_tensor_to_hf(item.name, full, self.shape):
                 yield hf_name, tensor
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, with_optimizer: bool = True) -> None:
+        """dist_checkpointing (torch_dist) into `directory`; model only with `with_optimizer=False`."""
         self._check_onloaded()
         with on_cpu(self._cpu):
-            save_checkpoint(self, Path(directory))
+            save_checkpoint(self, Path(directory), with_optimizer=with_optimizer)
 
     def load(self, directory: str | Path) -> None:
         with on_cpu(self._cpu):

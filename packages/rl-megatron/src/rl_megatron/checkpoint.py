@@ -3,7 +3,8 @@
 The model is saved as global tensors, so it loads under any TP/PP layout. The distributed optimizer's
 state is saved `dp_reshardable` (each rank's flat buffer shards: parallel, no gathering), which loads only
 under the same TP/PP/CP/DP layout; under another layout `load` refuses unless `no_load_optim` is set,
-in which case the optimizer starts fresh (Adam moments zero, step count kept for the LR schedule).
+in which case the optimizer starts fresh (Adam moments zero, step count kept for the LR schedule). A
+model-only checkpoint (rl-convert's HF -> torch_dist) loads under any layout with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ def _unshare_step_counters(optimizer) -> None:
                 param_state["step"] = param_state["step"].clone()
 
 
-def save_checkpoint(backend: MegatronBackend, directory: Path) -> None:
+def save_checkpoint(backend: MegatronBackend, directory: Path, with_optimizer: bool = True) -> None:
+    """Model (and optimizer) state into `directory`; without the optimizer (a converted HF model, slime's
+    convert_hf_to_torch_dist) the checkpoint loads under any layout and starts a fresh optimizer."""
     _plain_results_queue()
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    state = _sharded(backend, is_loading=False, with_optimizer=True)
-    state["backend"] = {"steps": backend.steps, "layout": _layout(backend)}
+    state = _sharded(backend, is_loading=False, with_optimizer=with_optimizer)
+    state["backend"] = {"steps": backend.steps, "layout": _layout(backend), "model_only": not with_optimizer}
     dist_checkpointing.save(state, str(directory))
     dist.barrier()
 
@@ -83,12 +86,13 @@ def load_checkpoint(backend: MegatronBackend, directory: Path) -> None:
         raise ValueError(f"checkpoint {directory}: no metadata.json, not a dist_checkpointing (torch_dist) directory")
     common = dist_checkpointing.load_common_state_dict(str(directory))["backend"]
     same_layout = common["layout"] == _layout(backend)
-    if not same_layout and not backend.config.no_load_optim:
+    model_only = bool(common.get("model_only", False))
+    if not same_layout and not backend.config.no_load_optim and not model_only:
         raise ValueError(
             f"checkpoint {directory} was saved under layout {common['layout']}, this run is {_layout(backend)}:"
             " the model reshards, the optimizer state does not; set --no-load-optim to load the model only"
         )
-    load_optimizer = same_layout and not backend.config.no_load_optim
+    load_optimizer = same_layout and not backend.config.no_load_optim and not model_only
     with torch.no_grad():
         state = dist_checkpointing.load(_sharded(backend, is_loading=True, with_optimizer=load_optimizer), str(directory))
         backend.gpt.load_state_dict(state["model"], strict=False)

@@ -8,7 +8,7 @@ from rl_rewards.custom_loading import load_custom_reward
 from rl_rewards.hub import RewardHub
 from rl_rewards.isolated_grader import IsolatedGrader
 from rl_rewards.registry import RewardRegistry, default_registry
-from rl_rewards.slime_signature import SlimeSignatureGrader, takes_slime_signature
+from rl_rewards.slime_signature import GroupRewardHub, SlimeSignatureGrader, takes_slime_signature
 
 _CUSTOM_ISOLATION_OPTIONS = {"workers", "memory_mb", "timeout_s", "startup_timeout_s"}
 
@@ -41,14 +41,19 @@ def build_reward(
     rm_url: str | None = None,
     grader_options: dict[str, Any] | None = None,
     slime_args: Any = None,
+    group_rm: bool = False,
     **hub_kwargs: Any,
-) -> RewardHub:
+) -> RewardHub | GroupRewardHub:
     """A hub around the registered reward `rm_type` or the custom function at `custom_rm_path` (exactly one).
 
     `grader_options` go to the grader's factory (e.g. `{"isolate": True}` for `math`, sandbox limits for
     `code`); `rm_url` is the endpoint of `--rm-type remote`; `slime_args` is what a custom function in
     slime's signature `reward_func(args, sample)` gets as `args`. The remaining keywords configure the hub.
     """
+    if group_rm:
+        if custom_rm_path is None:
+            raise ValueError("--group-rm scores whole groups with a --custom-rm-path function; give --custom-rm-path")
+        return GroupRewardHub(load_custom_reward(custom_rm_path), slime_args, error_reward=hub_kwargs.get("error_reward", 0.0))
     if (rm_type is None) == (custom_rm_path is None):
         raise ValueError(
             "give exactly one of --rm-type and --custom-rm-path "

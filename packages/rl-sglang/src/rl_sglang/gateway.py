@@ -3,6 +3,9 @@
 slime's custom generate functions post SGLang payloads to `http://{args.sglang_router_ip}:
 {args.sglang_router_port}/generate`; this gateway is that address here, so such functions reach the router
 (and its middleware, retries and engine faults) unchanged. `post` is slime's helper of the same name.
+
+Given the model's tokenizer, it also serves OpenAI's `/v1/chat/completions` (see `rl_sglang.chat` and
+docs/agents.md), so an agent written against the OpenAI client reaches the same engines.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ from typing import Any
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, web
 
+from rl_sglang.chat import SESSION_HEADER, ChatCompletions, ChatRequestError, stream_chunks
 from rl_sglang.generation import PayloadEngine
 
 
 class GenerateGateway:
-    """`POST /generate` (an SGLang payload in, its answer out) and `GET /health`, on a loopback port."""
+    """`POST /generate` (an SGLang payload in, its answer out) and `GET /health`, on a loopback port; with a
+    `tokenizer`, also `POST /v1/chat/completions` (or `/sessions/{id}/v1/chat/completions`), `GET /v1/models`
+    and `GET` / `DELETE /v1/sessions/{id}` (a session's recorded trajectories)."""
 
-    def __init__(self, engine: PayloadEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, engine: PayloadEngine, host: str = "127.0.0.1", port: int = 0, *, tokenizer: Any = None,
+                 tool_call_parser: str = "qwen25") -> None:
         self.engine = engine
         self.host, self.port = host, port
+        self.chat = None if tokenizer is None else ChatCompletions(engine, tokenizer, tool_call_parser=tool_call_parser)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
@@ -28,6 +36,12 @@ class GenerateGateway:
         app = web.Application(client_max_size=256 * 1024**2)
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/health", self._health)
+        if self.chat is not None:
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_post("/sessions/{session_id}/v1/chat/completions", self._chat)
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_get("/v1/sessions/{session_id}", self._session)
+            app.router.add_delete("/v1/sessions/{session_id}", self._session)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -53,6 +67,38 @@ class GenerateGateway:
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=status if isinstance(status, int) else 502)
         return web.json_response(answer)
 
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        session_id = request.match_info.get("session_id") or request.headers.get(SESSION_HEADER) or None
+        try:
+            body = await request.json()
+            answer = await self.chat.create(body, session_id)
+        except (json.JSONDecodeError, ChatRequestError) as e:
+            return _openai_error(str(e), 400, "invalid_request_error")
+        except Exception as e:  # noqa: BLE001 - as /generate: the engine's or router's error reaches the agent
+            status = getattr(e, "status", None)
+            return _openai_error(f"{type(e).__name__}: {e}", status if isinstance(status, int) else 502, "engine_error")
+        if not body.get("stream"):
+            return web.json_response(answer)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await stream.prepare(request)
+        for chunk in stream_chunks(answer):
+            await stream.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await stream.write(b"data: [DONE]\n\n")
+        await stream.write_eof()
+        return stream
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": self.chat.model_name, "object": "model", "created": 0, "owned_by": "rl"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        try:
+            found = self.chat.pop(session_id) if request.method == "DELETE" else self.chat.trajectories(session_id)
+        except KeyError:
+            return _openai_error(f"no session {session_id!r} (never used, already deleted, or evicted)", 404, "not_found")
+        return web.json_response({"session_id": session_id, "trajectories": [t.model_dump() for t in found]})
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -60,6 +106,10 @@ class GenerateGateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _openai_error(message: str, status: int, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}}, status=status)
 
 
 async def post(url: str, payload: dict[str, Any], max_retries: int = 1, headers: dict[str, str] | None = None) -> Any:

@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 # The embedded engine's own flags (SGLang's names; `seed` is its older spelling of `random_seed`);
 # other `--sglang-*` settings have no meaning there.
-EMBEDDED_FLAGS = ("device", "dtype", "max_running_requests", "random_seed", "seed")
+EMBEDDED_FLAGS = (
+    "device", "dtype", "max_running_requests", "random_seed", "seed", "mem_fraction_static", "max_total_tokens",
+    "context_length", "chunked_prefill_size", "cuda_graph_max_bs", "disable_cuda_graph", "disable_radix_cache",
+)
 _STDERR_TAIL_CHARS = 4000
 
 
@@ -178,6 +181,10 @@ def launch_engine(
         if skipped:
             logger.warning("embedded engine ignores SGLang-only settings: %s", ", ".join(skipped))
         argv = build_embedded_argv(model_path, host, port, {k: v for k, v in args.items() if k in EMBEDDED_FLAGS})
+        if args.get("device", "auto") == "cpu":
+            # One thread per engine process: torch's default (a thread per core) competes with the trainer
+            # and other engines on the same cores and was measured 7-10x slower; Ray sets the same for its workers.
+            child_env.setdefault("OMP_NUM_THREADS", "1")
         # The child imports the same rl_sglang as this process, installed or not.
         package_root = str(Path(__file__).resolve().parent.parent)
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH")) if p)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from rl_sglang.embedded.options import FLAG_HELP, EngineOptions
 from rl_sglang.embedded.server import EmbeddedEngine
 
 
@@ -19,8 +20,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-running-requests", type=int, default=64)
     parser.add_argument("--random-seed", "--seed", dest="random_seed", type=int, default=0, help="SGLang's name; --seed is kept")
+    parser.add_argument("--mem-fraction-static", type=float, default=None, help=FLAG_HELP["mem_fraction_static"])
+    parser.add_argument("--max-total-tokens", type=int, default=None, help=FLAG_HELP["max_total_tokens"])
+    parser.add_argument("--context-length", type=int, default=None, help=FLAG_HELP["context_length"])
+    parser.add_argument("--chunked-prefill-size", type=int, default=8192, help=FLAG_HELP["chunked_prefill_size"])
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help=FLAG_HELP["cuda_graph_max_bs"])
+    parser.add_argument("--disable-cuda-graph", action="store_true", help=FLAG_HELP["disable_cuda_graph"])
+    parser.add_argument("--disable-radix-cache", action="store_true", help=FLAG_HELP["disable_radix_cache"])
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(**{name: getattr(args, name) for name in FLAG_HELP})
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -32,6 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         max_running_requests=args.max_running_requests,
         seed=args.random_seed,
+        options=options_from_args(args),
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

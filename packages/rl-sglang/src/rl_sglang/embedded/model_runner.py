@@ -1,33 +1,32 @@
-"""`ModelRunner`: the Hugging Face model behind the embedded engine, its batched KV-cache steps and
-its weights. Every method that touches the model runs on the engine's single model thread, so a
-weight change always lands between two forward passes."""
+"""`ModelRunner`: the Hugging Face model behind the embedded engine, the engine's KV pool, its
+forward passes (prefill chunks and decode steps, decode under CUDA graphs) and its weights. Every
+method that touches the model or the pool runs on the engine's single model thread, so a weight
+change always lands between two forward passes."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from rl_sglang.embedded.attention import ATTN_IMPLEMENTATION, BATCH_KWARG, ForwardBatch, build_extend_groups
+from rl_sglang.embedded.cuda_graphs import DecodeGraphs, capture_sizes
+from rl_sglang.embedded.decode_kernel import triton_available
+from rl_sglang.embedded.fused_ops import fuse_rms_norms
+from rl_sglang.embedded.kv_cache import KVLayout, KVPool, pool_tokens
+from rl_sglang.embedded.options import EngineOptions
+from rl_sglang.embedded.prefix_cache import PrefixCache
+from rl_sglang.embedded.sampling import SamplingBatch, SamplingParams, sample
 from rl_sglang.tokenizer import load_tokenizer
-from rl_sglang.embedded.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
 MEMORY_TAGS = ("weights", "kv_cache")
-
-
-@dataclass
-class BatchState:
-    """The KV cache and bookkeeping of one running batch (left padded)."""
-
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # [B, T]
-    next_positions: torch.Tensor  # [B]
-    last_tokens: torch.Tensor  # [B]
+MAX_TABLE_BYTES = 4 << 30
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,71 +54,198 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        seed: int = 0,
+        max_running_requests: int = 64,
+        options: EngineOptions | None = None,
+    ):
         self.model_path = str(model_path)
+        self.options = options or EngineOptions()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
+        self.max_running_requests = max_running_requests
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
+        ).to(self.device).eval()
         self.tokenizer = _load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        model_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.context_length = self.options.context_length or model_context
+        if KVPool.table_bytes(max_running_requests, self.context_length) > MAX_TABLE_BYTES:
+            raise ValueError(
+                f"context length {self.context_length} x {max_running_requests} running requests makes a request-to-token "
+                "table over 4 GiB; pass a smaller --context-length or --max-running-requests"
+            )
+        if self.context_length > model_context:
+            logger.warning("--context-length %d exceeds the model's max_position_embeddings %d", self.context_length, model_context)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_version = "default"
+        self.decode_seconds = 0.0  # time spent inside decode(), for the scheduler's stats
+        self._sampling: tuple[object, SamplingBatch | None] = (None, None)
+        self.weight_generation = 0  # bumped by every weight change: cached prefixes are stale then
         self.released_tags: set[str] = set()
+        self.layout = KVLayout.of(self.model.config, self.dtype)
+        self.use_decode_kernel = self.device.type == "cuda" and triton_available()
+        ignored = _ignored_here(self.options, self.device, self.use_decode_kernel)
+        if ignored:
+            logger.warning("ignored on %s: %s", self.device.type, ", ".join(ignored))
+        if self.use_decode_kernel:
+            logger.info("fused %d RMSNorm modules into one-kernel forwards", fuse_rms_norms(self.model))
+        self.pool: KVPool | None = None
+        self.prefix_cache: PrefixCache | None = None
+        self.graphs: DecodeGraphs | None = None
+        self._pool_tokens: int | None = None
+        self._build_cache()
+
+    # ---- the KV cache and the CUDA graphs -----------------------------------------------------
+
+    def _build_cache(self) -> None:
+        if self._pool_tokens is None:  # sized once: a resumed pool gets the same slots
+            self._pool_tokens = pool_tokens(
+                self.layout,
+                self.device,
+                mem_fraction_static=self.options.mem_fraction_static,
+                max_total_tokens=self.options.max_total_tokens,
+                reserved_bytes=KVPool.table_bytes(self.max_running_requests, self.context_length),
+            )
+        tokens = self._pool_tokens
+        self.pool = KVPool(self.layout, tokens, self.max_running_requests, self.context_length, self.device)
+        self.prefix_cache = PrefixCache(self.pool.allocator, enabled=not self.options.disable_radix_cache)
+        self._probe()
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        if self.use_decode_kernel and not self.options.disable_cuda_graph:
+            max_bs = self.options.cuda_graph_max_bs or min(self.max_running_requests, 512)
+            try:
+                self.graphs = DecodeGraphs(self._decode_forward, capture_sizes(max_bs), self.device)
+            except Exception:  # an architecture whose forward cannot be captured still serves, eagerly
+                logger.exception("CUDA graph capture failed; decoding eagerly")
+                self.graphs = None
+
+    def close(self) -> None:
+        """Let the KV pool and the graphs go (an engine stopped in a process that goes on)."""
+        self._drop_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _drop_cache(self) -> None:
+        self.graphs = None
+        self.prefix_cache = None
+        self.pool = None
+
+    @torch.inference_mode()
+    def _probe(self) -> None:
+        """One prefill and one decode step through the engine's attention on the sink row, so an
+        architecture this attention cannot serve fails at start, not on the first request."""
+        slots = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._extend_logits([0], [0], [[0, 0]], slots, [0])
+        self._decode_logits([0], [2], [0], torch.zeros(1, dtype=torch.int64))
 
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(
-        self, prompts: list[list[int]], params: list[SamplingParams]
-    ) -> tuple[BatchState, list[int], list[float]]:
-        """Run the left-padded prompts, sample each row's first token."""
-        width = max(len(p) for p in prompts)
-        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        tokens, logprobs = sample(out.logits[:, -1, :], params, self.generator)
-        state = BatchState(out.past_key_values, attention_mask, position_ids[:, -1] + 1, tokens)
-        return state, tokens.tolist(), logprobs.tolist()
+    def extend(
+        self,
+        rows: list[int],
+        prefix_lens: list[int],
+        chunks: list[list[int]],
+        slots: torch.Tensor,
+        sample_at: list[int],
+        params: list[SamplingParams],
+        table_writes: list[tuple[int, torch.Tensor]] = (),
+    ) -> tuple[list[int], list[float]]:
+        """Prefill `chunks[i]` (the tokens after the first `prefix_lens[i]` cached ones) of table rows
+        `rows`, writing their K/V to `slots`; sample one token for each batch index in `sample_at`
+        (rows whose prompt is now complete) with `params` (one each). `table_writes` (row, slots)
+        first point rows at the prefix-cache slots they share."""
+        for row, shared in table_writes:
+            self.pool.req_to_token[row, : len(shared)] = shared.to(self.device, non_blocking=True).to(torch.int32)
+        if not sample_at:
+            self._extend_logits(rows, prefix_lens, chunks, slots, [])
+            return [], []
+        logits = self._extend_logits(rows, prefix_lens, chunks, slots, sample_at)
+        tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator)
+        return self._to_host(tokens, logprobs)
+
+    def _to_host(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The sampled tokens and log-probs as lists; on CUDA through pinned memory and an event wait,
+        which lets go of the GIL while the GPU finishes (the event loop keeps serving meanwhile)."""
+        if self.device.type != "cuda":
+            return tokens.tolist(), logprobs.tolist()
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host_tokens.tolist(), host_logprobs.tolist()
 
     @torch.inference_mode()
     def decode(
-        self, state: BatchState, keep_rows: list[int], params: list[SamplingParams]
+        self,
+        rows: list[int],
+        positions: list[int],
+        last_tokens: list[int],
+        slots: torch.Tensor,
+        params: list[SamplingParams],
+        batch_key: object = None,
     ) -> tuple[list[int], list[float]]:
-        """Drop finished rows (`keep_rows` are the survivors), then one token for each kept row."""
-        if len(keep_rows) != state.attention_mask.shape[0]:
-            index = torch.tensor(keep_rows, device=self.device)
-            state.cache.batch_select_indices(index)
-            state.attention_mask = state.attention_mask[index]
-            state.next_positions = state.next_positions[index]
-            state.last_tokens = state.last_tokens[index]
-        ones = torch.ones(len(keep_rows), 1, dtype=state.attention_mask.dtype, device=self.device)
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        """One token for each row: `last_tokens[i]` goes in at `positions[i]` (its K/V to `slots[i]`).
+        Steps with the same `batch_key` (same requests, same order) reuse one `SamplingBatch`."""
+        started = time.perf_counter()
+        logits = self._decode_logits(rows, positions, last_tokens, slots)
+        if batch_key is None or self._sampling[0] != batch_key:
+            self._sampling = (batch_key, SamplingBatch(params, self.device))
+        tokens, logprobs = sample(logits, self._sampling[1], self.generator)
+        answer = self._to_host(tokens, logprobs)
+        self.decode_seconds += time.perf_counter() - started
+        return answer
+
+    def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at) -> torch.Tensor:
+        q_lens = [len(c) for c in chunks]
+        ids = [t for c in chunks for t in c]
+        positions = [p + j for p, q in zip(prefix_lens, q_lens) for j in range(q)]
+        row_of = [r for r, q in zip(rows, q_lens) for _ in range(q)]
+        ends, offset = [], 0
+        for q in q_lens:
+            offset += q
+            ends.append(offset - 1)
+        keep = [ends[i] for i in sample_at] or [len(ids) - 1]
+        host = torch.tensor([ids, positions, row_of], dtype=torch.int64)
+        ids_d, pos_d, row_d = host.to(self.device, non_blocking=True)
+        slots_d = slots.to(self.device, non_blocking=True)
+        self.pool.req_to_token[row_d, pos_d] = slots_d.to(torch.int32)
+        groups = build_extend_groups(self.pool, rows, prefix_lens, q_lens, self.device)
+        batch = ForwardBatch(self.pool, slots_d, fused=self.use_decode_kernel, groups=groups)
+        keep_d = torch.tensor(keep, dtype=torch.int64).to(self.device, non_blocking=True)
         out = self.model(
-            input_ids=state.last_tokens[:, None],
-            attention_mask=state.attention_mask,
-            position_ids=state.next_positions[:, None],
-            past_key_values=state.cache,
-            use_cache=True,
+            input_ids=ids_d[None], position_ids=pos_d[None], use_cache=False, logits_to_keep=keep_d, **{BATCH_KWARG: batch}
         )
-        tokens, logprobs = sample(out.logits[:, -1, :], params, self.generator)
-        state.cache = out.past_key_values
-        state.next_positions = state.next_positions + 1
-        state.last_tokens = tokens
-        return tokens.tolist(), logprobs.tolist()
+        return out.logits[0]
+
+    def _decode_logits(self, rows, positions, last_tokens, slots) -> torch.Tensor:
+        if not self.use_decode_kernel:  # the gather + SDPA path, one query per row
+            return self._extend_logits(rows, positions, [[t] for t in last_tokens], slots, list(range(len(rows))))
+        host = torch.cat([torch.tensor([last_tokens, positions, rows], dtype=torch.int64), slots.view(1, -1)])
+        if self.graphs is not None and len(rows) <= self.graphs.max_bs:
+            return self.graphs.replay(host)
+        ids, pos, row, slot = host.to(self.device, non_blocking=True)
+        return self._decode_forward(ids, pos, row.to(torch.int32), (pos + 1).to(torch.int32), slot)
+
+    def _decode_forward(self, ids, positions, rows, seq_lens, slots) -> torch.Tensor:
+        """The decode step as a pure function of device tensors (what a CUDA graph captures)."""
+        self.pool.req_to_token[rows.long(), positions] = slots.to(torch.int32)
+        batch = ForwardBatch(self.pool, slots, decode=True, fused=True, rows=rows, seq_lens=seq_lens)
+        out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch})
+        return out.logits[0]
 
     def decode_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if self.tokenizer is None:
@@ -159,15 +285,20 @@ class ModelRunner:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
         if weight_version is not None:
             self.weight_version = weight_version
+        self.weight_generation += 1
         logger.info("weights updated, weight_version=%s", self.weight_version)
 
     # ---- memory -------------------------------------------------------------------------------
 
     def release(self, tags: Iterable[str]) -> None:
         """Free the accelerator memory of `tags`. Weights move to host memory (the only place they can
-        survive until resume); the KV cache is already dropped by the scheduler before this runs."""
+        survive until resume); the KV pool (emptied by the scheduler before this runs) and the CUDA
+        graphs, which point at both, are dropped and rebuilt at resume."""
         tags = set(tags)
+        if "kv_cache" in tags:
+            self._drop_cache()
         if "weights" in tags and "weights" not in self.released_tags and self.device.type == "cuda":
+            self.graphs = None
             self.model.to("cpu")
         self.released_tags |= tags
         if self.device.type == "cuda":
@@ -178,6 +309,25 @@ class ModelRunner:
         if "weights" in tags and "weights" in self.released_tags and self.device.type == "cuda":
             self.model.to(self.device)
         self.released_tags -= tags
+        if "weights" in self.released_tags:
+            return
+        if self.pool is None and "kv_cache" not in self.released_tags:
+            self._build_cache()
+        elif self.pool is not None and self.graphs is None:
+            self._capture_graphs()
+
+
+def _ignored_here(options: EngineOptions, device: torch.device, graphs_possible: bool) -> list[str]:
+    """The flags given that mean nothing on this device (no GPU memory to share, no CUDA graphs)."""
+    ignored = []
+    if device.type != "cuda" and options.mem_fraction_static is not None:
+        ignored.append(f"--mem-fraction-static {options.mem_fraction_static} (the pool is sized by --max-total-tokens)")
+    if not graphs_possible:
+        if options.cuda_graph_max_bs is not None:
+            ignored.append(f"--cuda-graph-max-bs {options.cuda_graph_max_bs} (no CUDA graphs without CUDA and Triton)")
+        if options.disable_cuda_graph:
+            ignored.append("--disable-cuda-graph (no CUDA graphs without CUDA and Triton)")
+    return ignored
 
 
 def _load_tokenizer(model_path: str) -> PreTrainedTokenizerBase | None:

@@ -19,6 +19,7 @@ _NEUTRAL_FIELDS: dict[str, Any] = {
 # SGLang fields that change nothing here (no stop strings to trim, no detokenizer spacing choice).
 _IGNORED_FIELDS = {"no_stop_trim", "spaces_between_special_tokens"}
 _GREEDY_BELOW = 1e-6  # SGLang treats temperatures below this as greedy
+_TINY = torch.finfo(torch.float32).tiny  # an Exp(1) draw of exactly 0 would make p / E a NaN
 
 
 @dataclass(frozen=True)
@@ -75,35 +76,48 @@ class SamplingParams:
         return params
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of `logits` [B, V]; return (tokens [B], log-probs [B]).
+class SamplingBatch:
+    """The per-row sampling settings of one step as device tensors, built once per step."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device):
+        self.size = len(params)
+        self.greedy = all(p.greedy for p in params)
+        self.truncated = any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
+        self.temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        if not self.greedy:
+            self.sampled = torch.tensor([not p.greedy for p in params]).to(device, non_blocking=True)
+        if self.truncated:
+            self.top_k = torch.tensor([p.top_k if p.top_k > 0 else 1 << 30 for p in params]).to(device, non_blocking=True)
+            self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of `logits` [B, V] on their device; return (tokens [B], log-probs [B]).
 
     The log-prob is log_softmax(logits / temperature) at the chosen token, taken before top-k/top-p
     truncation, so at temperature 1 it is the model's own distribution (what a trainer recomputes).
-    Greedy rows (temperature 0) report log_softmax(logits), i.e. temperature 1.
+    Greedy rows (temperature 0) report log_softmax(logits), i.e. temperature 1, as SGLang does (it
+    runs them at temperature 1 with top_k 1). Sampling is an exponential race, argmax(p / E) with
+    E ~ Exp(1), which draws from p exactly without a cumulative sum or a sort.
     """
     logits = logits.float()
-    device = logits.device
-    vocab = logits.shape[-1]
-    temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-    log_probs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
+    log_probs = torch.log_softmax(logits / batch.temperatures[:, None], dim=-1)
     tokens = logits.argmax(dim=-1)
-
-    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=device)
-        probs = log_probs[rows].exp()
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-        top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else vocab for i in sampled_rows], device=device)
-        top_p = torch.tensor([params[i].top_p for i in sampled_rows], device=device)
-        ranks = torch.arange(vocab, device=device)
-        keep = ranks[None, :] < top_k[:, None]
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep &= mass_before < top_p[:, None]  # the most likely token is always kept
-        choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
-        tokens[rows] = sorted_ids.gather(1, choice).squeeze(1)
-
+    if not batch.greedy:
+        probs = log_probs.exp()
+        if batch.truncated:
+            probs = _truncate(probs, batch.top_k, batch.top_p)
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=_TINY)
+        drawn = (probs / race).argmax(dim=-1)
+        tokens = torch.where(batch.sampled, drawn, tokens)
     chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
     return tokens, chosen
+
+
+def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero what top-k and top-p leave out (the most likely token always stays)."""
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)
+    keep = ranks[None, :] < top_k[:, None]
+    keep &= (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]
+    return torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs * keep)

@@ -1,8 +1,12 @@
-"""`Scheduler`: queues `/generate` requests, batches what is waiting, and steps the batch token by
-token on the model thread while the event loop stays free for /health, /abort_request and weights.
+"""`Scheduler`: continuous batching over the engine's KV pool. Every iteration it admits waiting
+requests (as far as request rows and KV slots allow), runs one prefill step over the prompts still
+being prefilled (at most `chunked_prefill_size` tokens, so a long prompt is prefilled in chunks
+between decode steps), then one decode step over every request that has its prompt in the cache.
+Requests join at the next iteration and leave as soon as they finish, freeing their slots.
 
-A batch is formed from the queue when the previous one has drained (no joining mid-batch); rows
-leave it as soon as they finish, and their KV-cache rows are dropped with them.
+Model work runs on one model thread, strictly one step at a time; the event loop stays free for
+/health, /abort_request and weight updates. All bookkeeping (slots, rows, prefix cache) happens on
+the event loop, between steps.
 """
 
 from __future__ import annotations
@@ -13,25 +17,41 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable, TypeVar
 
-from rl_sglang.embedded.model_runner import BatchState, ModelRunner
+import torch
+
+from rl_sglang.embedded.model_runner import ModelRunner
+from rl_sglang.embedded.prefix_cache import PrefixEntry
 from rl_sglang.embedded.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+STATS_EVERY_S = 5.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     rid: str
     input_ids: list[int]
     params: SamplingParams
     return_logprob: bool
     future: asyncio.Future[dict[str, Any]]
+    limit: int = 0  # most output tokens: max_new_tokens within the context length
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     created_at: float = field(default_factory=time.monotonic)
+    row: int | None = None  # its request-to-token table row while admitted
+    kv_len: int = 0  # tokens whose K/V are in the pool
+    shared: int = 0  # leading tokens owned by a prefix-cache entry
+    cached_tokens: int = 0
+    entry: PrefixEntry | None = None
+    filling: bool = False  # it prefills `entry` for the requests with the same prompt
+    table_pending: bool = False  # the shared slots are not yet in the device table
+    need: int = 0  # slots reserved at admission: its new prompt tokens and its most output tokens
+    stops: frozenset[int] = frozenset()  # tokens that end it (EOS unless ignore_eos, and stop_token_ids)
+    finished: bool = False  # set with the future's result (or its cancellation): cheap to test per step
 
     @property
     def done(self) -> bool:
@@ -42,10 +62,14 @@ class Scheduler:
     def __init__(self, runner: ModelRunner, max_running_requests: int):
         self.runner = runner
         self.max_running_requests = max_running_requests
+        self.chunk_tokens = runner.options.chunked_prefill_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rl-sglang-model")
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
-        self._state: BatchState | None = None
+        self._prefilling: list[Request] = []
+        self._decoding: list[Request] = []
+        self._reserved = 0  # slots admitted requests may still take
+        self._decode_version = 0  # bumped whenever the decoding set changes
+        self._weight_generation = runner.weight_generation
         self._stepping = False
         self._by_rid: dict[str, Request] = {}
         self._holds: set[str] = set()
@@ -55,6 +79,9 @@ class Scheduler:
         self._batch_empty = asyncio.Event()
         self._batch_empty.set()
         self._task: asyncio.Task[None] | None = None
+        self._stats = {"decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0, "cached_tokens": 0}
+        self._runner_decode_s = runner.decode_seconds
+        self._stats_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -69,6 +96,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self.on_model_thread(self.runner.close)
         self._executor.shutdown(wait=True)
 
     async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -81,8 +109,10 @@ class Scheduler:
         if rid in self._by_rid:
             raise ValueError(f"rid {rid!r} is already in flight")
         request = Request(rid, input_ids, params, return_logprob, asyncio.get_running_loop().create_future())
+        request.limit = min(params.max_new_tokens, self.runner.context_length - len(input_ids))
+        request.stops = params.stop_token_ids | (frozenset() if params.ignore_eos else self.runner.eos_token_ids)
         self._by_rid[rid] = request
-        request.future.add_done_callback(lambda _: self._by_rid.pop(rid, None))
+        request.future.add_done_callback(lambda _: self._forget(request))
         if params.max_new_tokens == 0:
             self._finish(request, {"type": "length", "length": 0})
         else:
@@ -90,15 +120,30 @@ class Scheduler:
             self._work.set()
         return request
 
+    def _forget(self, request: Request) -> None:
+        request.finished = True
+        if self._by_rid.get(request.rid) is request:
+            del self._by_rid[request.rid]
+
     def abort(self, rid: str | None) -> int:
-        """Finish `rid` (or everything when None) with finish_reason abort and its partial output."""
+        """Finish `rid` (or everything when None) with finish_reason abort and its partial output;
+        its KV slots are freed by the loop once no step is using them."""
         targets = list(self._by_rid.values()) if rid is None else [r for r in (self._by_rid.get(rid),) if r]
         for request in targets:
             self._finish(request, {"type": "abort", "message": "Abort in waiting queue" if not request.output_ids else "Abort request"})
         self._waiting = deque(r for r in self._waiting if not r.done)
         if not self._stepping:
-            self._drop_batch_if_drained()
+            self._reap()
         return len(targets)
+
+    def flush_cache(self) -> None:
+        """Forget every cached prompt prefix (slots in use are freed when their last user ends)."""
+        if self.runner.prefix_cache is not None:
+            self.runner.prefix_cache.flush()
+
+    @property
+    def running_count(self) -> int:
+        return len(self._prefilling) + len(self._decoding)
 
     # ---- holding (pause / release) ------------------------------------------------------------
 
@@ -116,12 +161,12 @@ class Scheduler:
             self._not_held.set()
 
     async def drop_running_batch(self) -> None:
-        """Abort the running batch's requests and wait until its KV cache is gone."""
-        for request in self._running:
+        """Abort the admitted requests and wait until their KV slots are back in the pool."""
+        for request in self._prefilling + self._decoding:
             if not request.done:
                 self._finish(request, {"type": "abort", "message": "Abort to release memory"})
         if not self._stepping:
-            self._drop_batch_if_drained()
+            self._reap()
         await self._batch_empty.wait()
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -129,82 +174,244 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             await self._not_held.wait()
-            if not self._running:
+            self._admit()
+            if not self._prefilling and not self._decoding:
+                self._work.clear()
                 if not self._waiting:
-                    self._work.clear()
                     await self._work.wait()
-                    continue
-                await self._step(prefill=True)
-            else:
-                await self._step(prefill=False)
+                else:  # nothing fits until something else changes (an abort, a resume)
+                    await self._idle()
+                continue
+            if self._prefilling:
+                started = time.perf_counter()
+                await self._run(self._prefill_step)
+                self._stats["prefill_s"] += time.perf_counter() - started
+            if self._decoding and not self._holds:
+                started = time.perf_counter()
+                await self._run(self._decode_step)
+                self._stats["decode_s"] += time.perf_counter() - started
+            self._log_stats()
 
-    async def _step(self, *, prefill: bool) -> None:
+    async def _idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._work.wait(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _run(self, step: Callable[[], Any]) -> None:
         self._stepping = True
         try:
-            if prefill:
-                count = min(self.max_running_requests, len(self._waiting))
-                self._running = [self._waiting.popleft() for _ in range(count)]
-                self._batch_empty.clear()
-                prompts = [r.input_ids for r in self._running]
-                params = [r.params for r in self._running]
-                self._state, tokens, logprobs = await self.on_model_thread(self.runner.prefill, prompts, params)
-            else:
-                keep = [i for i, r in enumerate(self._running) if not r.done]
-                self._running = [self._running[i] for i in keep]
-                params = [r.params for r in self._running]
-                tokens, logprobs = await self.on_model_thread(self.runner.decode, self._state, keep, params)
-            self._absorb(tokens, logprobs)
-        except Exception as exc:  # a failed forward fails its batch, not the server
+            await step()
+        except Exception as exc:  # a failed forward fails its requests, not the server
             logger.exception("generation step failed")
-            for request in self._running:
+            for request in self._prefilling + self._decoding:
                 if not request.done:
                     request.future.set_exception(exc)
-            self._running = []
         finally:
             self._stepping = False
-            self._drop_batch_if_drained()
+            self._reap()
 
-    def _absorb(self, tokens: list[int], logprobs: list[float]) -> None:
-        for request, token, logprob in zip(self._running, tokens, logprobs):
-            if request.done:  # aborted while the step ran
+    def _admit(self) -> None:
+        pool, cache = self.runner.pool, self.runner.prefix_cache
+        if pool is None:
+            return
+        if self.runner.weight_generation != self._weight_generation:  # cached prefixes hold old K/V
+            cache.flush()
+            self._weight_generation = self.runner.weight_generation
+        deferred: list[Request] = []
+        while self._waiting and self.running_count < self.max_running_requests:
+            request = self._waiting.popleft()
+            if request.done:
                 continue
-            request.output_ids.append(token)
-            request.output_logprobs.append(logprob)
-            params = request.params
-            room = self.runner.context_length - len(request.input_ids)
-            if not params.ignore_eos and token in self.runner.eos_token_ids:
-                self._finish(request, {"type": "stop", "matched": token})
-            elif token in params.stop_token_ids:
-                self._finish(request, {"type": "stop", "matched": token})
-            elif len(request.output_ids) >= min(params.max_new_tokens, room):
-                self._finish(request, {"type": "length", "length": len(request.output_ids)})
+            entry = cache.lookup(request.input_ids)
+            if entry is not None and not entry.ready:  # its first request is prefilling it right now
+                deferred.append(request)
+                continue
+            shared = entry.tokens if entry is not None else 0
+            need = len(request.input_ids) - shared + request.limit
+            if need + shared > pool.tokens:
+                self._finish(request, {"type": "abort", "message": f"needs {need + shared} KV slots; the pool has {pool.tokens} (--max-total-tokens / --mem-fraction-static)"})
+                continue
+            pinned = shared if entry is not None and entry.refs == 0 else 0
+            if need > pool.allocator.available + cache.evictable_tokens - pinned - self._reserved:
+                self._waiting.appendleft(request)  # first come, first served: wait for slots
+                break
+            request.row = pool.take_row()
+            if entry is not None:
+                cache.acquire(entry)
+                request.entry, request.shared, request.kv_len = entry, shared, shared
+                request.cached_tokens = shared
+                request.table_pending = True
+                pool.assign(torch.full((shared,), request.row), torch.arange(shared), entry.slots)
+                self._stats["cached_tokens"] += shared
+            else:
+                request.entry = cache.open(request.input_ids)
+                request.filling = request.entry is not None
+            request.need = need
+            self._reserved += need
+            self._prefilling.append(request)
+        self._waiting.extendleft(reversed(deferred))
 
-    def _drop_batch_if_drained(self) -> None:
-        if all(r.done for r in self._running):
-            self._running = []
-            self._state = None
+    def _alloc(self, count: int) -> torch.Tensor:
+        pool = self.runner.pool
+        if pool.allocator.available < count:
+            self.runner.prefix_cache.evict(count)
+        return pool.allocator.alloc(count)
+
+    async def _prefill_step(self) -> None:
+        pool = self.runner.pool
+        budget, batch = self.chunk_tokens, []
+        for request in self._prefilling:
+            if budget <= 0:
+                break
+            if request.finished:
+                continue
+            take = min(len(request.input_ids) - request.kv_len, budget)
+            batch.append((request, take))
+            budget -= take
+        if not batch:
+            return
+        slots = self._alloc(sum(take for _, take in batch))
+        rows = [r.row for r, _ in batch]
+        prefix_lens = [r.kv_len for r, _ in batch]
+        chunks = [r.input_ids[r.kv_len : r.kv_len + take] for r, take in batch]
+        pool.assign(
+            torch.tensor([r.row for r, take in batch for _ in range(take)], dtype=torch.int64),
+            torch.tensor([r.kv_len + j for r, take in batch for j in range(take)], dtype=torch.int64),
+            slots,
+        )
+        table_writes = [(r.row, r.entry.slots) for r, _ in batch if r.table_pending]
+        self._reserved -= len(slots)
+        for request, _ in batch:
+            request.table_pending = False
+        sample_at = [i for i, (r, take) in enumerate(batch) if r.kv_len + take == len(r.input_ids)]
+        params = [batch[i][0].params for i in sample_at]
+        tokens, logprobs = await self.on_model_thread(
+            self.runner.extend, rows, prefix_lens, chunks, slots, sample_at, params, table_writes
+        )
+        self._stats["prefill_steps"] += 1
+        self._stats["prefill_tokens"] += len(slots)
+        for request, take in batch:
+            request.kv_len += take
+        for i, token, logprob in zip(sample_at, tokens, logprobs):
+            request = batch[i][0]
+            if request.filling and not request.done:
+                self.runner.prefix_cache.fill(request.entry, pool.slots_of(request.row, 0, request.entry.tokens))
+                request.shared, request.filling = request.entry.tokens, False
+            self._absorb(request, token, logprob)
+            self._prefilling.remove(request)
+            self._decoding.append(request)
+            self._decode_version += 1
+
+    async def _decode_step(self) -> None:
+        pool = self.runner.pool
+        batch = [r for r in self._decoding if not r.finished]
+        if not batch:
+            return
+        slots = self._alloc(len(batch))
+        self._reserved -= len(batch)
+        rows = [r.row for r in batch]
+        positions = [r.kv_len for r in batch]
+        pool.assign(torch.tensor(rows, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), slots)
+        tokens, logprobs = await self.on_model_thread(
+            self.runner.decode, rows, positions, [r.output_ids[-1] for r in batch], slots,
+            [r.params for r in batch], (self._decode_version, len(batch)),
+        )  # fmt: skip
+        self._stats["decode_steps"] += 1
+        self._stats["decode_rows"] += len(batch)
+        for request, token, logprob in zip(batch, tokens, logprobs):  # the hot loop: kept lean
+            request.kv_len += 1
+            if request.finished:  # aborted while the step ran
+                continue
+            output = request.output_ids
+            output.append(token)
+            request.output_logprobs.append(logprob)
+            if token in request.stops or len(output) >= request.limit:
+                self._finish_on(request, token)
+
+    def _absorb(self, request: Request, token: int, logprob: float) -> None:
+        if request.finished:  # aborted while the step ran
+            return
+        request.output_ids.append(token)
+        request.output_logprobs.append(logprob)
+        if token in request.stops or len(request.output_ids) >= request.limit:
+            self._finish_on(request, token)
+
+    def _finish_on(self, request: Request, token: int) -> None:
+        if token in request.stops:
+            self._finish(request, {"type": "stop", "matched": token})
+        else:
+            self._finish(request, {"type": "length", "length": len(request.output_ids)})
+
+    def _reap(self) -> None:
+        """Give the slots, rows and prefix references of finished requests back."""
+        ended = [r for r in self._prefilling if r.done] + [r for r in self._decoding if r.done]
+        if ended:
+            for request in ended:
+                self._release(request)
+            self._prefilling = [r for r in self._prefilling if r.row is not None]
+            self._decoding = [r for r in self._decoding if r.row is not None]
+            self._decode_version += 1
+        if not self._prefilling and not self._decoding:
             self._batch_empty.set()
+        else:
+            self._batch_empty.clear()
+
+    def _release(self, request: Request) -> None:
+        pool, cache = self.runner.pool, self.runner.prefix_cache
+        if request.row is None:
+            return
+        if pool is None:  # the pool itself is gone (released): nothing to give back to it
+            request.row = None
+            return
+        pool.allocator.free(pool.slots_of(request.row, request.shared, request.kv_len))
+        if request.entry is not None:
+            if request.filling:
+                cache.abandon(request.entry)
+            else:
+                cache.release(request.entry)
+            request.entry = None
+        self._reserved -= request.need - (request.kv_len - request.cached_tokens)  # what it did not take
+        pool.give_row(request.row)
+        request.row = None
+
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_at < STATS_EVERY_S:
+            return
+        s, elapsed = self._stats, now - self._stats_at
+        steps = max(1, s["decode_steps"])
+        in_runner = self.runner.decode_seconds - self._runner_decode_s
+        self._runner_decode_s = self.runner.decode_seconds
+        logger.info(
+            "last %.0f s: %d decode steps (mean batch %.1f, %.0f tok/s, %.1f ms a step, %.1f ms of it in ModelRunner.decode), "
+            "%d prefill steps (%d tokens, %.2f s), %d prompt tokens from the prefix cache; running %d, waiting %d, free KV slots %d",
+            elapsed, s["decode_steps"], s["decode_rows"] / steps, s["decode_rows"] / elapsed, s["decode_s"] / steps * 1e3,
+            in_runner / steps * 1e3, s["prefill_steps"], s["prefill_tokens"], s["prefill_s"], s["cached_tokens"],
+            self.running_count, len(self._waiting), self.runner.pool.allocator.available if self.runner.pool is not None else 0,
+        )
+        self._stats = dict.fromkeys(s, 0)
+        self._stats_at = now
 
     def _finish(self, request: Request, finish_reason: dict[str, Any]) -> None:
         if request.done:
             return
-        params = request.params
+        request.finished = True
         meta_info: dict[str, Any] = {
             "id": request.rid,
             "finish_reason": finish_reason,
             "prompt_tokens": len(request.input_ids),
             "completion_tokens": len(request.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": request.cached_tokens,
             "weight_version": self.runner.weight_version,
             "e2e_latency": time.monotonic() - request.created_at,
         }
         if request.return_logprob:
-            meta_info["output_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(request.output_logprobs, request.output_ids)
-            ]
+            # tuples: JSON arrays all the same, but of atoms only, so the garbage collector skips them
+            meta_info["output_token_logprobs"] = list(zip(request.output_logprobs, request.output_ids, repeat(None)))
         request.future.set_result(
             {
-                "text": self.runner.decode_text(request.output_ids, params.skip_special_tokens),
+                "text": self.runner.decode_text(request.output_ids, request.params.skip_special_tokens),
                 "output_ids": list(request.output_ids),
                 "meta_info": meta_info,
             }

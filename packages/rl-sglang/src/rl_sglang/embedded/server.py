@@ -16,6 +16,7 @@ from aiohttp import web
 
 from rl_sglang.embedded.http import BadRequest, errors_as_json, json_body, parse
 from rl_sglang.embedded.model_runner import ModelRunner
+from rl_sglang.embedded.options import EngineOptions
 from rl_sglang.embedded.sampling import SamplingParams
 from rl_sglang.embedded.scheduler import Scheduler
 from rl_sglang.embedded.weights import WeightUpdates
@@ -38,6 +39,7 @@ class EmbeddedEngine:
         dtype: str = "auto",
         max_running_requests: int = 64,
         seed: int = 0,
+        options: EngineOptions | None = None,
     ):
         if max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {max_running_requests}")
@@ -48,6 +50,7 @@ class EmbeddedEngine:
         self.dtype = dtype
         self.max_running_requests = max_running_requests
         self.seed = seed
+        self.options = options or EngineOptions()
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self.weights: WeightUpdates | None = None
@@ -61,7 +64,13 @@ class EmbeddedEngine:
     async def start(self) -> str:
         """Load the model (off the loop), start the scheduler and the HTTP server; return the URL."""
         self.runner = await asyncio.to_thread(
-            ModelRunner, self.model_path, device=self.device, dtype=self.dtype, seed=self.seed
+            ModelRunner,
+            self.model_path,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+            max_running_requests=self.max_running_requests,
+            options=self.options,
         )
         self.scheduler = Scheduler(self.runner, self.max_running_requests)
         self.scheduler.start()
@@ -267,10 +276,10 @@ class EmbeddedEngine:
         )
 
     async def _flush_cache(self, request: web.Request) -> web.Response:
-        """No prefix cache is kept across requests, so there is nothing stale to drop; answered as
-        SGLang does, which refuses while requests run."""
+        """Drop the prefix cache; refused while requests run, as SGLang does."""
         if self._busy():
             return web.Response(status=400, text="Cache not flushed because there are pending requests.\n")
+        self.scheduler.flush_cache()
         return web.Response(text="Cache flushed.\n")
 
     # ---- memory -------------------------------------------------------------------------------

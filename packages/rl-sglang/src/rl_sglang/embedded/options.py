@@ -1,0 +1,39 @@
+"""The embedded engine's settings beyond the model path, under SGLang's flag names (the launcher
+maps rl-train's `--sglang-X` to `--X`). Each one changes what the engine does; see `FLAG_HELP`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    context_length: int | None = None
+    chunked_prefill_size: int = 8192
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("max_total_tokens", "context_length", "cuda_graph_max_bs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.chunked_prefill_size < 1:
+            raise ValueError(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
+
+
+FLAG_HELP = {
+    "mem_fraction_static": "CUDA: fraction of GPU memory for weights + KV pool (default 0.85); the rest is for activations and CUDA graphs",
+    "max_total_tokens": "cap on the KV pool's token slots (on CPU: its size; default 64k tokens or 2 GiB)",
+    "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
+    "chunked_prefill_size": "most prompt tokens prefilled in one step; longer prompts are prefilled in chunks",
+    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: min(max_running_requests, 512))",
+    "disable_cuda_graph": "decode eagerly instead of under captured CUDA graphs",
+    "disable_radix_cache": "no prefix cache: every request prefills its whole prompt",
+}
+assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}
