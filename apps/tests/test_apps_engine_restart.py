@@ -37,10 +37,9 @@ class KillOneEngine:
 
 def test_a_killed_engine_is_restarted_with_the_current_weights_and_every_sample_is_trained_on_once(
         tiny_run_config, tiny_task, tmp_path):
-    from rl_core.debug_data import load_rollout
-
     from rl_apps.metrics import read_metrics
     from rl_apps.train import run, train_loop
+    from rl_core.debug_data import load_rollout
 
     per_rollout = 4 * 4
     log = tmp_path / "served.jsonl"

@@ -4,11 +4,11 @@ that SGLang's API accepts."""
 
 import pytest
 import torch
+
+from rl_fsdp import FSDPBackend
 from rl_sglang import conformance
 from rl_sglang.client import SGLangClient
 from rl_sglang.tensor_handoff import flattened_bucket, load_entry, named_tensors_of, serialize_entry
-
-from rl_fsdp import FSDPBackend
 
 
 def test_lora_flags_reach_the_policy_and_leave_the_critic_in_full(tiny_run_config, tmp_path):
@@ -63,9 +63,10 @@ async def test_adapter_only_weights_make_a_load_lora_adapter_from_tensors_call_s
 
 def test_a_lora_run_trains_the_engine_serves_the_merged_weights_and_save_hf_writes_both(tiny_run_config, tmp_path):
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from rl_apps.metrics import read_metrics
     from rl_apps.train import run
-    from transformers import AutoModelForCausalLM
 
     config = tiny_run_config(tmp_path / "run", lora_rank=4, lr=5e-2, num_rollout=2, use_kl_loss=True, kl_loss_coef=0.1,
                              use_tensorboard=False, save_reward_curve=False, save_hf=str(tmp_path / "hf"))

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from rl_rewards import IsolatedGrader, RemoteRewardModel, build_reward, default_registry
 
 from rl_apps.train_config import TrainConfig
+from rl_rewards import IsolatedGrader, RemoteRewardModel, build_reward, default_registry
 
 LIMIT_REPORTER = """
 import os, resource

@@ -16,9 +16,10 @@ TOY = Path(__file__).parent / "data" / "sft_toy.jsonl"
 
 def assistant_nll(model_dir: Path) -> float:
     """Token-mean NLL of the toy set's assistant tokens under a plain Hugging Face forward pass."""
+    from transformers import AutoModelForCausalLM
+
     from rl_core.sft_data import load_sft_examples
     from rl_sglang.tokenizer import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
     total, count = 0.0, 0

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from rl_core.prompt_files import DataError
-from rl_core.sft_data import load_sft_examples, sft_example
 
 from rl_apps.quickstart import build_char_tokenizer
+from rl_core.prompt_files import DataError
+from rl_core.sft_data import load_sft_examples, sft_example
 
 # Qwen's layout: a default system turn, and an end-of-turn marker that the assistant must learn to emit.
 IM_TEMPLATE = (

@@ -4,9 +4,8 @@ Qwen2Tokenizer that drops spaces."""
 
 import json
 
-from rl_sglang.embedded.model_runner import _load_tokenizer
-
 from rl_apps.data import build_data_source, load_tokenizer
+from rl_sglang.embedded.model_runner import _load_tokenizer
 
 TEXT = "rev abc= 1 + 2"
 

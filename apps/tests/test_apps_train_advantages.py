@@ -3,10 +3,10 @@ KL (--kl-coef) and the critic's values (ppo) reach the estimator. No Ray: the tr
 
 import pytest
 import torch
-from rl_core.rl_step import rollout_advantages
-from rl_core.sample import Sample
 
 from rl_apps.train_config import TrainConfig
+from rl_core.rl_step import rollout_advantages
+from rl_core.sample import Sample
 
 
 def train_config(**overrides):

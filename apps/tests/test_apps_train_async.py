@@ -11,6 +11,7 @@ from rl_apps.metrics import read_metrics
 from rl_apps.train import run
 from rl_apps.train_async import AsyncTrainConfig, async_train_loop
 
+
 def async_config(build, out, **overrides):
     return build(out, AsyncTrainConfig, use_tensorboard=False, save_reward_curve=False, **overrides)
 

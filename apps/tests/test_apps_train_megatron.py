@@ -11,7 +11,7 @@ def test_the_loop_trains_through_megatron_and_the_engines_serve_its_weights(tiny
     rows = read_metrics(run(tiny_run_config(tmp_path / "run", train_backend="megatron", num_rollout=2,
                                             update_weight_transport="disk", use_tensorboard=False, save_reward_curve=False)))
     assert [r["step"] for r in rows] == [0, 1]
-    for step, row in enumerate(rows):
+    for row in rows:
         # The engine's log-probs equal the trainer's before the update: its weights are the backend's export.
         assert row["train/train_rollout_logprob_abs_diff"] < 1e-3
         assert row["train/grad_norm"] > 0

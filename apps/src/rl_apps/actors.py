@@ -53,9 +53,8 @@ class EngineActor:
         self.process = self._launch(timeout_s)
         if not self.config.engine_restarts():
             return self.process.url
-        from rl_sglang.launcher import free_port
-
         from rl_apps.engine_supervision import EngineSupervisor, HoldingForwarder
+        from rl_sglang.launcher import free_port
 
         self.forwarder = HoldingForwarder(free_port(), hold_s=timeout_s)
         self.forwarder.open(int(self.process.url.rsplit(":", 1)[1]))
@@ -185,14 +184,18 @@ class RolloutManager:
     """Data source, router and reward hub in one place: hands back scored samples for a rollout."""
 
     def __init__(self, config: TrainConfig, engine_urls: list[str]) -> None:
+        from rl_apps.data import (
+            build_data_source,
+            load_eval_rows,
+            load_generation_hooks,
+            load_sample_filter,
+            load_sample_hooks,
+            load_tokenizer,
+        )
+        from rl_apps.slime_api import slime_args
         from rl_rewards import build_reward
         from rl_router import MetricsMiddleware, Router, RouterThread
         from rl_sglang.client import SGLangClient
-
-        from rl_apps.data import (
-            build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_sample_hooks, load_tokenizer,
-        )
-        from rl_apps.slime_api import slime_args
 
         self.config = config
         tokenizer = load_tokenizer(config)
@@ -298,10 +301,9 @@ class RolloutManager:
     async def _slime_args(self) -> Any:
         """The config as slime's `args`, its router address the HTTP gateway (started on first use, on this
         actor's event loop, where the user's functions run)."""
-        from rl_sglang.gateway import GenerateGateway
-
         from rl_apps.data import load_tokenizer
         from rl_apps.slime_api import slime_args
+        from rl_sglang.gateway import GenerateGateway
 
         if self._gateway is None:  # the tokenizer serves /v1/chat/completions (docs/agents.md)
             self._gateway = GenerateGateway(self._router_client(), tokenizer=load_tokenizer(self.config))

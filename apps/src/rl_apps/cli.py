@@ -95,7 +95,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str) -> argpars
         elif annotation is Path:
             kwargs["type"] = Path
         groups[section_of(model, name)].add_argument(_flag(name), **kwargs)
-    for title, group in groups.items():  # argparse shows empty groups' titles too
+    for group in groups.values():  # argparse shows empty groups' titles too
         if not group._group_actions:
             parser._action_groups.remove(group)
     parser.epilog = f"Flags {PASSTHROUGH_PREFIX}X VALUE are handed to SGLang as --X VALUE."

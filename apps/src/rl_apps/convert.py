@@ -19,9 +19,9 @@ from typing import ClassVar, Literal, Sequence
 
 from pydantic import model_validator
 
-from rl_core.config import Section
 from rl_apps.cli import parse_config
 from rl_apps.train import InputError, exit_on_failure
+from rl_core.config import Section
 
 
 class ConvertConfig(Section):
@@ -111,7 +111,8 @@ def run(config: ConvertConfig) -> Path:
         # A converted or trained checkpoint may come from another layout; its optimizer is of no use here.
         backend = build_backend(MegatronConfig(**common, no_load_optim=True))
     else:
-        from rl_fsdp import FSDPConfig, build_backend as build_fsdp
+        from rl_fsdp import FSDPConfig
+        from rl_fsdp import build_backend as build_fsdp
 
         backend = build_fsdp(FSDPConfig(**{**common, "param_dtype": "float32"}))
     try:

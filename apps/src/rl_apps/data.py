@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rl_apps.train_config import TrainConfig
 from rl_core.data_source import JsonlDataSource, load_prompt_rows, pop_first
 from rl_core.hooks import load_function
-
-from rl_apps.train_config import TrainConfig
 
 
 def load_tokenizer(config: TrainConfig) -> Any:

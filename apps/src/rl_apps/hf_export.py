@@ -11,8 +11,9 @@ def save_hf(backend: Any, directory: str | Path, hf_checkpoint: str | Path, *, w
     of `backend`'s LM into `directory`. A collective: every rank iterates the weights, `writer` writes them.
     Tensors keep the trainer's dtype; a tied model's output layer is left to its embedding, as HF saves it.
     A LoRA policy writes its merged weights, plus its adapter (peft's format) in `directory/adapter`."""
-    from rl_fsdp.weights import write_hf_checkpoint
     from transformers import AutoConfig
+
+    from rl_fsdp.weights import write_hf_checkpoint
 
     config = AutoConfig.from_pretrained(str(hf_checkpoint))
     tied = bool(getattr(config, "tie_word_embeddings", False))

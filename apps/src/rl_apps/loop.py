@@ -19,11 +19,11 @@ from rl_apps.train_config import TrainConfig
 
 def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *, asynchronous: bool = False) -> None:
     import ray
-    from rl_core.rl_step import rl_step
     from tqdm import tqdm
 
     from rl_apps.checkpoints import resume, save_if_due
     from rl_apps.evaluation import evaluate_if_due
+    from rl_core.rl_step import rl_step
 
     start = resume(config, parts)
     offload_trainer(config, parts, True)

@@ -74,9 +74,8 @@ def check_inputs(config: SFTConfig) -> list[Any]:
 
 def run(config: SFTConfig) -> Path:
     """Train; returns the metrics file (one JSON line per optimizer step: train/loss, grad_norm, lr, ...)."""
-    from rl_core.sft_data import sft_batch
-
     from rl_apps.metrics import FanOutSink, JsonlSink, TensorBoardSink
+    from rl_core.sft_data import sft_batch
 
     examples = check_inputs(config)
     steps_per_epoch = len(epoch_batches(config, len(examples), 0))

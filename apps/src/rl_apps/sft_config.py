@@ -8,10 +8,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rl_core.config import Section
 from rl_apps.train_config import (
-    CheckpointConfig, MegatronFlags, ModelConfig, TrainerConfig, check_trainer_flags, trainer_backend_config,
+    CheckpointConfig,
+    MegatronFlags,
+    ModelConfig,
+    TrainerConfig,
+    check_trainer_flags,
+    trainer_backend_config,
 )
+from rl_core.config import Section
 
 
 class SFTDataConfig(Section):

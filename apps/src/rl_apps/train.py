@@ -24,9 +24,8 @@ T = TypeVar("T")
 def exit_on_failure(prog: str, work: Callable[[], T]) -> T:
     """Run `work`; bad input, a placement Ray cannot make, or rewards that fail to grade end the program
     with one line naming the cause (not Ray's traceback around it). Rows already logged stay written."""
-    from rl_core.rollout import RewardFailure
-
     from rl_apps.cluster import PlacementError
+    from rl_core.rollout import RewardFailure
 
     try:
         return work()
@@ -41,15 +40,19 @@ class InputError(Exception):
 def check_inputs(config: TrainConfig) -> None:
     """Fail on bad data or a bad reward function before Ray and the engines start; --num-epoch becomes
     --num-rollout here, where the number of prompts is known."""
+    from rl_apps.data import (
+        build_data_source,
+        load_eval_rows,
+        load_generation_hooks,
+        load_sample_filter,
+        load_sample_hooks,
+        load_tokenizer,
+    )
+    from rl_apps.slime_api import slime_args
     from rl_core.data_source import DataError
     from rl_rewards import build_reward
     from rl_router import load_middleware
     from rl_sglang.sglang_flags import check_sglang_args
-
-    from rl_apps.data import (
-        build_data_source, load_eval_rows, load_generation_hooks, load_sample_filter, load_sample_hooks, load_tokenizer,
-    )
-    from rl_apps.slime_api import slime_args
 
     if not (Path(config.hf_checkpoint) / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")

@@ -127,7 +127,7 @@ def test_ppo_gae_on_ragged_batches_matches_slimes_per_sample_loop():
         AdvantageConfig("ppo", gamma=0.95, lambd=0.7, kl_coef=0.05),
         AdvantageInputs(rewards, 1, lengths, log_probs=log_probs, ref_log_probs=ref, values=values),
     )
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         token_rewards = (-0.05 * (log_probs[i] - ref[i])).tolist()
         token_rewards[-1] += rewards[i]
         adv, ret = naive_gae(token_rewards, values[i].tolist(), 0.95, 0.7)

@@ -5,9 +5,9 @@ import pytest
 
 from rl_core.data_source import JsonlDataSource, PromptRow
 from rl_core.dynamic_sampling import check_reward_nonzero_std
+from rl_core.generation import GenerateAnswer
 from rl_core.hooks import load_function
 from rl_core.metrics import pass_at_k, pass_at_k_metrics, rollout_metrics
-from rl_core.generation import GenerateAnswer
 from rl_core.rollout import default_generator, generate_groups
 from rl_core.sample import Sample
 
@@ -54,7 +54,7 @@ class AlternatingReward:
 
     async def score_batch(self, items):
         out = []
-        for start in range(0, len(items), self.group_size):
+        for _ in range(0, len(items), self.group_size):
             mixed = self.groups_seen % 2 == 1
             out += [float(mixed and j == 0) for j in range(self.group_size)]
             self.groups_seen += 1

@@ -1,8 +1,8 @@
 import pytest
 
+from rl_core.generation import GenerateAnswer
 from rl_core.metrics import rollout_metrics
 from rl_core.protocols import GenerateFn, RewardModel
-from rl_core.generation import GenerateAnswer
 from rl_core.rollout import RewardFailure, default_generator, generate_samples, request_id, score_samples
 from rl_core.sample import Sample, SampleStatus
 from rl_core.train_batch import TrainBatch

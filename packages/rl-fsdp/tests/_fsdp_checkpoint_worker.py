@@ -8,11 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from rl_core.train_batch import TrainBatch
 from safetensors.torch import save_file
 
 from rl_core.losses import PolicyLoss
-
+from rl_core.train_batch import TrainBatch
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 spec = json.loads(Path(sys.argv[1]).read_text())

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_core.train_batch import TrainBatch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from rl_core.train_batch import TrainBatch
 
 VOCAB = 64
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rl_core.losses import PolicyLoss, ValueLoss
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_core.train_batch import TrainBatch
 from transformers import AutoModel
 
 from rl_core.losses import ValueLoss
-
+from rl_core.train_batch import TrainBatch
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 WORKER = Path(__file__).with_name("_fsdp_critic_worker.py")
@@ -95,9 +94,9 @@ def test_micro_batch_size_one_and_four_give_the_same_update(llama_dir, make_batc
     assert max((small[n] - before[n]).abs().max().item() for n in before if not n.startswith("value_head")) > 1e-3
     for name in small:
         torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=0)
-    for s, l in zip(small_metrics, large_metrics):
+    for s, big in zip(small_metrics, large_metrics):
         for key in ("value_loss", "value_clipfrac", "grad_norm"):
-            assert s[key] == pytest.approx(l[key], rel=1e-5, abs=1e-7), key
+            assert s[key] == pytest.approx(big[key], rel=1e-5, abs=1e-7), key
     assert 0.0 < small_metrics[1]["value_clipfrac"] < 1.0
 
 

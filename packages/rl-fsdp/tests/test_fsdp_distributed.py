@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.losses import PolicyLoss
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 WORKER = Path(__file__).with_name("_fsdp_worker.py")

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from rl_core.train_batch import TrainBatch
 from transformers import AutoModelForCausalLM
 
 from rl_core.losses import PolicyLoss
-
+from rl_core.train_batch import TrainBatch
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 

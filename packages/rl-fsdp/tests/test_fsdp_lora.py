@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.config import RLStepConfig
 from rl_core.losses import PolicyLoss
 from rl_core.rl_step import rl_step
 from rl_core.sample import Sample
-from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoModelForCausalLM
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 VOCAB = 64  # the tiny models of conftest.py

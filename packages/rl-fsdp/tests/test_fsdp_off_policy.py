@@ -6,11 +6,11 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.losses import PolicyLoss
 from rl_core.train_batch import TrainBatch
-from transformers import AutoModelForCausalLM
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 # Adam's first step is lr * g / (|g| + eps) element-wise (bias corrections cancel), so with gradient

@@ -3,12 +3,12 @@
 import random
 
 import torch
+from transformers import AutoModelForCausalLM
+
 from rl_core.config import RLStepConfig
 from rl_core.protocols import TrainingBackend
 from rl_core.rl_step import rl_step
 from rl_core.sample import Sample
-from transformers import AutoModelForCausalLM
-
 from rl_fsdp import FSDPConfig, build_backend
 
 VOCAB = 64  # the tiny models of conftest.py

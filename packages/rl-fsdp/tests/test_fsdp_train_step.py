@@ -1,9 +1,9 @@
 import pytest
 import torch
+
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.losses import PolicyLoss
 from rl_core.train_batch import TrainBatch
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 # Adam's first step is g / (|g| + eps): with a large eps the update is proportional to the gradient,

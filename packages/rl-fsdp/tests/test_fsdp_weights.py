@@ -3,7 +3,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rl_core.losses import PolicyLoss
-
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 

@@ -25,6 +25,17 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import rl_megatron.backend  # noqa: F401  (megatron-core's training stack, imported before ranks fork)
 from rl_core.config import RLStepConfig
 from rl_core.losses import TrainLoss, ValueLoss
 from rl_core.micro_batches import batch_denominators, loss_inputs, make_micro_batch
@@ -32,9 +43,6 @@ from rl_core.protocols import StepBackend, TrainingBackend
 from rl_core.rl_step import rl_step
 from rl_core.sample import Sample
 from rl_core.train_batch import TrainBatch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-import rl_megatron.backend  # noqa: F401  (megatron-core's training stack, imported before ranks fork)
 from rl_megatron import MegatronConfig, build_backend
 
 TEMPERATURE = 0.8

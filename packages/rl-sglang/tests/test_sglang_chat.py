@@ -17,8 +17,8 @@ from rl_core.trajectory import apply_trajectory
 from rl_sglang.chat import SESSION_HEADER, pop_session
 from rl_sglang.client import SGLangClient
 from rl_sglang.gateway import GenerateGateway
-from rl_sglang.tool_parsers import build_tool_call_parser
 from rl_sglang.tokenizer import load_tokenizer
+from rl_sglang.tool_parsers import build_tool_call_parser
 
 # A ChatML-like template that shows tools and renders tool calls with json's default spacing.
 TEMPLATE = (
@@ -258,7 +258,7 @@ async def test_a_two_turn_chat_on_the_embedded_engine_records_the_sampled_tokens
     messages = [{"role": "user", "content": "hello"}]
     try:
         async with asyncio.timeout(60):
-            for turn in range(2):
+            for _ in range(2):
                 response = await client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=1.0,
                                                                 extra_body={"ignore_eos": True})
                 messages += [response.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "more"}]

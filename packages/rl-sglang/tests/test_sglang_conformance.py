@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from aiohttp import web
+
 from rl_sglang import client as client_module
 from rl_sglang import conformance
 from rl_sglang.api_fixture import sglang_api
@@ -90,7 +91,6 @@ def _loop_payload() -> dict[str, Any]:
     from rl_core.generation import GenerateRequest
     from rl_core.rollout import request_id
     from rl_core.sample import Sample
-
     from rl_sglang.generation import sglang_payload
 
     params = SamplingConfig(rollout_max_response_len=4, rollout_stop_token_ids=[1]).sampling_params()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from rl_sglang.errors import EngineError
 
 LONG = {"temperature": 0, "max_new_tokens": 480, "ignore_eos": True}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from rl_sglang import conformance
 from rl_sglang.client import SGLangClient
 from rl_sglang.launcher import (

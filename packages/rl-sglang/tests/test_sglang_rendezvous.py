@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rl_sglang.api_fixture import sglang_api
 from rl_sglang.launcher import free_port
 from rl_sglang.process_group import join_weight_sync_group
@@ -78,7 +79,7 @@ def test_the_trainer_side_group_meets_sglangs_helper_and_broadcasts_to_every_tp_
         for process in engines:
             process.kill()
         raise AssertionError(f"{exc}; engine ranks said: {[p.communicate()[1][-2000:] for p in engines]}") from exc
-    for process, (stdout, stderr) in zip(engines, outputs):
+    for process, (_, stderr) in zip(engines, outputs):
         assert process.returncode == 0, stderr
     answers = [json.loads(stdout) for stdout, _ in outputs]
     assert sorted(a["rank"] for a in answers) == [1, 2]

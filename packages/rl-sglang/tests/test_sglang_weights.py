@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from rl_sglang.errors import EngineError
 from rl_sglang.weight_sync import (
     BroadcastWeightTransport,
     DiskWeightTransport,
     TensorWeightTransport,
 )
-from safetensors.torch import save_file
 
 PROMPT = [5, 9, 14, 3]
 PAYLOAD = {

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,40 +78,42 @@ class BatchConfig(Section):
             f"rollout_batch_size ({self.rollout_batch_size}) x n_samples_per_prompt ({self.n_samples_per_prompt})"
             f" = {samples} samples per rollout"
         )
-        if self.global_batch_size is None and self.num_steps_per_rollout is None:
-            object.__setattr__(self, "global_batch_size", samples)
-        if self.global_batch_size is None:
-            if samples % self.num_steps_per_rollout:
+        size, steps = self.global_batch_size, self.num_steps_per_rollout
+        if size is None and steps is None:
+            size = samples
+        if size is None:
+            assert steps is not None
+            if samples % steps:
                 raise ValueError(
-                    f"{where} do not split into num_steps_per_rollout ({self.num_steps_per_rollout}) steps;"
-                    f" {nearest_divisors(samples, self.num_steps_per_rollout, 'num_steps_per_rollout')}"
+                    f"{where} do not split into num_steps_per_rollout ({steps}) steps;"
+                    f" {nearest_divisors(samples, steps, 'num_steps_per_rollout')}"
                 )
-            object.__setattr__(self, "global_batch_size", samples // self.num_steps_per_rollout)
-        if self.num_steps_per_rollout is None:
-            if samples % self.global_batch_size:
+            size = samples // steps
+        if steps is None:
+            if samples % size:
                 raise ValueError(
-                    f"{where} is not a multiple of global_batch_size ({self.global_batch_size});"
-                    f" {nearest_divisors(samples, self.global_batch_size, 'global_batch_size')}"
+                    f"{where} is not a multiple of global_batch_size ({size});"
+                    f" {nearest_divisors(samples, size, 'global_batch_size')}"
                 )
-            object.__setattr__(self, "num_steps_per_rollout", samples // self.global_batch_size)
-        if self.global_batch_size * self.num_steps_per_rollout != samples:
+            steps = samples // size
+        if size * steps != samples:
+            hint = (f" (num_steps_per_rollout {samples // size} goes with global_batch_size {size})"
+                    if samples % size == 0 else "")
             raise ValueError(
-                f"{where}, but global_batch_size ({self.global_batch_size}) x num_steps_per_rollout"
-                f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout};"
-                f" give one of them (num_steps_per_rollout {samples // self.global_batch_size} goes with"
-                f" global_batch_size {self.global_batch_size})" if samples % self.global_batch_size == 0 else
-                f"{where}, but global_batch_size ({self.global_batch_size}) x num_steps_per_rollout"
-                f" ({self.num_steps_per_rollout}) = {self.global_batch_size * self.num_steps_per_rollout}; give one of them"
+                f"{where}, but global_batch_size ({size}) x num_steps_per_rollout ({steps}) = {size * steps};"
+                f" give one of them{hint}"
             )
+        object.__setattr__(self, "global_batch_size", size)
+        object.__setattr__(self, "num_steps_per_rollout", steps)
         if self.over_sampling_batch_size is not None and self.over_sampling_batch_size < self.rollout_batch_size:
             raise ValueError(
                 f"over_sampling_batch_size ({self.over_sampling_batch_size}) is smaller than rollout_batch_size"
                 f" ({self.rollout_batch_size}): each round must be able to fill the rollout"
             )
-        if self.global_batch_size % self.micro_batch_size:
+        if size % self.micro_batch_size:
             raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) is not a multiple of micro_batch_size ({self.micro_batch_size});"
-                f" {nearest_divisors(self.global_batch_size, self.micro_batch_size, 'micro_batch_size')}"
+                f"global_batch_size ({size}) is not a multiple of micro_batch_size ({self.micro_batch_size});"
+                f" {nearest_divisors(size, self.micro_batch_size, 'micro_batch_size')}"
             )
         return self
 
@@ -150,7 +150,7 @@ class SamplingConfig(Section):
 
     def sampling_params(self) -> dict:
         """The SGLang `sampling_params` these settings mean."""
-        params = {
+        params: dict[str, Any] = {
             "temperature": self.rollout_temperature,
             "top_p": self.rollout_top_p,
             "top_k": self.rollout_top_k,
@@ -334,7 +334,7 @@ class AlgorithmConfig(Section):
             entropy_coef=self.entropy_coef,
             aggregation=self.loss_aggregation,
             aggregation_constant=self.loss_aggregation_constant,
-            pg_loss_type=estimator if estimator in ("gspo", "cispo") else "ppo",
+            pg_loss_type="gspo" if estimator == "gspo" else "cispo" if estimator == "cispo" else "ppo",
             use_tis=self.use_tis,
             tis_clip=self.tis_clip,
             tis_clip_low=self.tis_clip_low,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from rl_core.prompt_files import DataError, read_records, split_row_slice
+from rl_core.prompt_files import DataError, read_records
 from rl_core.protocols import BufferFilter
 from rl_core.sample import Sample, SampleStatus
 

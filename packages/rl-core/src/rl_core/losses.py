@@ -100,17 +100,19 @@ class PolicyLoss:
     def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _require(inputs, "PolicyLoss", "log_probs", "advantages")
         assert inputs.log_probs is not None and inputs.advantages is not None
+        old: torch.Tensor
         if inputs.old_log_probs is not None:
             old = inputs.old_log_probs
         elif self.use_rollout_logprobs:
             _require(inputs, "PolicyLoss with use_rollout_logprobs", "rollout_log_probs")
+            assert inputs.rollout_log_probs is not None
             old = inputs.rollout_log_probs
         else:
             old = inputs.log_probs.detach()
-        assert old is not None
         # Tokens outside the loss mask carry 0 in every log-prob, so no exp() there can overflow into NaN.
         on = inputs.loss_mask > 0
-        zero = lambda t: None if t is None else torch.where(on, t, torch.zeros_like(t))  # noqa: E731
+        zero = lambda t: torch.where(on, t, torch.zeros_like(t))  # noqa: E731
+        maybe_zero = lambda t: None if t is None else zero(t)  # noqa: E731
         return policy_loss(
             self.config,
             log_probs=zero(inputs.log_probs),
@@ -118,9 +120,9 @@ class PolicyLoss:
             advantages=inputs.advantages,
             mask=inputs.loss_mask,
             denominators=inputs.denominators,
-            ref_log_probs=zero(inputs.ref_log_probs) if self.config.use_kl_loss else None,
+            ref_log_probs=maybe_zero(inputs.ref_log_probs) if self.config.use_kl_loss else None,
             entropy=inputs.entropy,
-            rollout_log_probs=zero(inputs.rollout_log_probs),
+            rollout_log_probs=maybe_zero(inputs.rollout_log_probs),
         )
 
 

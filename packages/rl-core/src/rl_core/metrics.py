@@ -59,8 +59,8 @@ def rollout_metrics(samples: Sequence[Sample], *, log_passrate: bool = True, pas
         "rollout/truncated_ratio": sum(s.status is SampleStatus.TRUNCATED for s in samples) / max(len(samples), 1),
         "rollout/aborted_ratio": sum(s.status is SampleStatus.ABORTED for s in samples) / max(len(samples), 1),
     }
-    versions = [s.weight_version for s in samples]
-    if versions and all(v is not None and v.isdigit() for v in versions):
+    versions = [s.weight_version or "" for s in samples]
+    if versions and all(v.isdigit() for v in versions):
         metrics["rollout/weight_version_min"] = float(min(int(v) for v in versions))
         metrics["rollout/weight_version_max"] = float(max(int(v) for v in versions))
     if rewards:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from rl_core.algorithms.policy_loss import LossDenominators
 from rl_core.losses import LossInputs
 from rl_core.train_batch import TrainBatch

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, NotRequired, Protocol, Sequence, TypedDict, runtime_checkable,
+    TYPE_CHECKING,
+    Any,
+    Iterable,
+    Iterator,
+    Literal,
+    Mapping,
+    NotRequired,
+    Protocol,
+    Sequence,
+    TypedDict,
+    runtime_checkable,
 )
 
 if TYPE_CHECKING:

@@ -255,8 +255,9 @@ async def partial_rollout(
         return done
 
     tasks = [asyncio.ensure_future(run_group(g)) for g in groups]
-    waiter = asyncio.ensure_future(enough.wait())
-    await asyncio.wait([waiter, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(enough.wait())
+    everything: asyncio.Future[Any] = asyncio.gather(*tasks)
+    await asyncio.wait([waiter, everything], return_when=asyncio.FIRST_COMPLETED)
     if enough.is_set():
         await abort()
     finished = await asyncio.gather(*tasks)

@@ -11,12 +11,12 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from rl_core.losses import TrainLoss
 from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, rank_micro_batches, validate_batch
 from rl_core.protocols import ForwardModel
 from rl_core.train_batch import TrainBatch
-from torch import nn
-
 from rl_fsdp.checkpoint import load_training_state, save_training_state
 from rl_fsdp.config import FSDPConfig
 from rl_fsdp.distributed import join_world

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from rl_core.algorithms.policy_loss import entropy_from_logits
 from torch import nn
 
+from rl_core.algorithms.policy_loss import entropy_from_logits
 from rl_core.micro_batches import MicroBatch
 
 

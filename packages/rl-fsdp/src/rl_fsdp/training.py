@@ -7,13 +7,13 @@ from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
-from rl_core.train_batch import TrainBatch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rl_core.backend_config import BackendConfig
 from rl_core.lr_schedule import learning_rate
 from rl_core.micro_batches import MicroBatch
+from rl_core.train_batch import TrainBatch
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

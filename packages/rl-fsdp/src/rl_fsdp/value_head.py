@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from rl_core.micro_batches import MicroBatch
 from torch import nn
+
+from rl_core.micro_batches import MicroBatch
 
 
 class ValueModel(nn.Module):

@@ -23,12 +23,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import initialize_rng_tracker, model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
+
 from rl_core.losses import TrainLoss
 from rl_core.lr_schedule import learning_rate
 from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, rank_micro_batches, validate_batch
 from rl_core.protocols import ForwardModel
 from rl_core.train_batch import TrainBatch
-
 from rl_megatron.checkpoint import load_checkpoint, save_checkpoint
 from rl_megatron.config import MegatronConfig
 from rl_megatron.cpu_support import on_cpu

@@ -75,7 +75,7 @@ def _run_on_daemon_thread(call: Callable[[], Any], abandoned: _AbandonedThreads)
 
 
 def _is_async_grader(grader: Grader) -> bool:
-    return inspect.iscoroutinefunction(grader) or inspect.iscoroutinefunction(getattr(grader, "__call__", None))
+    return inspect.iscoroutinefunction(grader) or inspect.iscoroutinefunction(getattr(grader, "__call__", None))  # noqa: B004 - the method, not callability
 
 
 class RewardHub:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
-from rl_core.trajectory import Trajectory
 
+from rl_core.trajectory import Trajectory
 from rl_sglang.generation import PayloadEngine, parse_answer
 from rl_sglang.tool_parsers import build_tool_call_parser
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rl_core.generation import GenerateAnswer, GenerateRequest
-
 from rl_sglang.client import SGLangClient
 from rl_sglang.generation import SGLangGenerate
 from rl_sglang.launcher import EngineProcess, launch_engine
