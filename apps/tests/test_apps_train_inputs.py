@@ -142,3 +142,8 @@ def test_temperature_zero_reaches_the_engine_as_greedy_and_the_trainer_scores_at
     # SGLang reports a greedy token's log-prob under the unscaled logits, so the trainer divides by 1.
     assert greedy.backend_config("policy").rollout_temperature == 1.0
     assert TrainConfig(rollout_temperature=0.6, **common).backend_config("policy").rollout_temperature == 0.6
+
+
+def test_slimes_router_flags_are_refused_saying_what_our_router_does_instead(tiny_task, run_cli):
+    code, err = run_cli(base_args(tiny_task) + ["--use-slime-router"])
+    assert code == 2 and "--use-slime-router:" in err and "router" in err.split("--use-slime-router:")[1]

@@ -162,7 +162,10 @@ def parse_config(model: type[M], argv: Sequence[str] | None, prog: str, descript
     namespace, unknown = parser.parse_known_args(rest)
     flags = [a for a in unknown if a.startswith("-")]
     if flags:
-        parser.error(unknown_flag_message(parser, flags))
+        from rl_sglang.sglang_flags import is_slime_router_flag, router_flag_refusal
+
+        router_flags = [f for f in flags if is_slime_router_flag(f)]
+        parser.error(router_flag_refusal(router_flags[0]) if router_flags else unknown_flag_message(parser, flags))
     if unknown:
         parser.error(f"unexpected value(s) {' '.join(unknown)}: every value follows its flag")
     values = vars(namespace)
