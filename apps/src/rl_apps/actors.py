@@ -163,7 +163,9 @@ class TrainerActor:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
         if self.config.update_weight_transport == "disk":
-            return DiskWeightTransport(engine_urls, self.config.output_dir / "weights")
+            # With fault tolerance a dead engine is restarted from the newest version on disk, so it may miss a call.
+            return DiskWeightTransport(engine_urls, self.config.output_dir / "weights",
+                                       skip_unreachable=self.config.use_fault_tolerance)
         if self.config.update_weight_transport == "tensor":
             from rl_sglang.weight_sync import TensorWeightTransport
 

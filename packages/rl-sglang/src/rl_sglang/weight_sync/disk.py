@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import aiohttp
 import torch
 from safetensors.torch import save_file
 
@@ -20,11 +23,17 @@ from rl_sglang.weight_sync.common import (
     _on_all,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class DiskWeightTransport:
     """Writes each version as safetensors shards (HF layout with an index) into a fresh subfolder of
     `directory`, has every engine load it via /update_weights_from_disk, then deletes the versions
-    this transport wrote before."""
+    this transport wrote before.
+
+    `skip_unreachable`: an engine whose connection drops during the update (it died) is skipped rather than
+    failing the sync; the engine's supervisor restarts it from the newest complete version on disk, which
+    is this one (rl-train's --use-fault-tolerance)."""
 
     def __init__(
         self,
@@ -33,9 +42,11 @@ class DiskWeightTransport:
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout_s: float = 600,
+        skip_unreachable: bool = False,
     ):
         if not engine_urls:
             raise ValueError("engine_urls is empty")
+        self.skip_unreachable = skip_unreachable
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.bucket_bytes = bucket_bytes
@@ -71,12 +82,26 @@ class DiskWeightTransport:
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
         folder = self.write(named_tensors, weight_version)
         self._written.append(folder)
-        self._loop.run(
-            _on_all(self._clients, "update_weights_from_disk", str(folder), weight_version=weight_version)
-        )
+        self._loop.run(self._load_everywhere(folder, weight_version))
+        # Older versions go only once every engine holds this one; a skipped engine reloads from disk.
         for old in self._written[:-1]:
             shutil.rmtree(old, ignore_errors=True)
         self._written = self._written[-1:]
+
+    async def _load_everywhere(self, folder: Path, weight_version: str) -> None:
+        if not self.skip_unreachable:
+            await _on_all(self._clients, "update_weights_from_disk", str(folder), weight_version=weight_version)
+            return
+        results = await asyncio.gather(
+            *(c.update_weights_from_disk(str(folder), weight_version=weight_version) for c in self._clients),
+            return_exceptions=True,
+        )
+        for client, result in zip(self._clients, results):
+            if isinstance(result, (aiohttp.ClientConnectionError, asyncio.TimeoutError)):
+                logger.warning("engine %s unreachable during the weight update (%s); it reloads %s when it restarts",
+                               client.base_url, type(result).__name__, folder.name)
+            elif isinstance(result, BaseException):
+                raise result
 
     def close(self) -> None:
         self._loop.run(_close_all(self._clients))
