@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -22,8 +23,10 @@ class KillOneEngine:
     async def __call__(self, request, call_next):
         self.count += 1
         if self.count == {at}:
-            ours = {{p.pid for p in psutil.process_iter(["cmdline"])
-                    if "rl_sglang.embedded" in " ".join(p.info["cmdline"] or []) and {model!r} in " ".join(p.info["cmdline"] or [])}}
+            # this run's engines only: started after the test began (other tests' engines share the model)
+            ours = {{p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+                    if "rl_sglang.embedded" in " ".join(p.info["cmdline"] or []) and {model!r} in " ".join(p.info["cmdline"] or [])
+                    and p.info["create_time"] >= {since}}}
             # an engine's own process, not a worker it forked (same command line)
             engines = sorted(pid for pid in ours if psutil.Process(pid).ppid() not in ours)
             os.kill(engines[0], signal.SIGKILL)
@@ -44,7 +47,7 @@ def test_a_killed_engine_is_restarted_with_the_current_weights_and_every_sample_
     per_rollout = 4 * 4
     log = tmp_path / "served.jsonl"
     killer = tmp_path / "killer.py"
-    killer.write_text(KILLER.format(at=per_rollout + 5, model=str(tiny_task / "model"), log=str(log)))
+    killer.write_text(KILLER.format(at=per_rollout + 5, model=str(tiny_task / "model"), log=str(log), since=time.time()))
     config = tiny_run_config(
         tmp_path / "run", num_rollout=4, rollout_num_engines=2, use_fault_tolerance=True,
         update_weight_transport="disk", rollout_health_check_interval=0.3, rollout_health_check_timeout=5.0,
