@@ -44,8 +44,10 @@ def build_char_tokenizer(directory: Path):
     return tokenizer
 
 
-def build_model(directory: Path, size: str = "tiny", seed: int = 0) -> int:
-    """A Qwen2-architecture model with random weights; returns its parameter count."""
+def build_model(directory: Path, size: str = "tiny", seed: int = 0, tie_word_embeddings: bool | None = None) -> int:
+    """A Qwen2-architecture model with random weights; returns its parameter count. The tiny one ties its
+    output layer to the embeddings unless `tie_word_embeddings` is False (what LoRA needs on a random
+    model: with the tied matrix frozen the logits stay capped, see the README's LoRA section)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -59,7 +61,7 @@ def build_model(directory: Path, size: str = "tiny", seed: int = 0) -> int:
         num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=2048,
-        tie_word_embeddings=size == "tiny",
+        tie_word_embeddings=size == "tiny" if tie_word_embeddings is None else tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-operand", type=int, default=4)
+    parser.add_argument("--untie-embeddings", action="store_true",
+                        help="a separate output layer (LoRA on a random model needs one: --lora-target-modules all-linear lm_head)")
     args = parser.parse_args(argv)
-    params = build_model(args.out / "model", args.size, args.seed)
+    params = build_model(args.out / "model", args.size, args.seed, False if args.untie_embeddings else None)
     rows = make_addition_data(args.out / "train.jsonl", max_operand=args.max_operand, seed=args.seed)
     print(f"model: {params:,} parameters in {args.out / 'model'}; data: {rows} prompts in {args.out / 'train.jsonl'}")
 

@@ -38,9 +38,7 @@ def wrap_with_lora(model: PreTrainedModel, config: BackendConfig) -> PeftModel:
     if config.lora_adapter_path is not None:
         peft_model = PeftModel.from_pretrained(model, config.lora_adapter_path, adapter_name=ADAPTER, is_trainable=True)
     else:
-        targets: list[str] | str = config.lora_target_modules
-        if targets == ["all-linear"]:
-            targets = "all-linear"
+        targets = _target_modules(model, config.lora_target_modules)
         lora_config = LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets, bias="none", task_type="CAUSAL_LM",
@@ -49,6 +47,18 @@ def wrap_with_lora(model: PreTrainedModel, config: BackendConfig) -> PeftModel:
         peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
     _check_mergeable(peft_model)
     return peft_model
+
+
+def _target_modules(model: PreTrainedModel, names: list[str]) -> list[str] | str:
+    """peft's target_modules for `names`: "all-linear" alone is peft's own shorthand (every linear layer but
+    the output one); beside other names (e.g. `all-linear lm_head`) it is expanded here, since peft would
+    read it in a list as a module name that matches nothing and train only the others."""
+    if names == ["all-linear"] or "all-linear" not in names:
+        return "all-linear" if names == ["all-linear"] else names
+    output = model.get_output_embeddings()
+    linear = {name.rpartition(".")[2] for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module is not output}
+    return sorted(linear | (set(names) - {"all-linear"}))
 
 
 def _check_mergeable(peft_model: PeftModel) -> None:

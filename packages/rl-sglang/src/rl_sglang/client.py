@@ -192,6 +192,13 @@ class SGLangClient:
             payload["weight_version"] = weight_version
         return await self._request("POST", "/update_weights_from_tensor", payload)
 
+    async def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> dict[str, Any]:
+        """Set the version /generate reports (after an adapter load, which carries none); SGLang aborts every
+        request by default, the trainer's syncs run between rollouts and pass False."""
+        return await self._request(
+            "POST", "/update_weight_version", {"new_version": new_version, "abort_all_requests": abort_all_requests}
+        )
+
     # ---- LoRA (needs --enable-lora / --max-lora-rank on the server) ---------------------------
 
     async def load_lora_adapter(self, lora_name: str, lora_path: str, *, pinned: bool = False) -> dict[str, Any]:

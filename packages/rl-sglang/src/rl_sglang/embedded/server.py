@@ -122,8 +122,6 @@ class EmbeddedEngine:
         body = await json_body(request)
         if body.get("stream"):
             raise BadRequest("stream: streaming is not supported by the embedded engine")
-        if body.get("lora_path") is not None:
-            raise BadRequest("lora_path: the embedded engine serves no LoRA adapters (SGLang needs --enable-lora)")
         params = parse(lambda: SamplingParams.from_payload(body.get("sampling_params")))
         prompts, batched = self._prompts(body)
         rids = body.get("rid")
@@ -136,6 +134,7 @@ class EmbeddedEngine:
             rids = [rids if rids is not None else uuid.uuid4().hex]
         return_logprob = bool(body.get("return_logprob", False))
         async with self.weights.update_lock.shared():
+            self.weights.check_lora_path(body.get("lora_path"))  # under the lock: no adapter change in between
             submitted = []
             try:
                 for rid, prompt in zip(rids, prompts):

@@ -1,6 +1,7 @@
 """The embedded engine's weight-update routes, as SGLang 0.5.23 answers them: from disk, from a
 trainer's broadcast group, from tensor handles; the last two only inside a weight-update session
-(`/begin_weight_update` ... `/end_weight_update`). Unless generation is paused, each update waits
+(`/begin_weight_update` ... `/end_weight_update`). Also /update_weight_version and the LoRA routes
+(/load_lora_adapter, /load_lora_adapter_from_tensors, /unload_lora_adapter; `rl_sglang.embedded.lora`). Unless generation is paused, each update waits
 for the requests in flight and holds new ones (`UpdateLock`)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aiohttp import web
 from safetensors import safe_open
 
 from rl_sglang.embedded.http import BadRequest, json_body, weights_answer
+from rl_sglang.embedded.lora import LoraAdapter, adapter_from_tensors, read_adapter_folder
 from rl_sglang.embedded.model_runner import ModelRunner, parse_dtype
 from rl_sglang.embedded.scheduler import Scheduler
 from rl_sglang.embedded.update_lock import UpdateLock
@@ -54,6 +56,10 @@ class WeightUpdates:
         app.router.add_post("/update_weights_from_tensor", self._update_weights_from_tensor)
         app.router.add_post("/begin_weight_update", self._begin_weight_update)
         app.router.add_post("/end_weight_update", self._end_weight_update)
+        app.router.add_post("/update_weight_version", self._update_weight_version)
+        app.router.add_post("/load_lora_adapter", self._load_lora_adapter)
+        app.router.add_post("/load_lora_adapter_from_tensors", self._load_lora_adapter_from_tensors)
+        app.router.add_post("/unload_lora_adapter", self._unload_lora_adapter)
 
     def close(self) -> None:
         for group in self.groups.values():
@@ -189,6 +195,99 @@ class WeightUpdates:
             return weights_answer(False, NOT_FLUSHED, **extra)
         return weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}", **extra)
 
+
+    async def _update_weight_version(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        version = body.get("new_version")
+        if not isinstance(version, str):
+            raise BadRequest("new_version: a string is required")
+        if body.get("abort_all_requests", True):  # SGLang's default
+            self.scheduler.abort(None)
+        await self.scheduler.on_model_thread(self.runner.set_weight_version, version)
+        return web.json_response({"success": True, "message": f"weight_version={version}"})
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+
+    def _loaded(self) -> dict[str, str]:
+        adapter = self.runner.adapter
+        return {} if adapter is None else {adapter.name: adapter.source}
+
+    def _lora_answer(self, error: str | None) -> web.Response:
+        """SGLang's LoRAUpdateOutput: success, error_message, loaded_adapters (name -> source)."""
+        body = {"success": error is None, "error_message": error or "", "loaded_adapters": self._loaded()}
+        return web.json_response(body, status=200 if error is None else 400)
+
+    async def _load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        name, path = _lora_name(body), body.get("lora_path")
+        if not isinstance(path, str):
+            raise BadRequest("lora_path: a folder path string is required")
+        try:
+            adapter = await asyncio.to_thread(read_adapter_folder, name, Path(path))
+        except (OSError, ValueError) as exc:
+            return self._lora_answer(f"cannot load LoRA adapter {name!r} from {path}: {exc}")
+        return await self._load_adapter(adapter, body)
+
+    async def _load_lora_adapter_from_tensors(self, request: web.Request) -> web.Response:
+        """This engine is TP rank 0: it opens entry 0 of serialized_named_tensors. The sender keeps the memory
+        alive until this answers; the engine copies the factors it keeps."""
+        body = await json_body(request)
+        name, config, entries = _lora_name(body), body.get("config_dict"), body.get("serialized_named_tensors")
+        if not isinstance(config, dict):
+            raise BadRequest("config_dict: the adapter's PEFT config (adapter_config.json) as an object is required")
+        if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
+            raise BadRequest("serialized_named_tensors: a non-empty list of base64 strings (one per TP rank) is required")
+        load_format = body.get("load_format")
+        if load_format not in LOAD_FORMATS:
+            return self._lora_answer(f"Unknown load_format={load_format}; the embedded engine reads {list(LOAD_FORMATS)}")
+        try:
+            tensors = named_tensors_of(load_entry(entries[0]), load_format)
+            adapter = adapter_from_tensors(name, "<tensors>", config, tensors)
+        except Exception as exc:  # a payload that does not unpickle, or an adapter this engine cannot merge
+            return self._lora_answer(f"cannot load LoRA adapter {name!r} from tensors: {type(exc).__name__}: {exc}")
+        return await self._load_adapter(adapter, body)
+
+    async def _load_adapter(self, adapter: LoraAdapter, body: dict[str, Any]) -> web.Response:
+        async with self._updating(body):
+            current = self.runner.adapter
+            if current is not None:
+                reason = "is already loaded" if current.name == adapter.name else "is loaded; this engine serves one adapter at a time"
+                return self._lora_answer(f"LoRA adapter {current.name!r} {reason}: unload it first")
+            problem = self.runner.check_adapter(adapter)
+            if problem is not None:
+                return self._lora_answer(problem)
+            await self.scheduler.on_model_thread(self.runner.load_adapter, adapter)
+            return self._lora_answer(None)
+
+    async def _unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        name = _lora_name(body)
+        async with self._updating(body):
+            if self.runner.adapter is None or self.runner.adapter.name != name:
+                return self._lora_answer(f"LoRA adapter {name!r} is not loaded (loaded: {sorted(self._loaded())})")
+            await self.scheduler.on_model_thread(self.runner.unload_adapter)
+            return self._lora_answer(None)
+
+    def check_lora_path(self, lora_path: Any) -> None:
+        """What /generate's lora_path may name: the loaded adapter; None only while none is loaded (the base
+        is not served beside a merged adapter)."""
+        loaded = self.runner.adapter
+        if lora_path is None:
+            if loaded is not None:
+                raise BadRequest(f"lora_path: LoRA adapter {loaded.name!r} is merged into the weights this engine serves; "
+                                 "name it in lora_path, or unload it to be served the base model")
+            return
+        if not isinstance(lora_path, str):
+            raise BadRequest("lora_path: one adapter name (a string) per request; this engine serves one adapter at a time")
+        if loaded is None or loaded.name != lora_path:
+            raise BadRequest(f"lora_path: LoRA adapter {lora_path!r} is not loaded (loaded: {sorted(self._loaded())})")
+
+
+def _lora_name(body: dict[str, Any]) -> str:
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("lora_name: a non-empty string is required")
+    return name
 
 
 def _read_safetensors(folder: Path) -> list[tuple[str, torch.Tensor]]:

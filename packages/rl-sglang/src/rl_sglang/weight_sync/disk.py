@@ -9,17 +9,20 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import torch
 from safetensors.torch import save_file
 
 from rl_sglang.client import SGLangClient
+from rl_sglang.weight_sync.adapter import replace_adapter, write_adapter_folder
 from rl_sglang.weight_sync.common import (
     DEFAULT_BUCKET_BYTES,
     _BackgroundLoop,
     _buckets,
     _close_all,
+    _gather_raising,
     _on_all,
 )
 
@@ -53,6 +56,7 @@ class DiskWeightTransport:
         self._loop = _BackgroundLoop()
         self._clients = [SGLangClient(url, timeout_s=timeout_s) for url in engine_urls]
         self._written: list[Path] = []
+        self._adapters_loaded: set[str] = set()
 
     def _fresh_folder(self, weight_version: str) -> Path:
         stem = "weights_" + (re.sub(r"[^A-Za-z0-9_.-]", "_", weight_version) or "unnamed")
@@ -84,6 +88,28 @@ class DiskWeightTransport:
         self._written.append(folder)
         self._loop.run(self._load_everywhere(folder, weight_version))
         # Older versions go only once every engine holds this one; a skipped engine reloads from disk.
+        for old in self._written[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._written = self._written[-1:]
+
+    def update_adapter(self, lora_name: str, config: dict[str, Any], named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       weight_version: str) -> None:
+        """Adapter-only sync: a PEFT adapter folder (config + LoRA tensors only) that every engine loads
+        through /load_lora_adapter as `lora_name`, replacing the version this transport loaded before."""
+        if self.skip_unreachable:
+            raise ValueError("adapter-only sync does not skip unreachable engines: a restarted engine reloads full weights")
+        folder = write_adapter_folder(self._fresh_folder(f"adapter_{weight_version}"), config, named_tensors)
+        self._written.append(folder)
+
+        async def load_everywhere() -> None:
+            await _gather_raising([  # raises the first failure once all have answered
+                replace_adapter(c, lora_name, lambda c=c: c.load_lora_adapter(lora_name, str(folder)), weight_version,
+                                loaded_before=lora_name in self._adapters_loaded)
+                for c in self._clients
+            ])
+
+        self._loop.run(load_everywhere())
+        self._adapters_loaded.add(lora_name)
         for old in self._written[:-1]:
             shutil.rmtree(old, ignore_errors=True)
         self._written = self._written[-1:]

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from rl_sglang.tensor_handoff import flattened_bucket, serialize_entry
+from rl_sglang.weight_sync.adapter import replace_adapter
 from rl_sglang.weight_sync.common import (
     DEFAULT_BUCKET_BYTES,
     _buckets,
@@ -42,6 +43,7 @@ class TensorWeightTransport(_SessionTransport):
         super().__init__(engine_urls, timeout_s=timeout_s, dtype=dtype)
         self.bucket_bytes = bucket_bytes
         self.load_format = load_format
+        self._adapters_loaded: set[str] = set()
 
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
         layouts = self._engine_layouts()
@@ -77,6 +79,33 @@ class TensorWeightTransport(_SessionTransport):
             )
         self._loop.run(_gather_raising(calls))
         del keep_alive  # every engine has answered: it no longer reads this memory
+
+    def update_adapter(self, lora_name: str, config: dict[str, Any], named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       weight_version: str) -> None:
+        """Adapter-only sync: the LoRA tensors alone, by handle, through /load_lora_adapter_from_tensors as
+        `lora_name` (one entry per engine TP rank), replacing the version this transport loaded before. No
+        weight-update session: SGLang's LoRA routes run outside one."""
+        layouts = self._engine_layouts()
+        named = list(named_tensors)
+        if not named:
+            raise ValueError("update_adapter got no tensors to send")
+        keep_alive: list[Any] = []
+        by_dtype: dict[torch.dtype | None, Any] = {}
+        calls = []
+        for client, (tp_size, dtype) in zip(self._clients, layouts):
+            if dtype not in by_dtype:
+                tensors = [(n, t.contiguous()) for n, t in _in_dtype(named, dtype)]
+                by_dtype[dtype] = flattened_bucket(tensors) if self.load_format == "flattened_bucket" else tensors
+                keep_alive.append(by_dtype[dtype])
+            entries = [serialize_entry(by_dtype[dtype]) for _ in range(tp_size)]
+
+            def load(client=client, entries=entries):
+                return client.load_lora_adapter_from_tensors(lora_name, config, entries, load_format=self.load_format)
+
+            calls.append(replace_adapter(client, lora_name, load, weight_version, loaded_before=lora_name in self._adapters_loaded))
+        self._loop.run(_gather_raising(calls))
+        del keep_alive  # every engine has answered and copied what it keeps
+        self._adapters_loaded.add(lora_name)
 
     def close(self) -> None:
         self._loop.run(_close_all(self._clients))
