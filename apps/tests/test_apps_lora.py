@@ -1,9 +1,20 @@
 """`rl-train --lora-*`: the flags reach the policy's backend config, are refused where they cannot apply
-before Ray starts, and the backend's adapter-only weights make a /load_lora_adapter_from_tensors call
-that SGLang's API accepts."""
+before Ray starts, the backend's adapter-only weights make a /load_lora_adapter_from_tensors call
+that SGLang's API accepts, and an adapter-only sync makes the embedded engine serve the trainer's policy."""
+
+import asyncio
+import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from rl_apps.lora_serving import LORA_NAME
+from rl_core.losses import PolicyLoss
+from rl_core.train_batch import TrainBatch
+from rl_fsdp import FSDPConfig
+from rl_sglang.embedded import EmbeddedEngine
+from rl_sglang.weight_sync import DiskWeightTransport, TensorWeightTransport
 
 from rl_fsdp import FSDPBackend
 from rl_sglang import conformance
@@ -61,7 +72,7 @@ async def test_adapter_only_weights_make_a_load_lora_adapter_from_tensors_call_s
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_a_lora_run_trains_the_engine_serves_the_merged_weights_and_save_hf_writes_both(tiny_run_config, tmp_path):
+def test_a_lora_run_syncs_only_the_adapter_the_engine_serves_it_and_save_hf_writes_both(tiny_run_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -69,18 +80,108 @@ def test_a_lora_run_trains_the_engine_serves_the_merged_weights_and_save_hf_writ
     from rl_apps.train import run
 
     config = tiny_run_config(tmp_path / "run", lora_rank=4, lr=5e-2, num_rollout=2, use_kl_loss=True, kl_loss_coef=0.1,
-                             use_tensorboard=False, save_reward_curve=False, save_hf=str(tmp_path / "hf"))
+                             update_weight_transport="disk", use_tensorboard=False, save_reward_curve=False,
+                             save_hf=str(tmp_path / "hf"))
     rows = read_metrics(run(config))
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
-        # The engine's log-probs equal the trainer's before each update: it serves base + adapter, merged.
+        # The engine's log-probs equal the trainer's before each update: it serves base + adapter.
         assert row["train/train_rollout_logprob_abs_diff"] < 1e-3
         assert row["train/grad_norm"] > 0
     assert rows[1]["train/kl_loss"] != 0.0  # the policy left the base (the adapters-off reference)
     assert rows[1]["rollout/weight_version_min"] == rows[1]["rollout/weight_version_max"] == 1
+    # What the last sync wrote: the adapter alone, in PEFT's format, which peft itself loads.
+    (synced,) = (config.output_dir / "weights").iterdir()
+    assert sorted(p.name for p in synced.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
     base = AutoModelForCausalLM.from_pretrained(config.hf_checkpoint, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").merge_and_unload().state_dict()
     assert merged.keys() == adapted.keys()
     for name, tensor in adapted.items():
         torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0)
+    synced_adapter = load_file(str(synced / "adapter_model.safetensors"))
+    saved_adapter = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
+    assert synced_adapter.keys() == saved_adapter.keys()  # the engines got the trained adapter, nothing else
+
+
+def trained_lora_backend(model_dir) -> FSDPBackend:
+    """A rank-4 all-linear LoRA policy two Adam steps away from its base (B no longer zero)."""
+    backend = FSDPBackend(FSDPConfig(model_path=model_dir, lora_rank=4, lr=5e-2))
+    rng = random.Random(0)
+    tokens = [[rng.randrange(3, 40) for _ in range(8)] for _ in range(4)]
+    batch = TrainBatch(tokens=tokens, response_lengths=[4] * 4, loss_masks=[[1] * 4] * 4,
+                       advantages=[[a] * 4 for a in (1.0, -1.0, 1.0, -1.0)])
+    for _ in range(2):
+        backend.train_step(batch, PolicyLoss())
+    return backend
+
+
+def base_log_probs(model_dir, tokens: list[int], n: int) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0, -n - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[-n:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("transport_kind", ["disk", "tensor"])
+async def test_an_adapter_only_sync_makes_the_engine_serve_the_trainers_policy_and_sends_only_the_adapter(
+    tiny_task, tmp_path, monkeypatch, transport_kind
+):
+    import rl_sglang.weight_sync.tensor as tensor_module
+
+    model_dir = tiny_task / "model"
+    backend = trained_lora_backend(model_dir)
+    engine = EmbeddedEngine(str(model_dir), device="cpu", dtype="float32", max_running_requests=8)
+    await asyncio.wait_for(engine.start(), 60)
+    routes, handed = [], []
+    request, flatten = SGLangClient._request, tensor_module.flattened_bucket
+
+    async def recorded(self, method, route, payload=None):
+        routes.append(route)
+        return await request(self, method, route, payload)
+
+    monkeypatch.setattr(SGLangClient, "_request", recorded)
+    monkeypatch.setattr(tensor_module, "flattened_bucket", lambda tensors: handed.extend(tensors) or flatten(tensors))
+    client = SGLangClient(engine.url)
+    prompts = [[5, 9, 14, 3], [7, 7, 20], [11, 4, 30, 2, 6]]
+    sampling = {"temperature": 1.0, "max_new_tokens": 5, "ignore_eos": True}
+    transport = (DiskWeightTransport([engine.url], tmp_path / "sync") if transport_kind == "disk"
+                 else TensorWeightTransport([engine.url]))
+    try:
+        adapter = {name: t.clone() for name, t in backend.adapter_weights()}
+        await asyncio.to_thread(transport.update_adapter, LORA_NAME, backend.adapter_config(), adapter.items(), "1")
+        served = [await client.generate({"input_ids": p, "sampling_params": sampling, "return_logprob": True,
+                                         "lora_path": LORA_NAME}) for p in prompts]
+    finally:
+        await asyncio.to_thread(transport.close)
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)
+    batch = TrainBatch(tokens=[p + a["output_ids"] for p, a in zip(prompts, served)], response_lengths=[5] * 3,
+                       loss_masks=[[1] * 5] * 3, advantages=[[0.0] * 5] * 3)
+    try:
+        trainer = backend.forward(batch)
+    finally:
+        backend.close()
+    to_trainer, to_base = 0.0, 0.0
+    for answer, tokens, want in zip(served, batch.tokens, trainer):
+        got = torch.tensor([entry[0] for entry in answer["meta_info"]["output_token_logprobs"]])
+        to_trainer = max(to_trainer, float((got - want).abs().max()))
+        to_base = max(to_base, float((got - base_log_probs(model_dir, tokens, 5)).abs().max()))
+        assert answer["meta_info"]["weight_version"] == "1"
+    assert to_trainer < 1e-3  # the full fine-tuning runs' tolerance (train_rollout_logprob_abs_diff)
+    assert to_base > 0.05  # and the adapter changed what the engine serves
+
+    assert not any(route.startswith("/update_weights") for route in routes)  # no full weights travelled
+    if transport_kind == "disk":
+        assert "/load_lora_adapter" in routes
+        (folder,) = (tmp_path / "sync").iterdir()
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        sent = load_file(str(folder / "adapter_model.safetensors"))
+    else:
+        assert "/load_lora_adapter_from_tensors" in routes
+        sent = dict(handed)
+    assert sent.keys() == adapter.keys()  # lora_A / lora_B tensors only, each once
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(sent[name], tensor, atol=0, rtol=0)

@@ -8,6 +8,7 @@ from typing import Any
 
 import ray
 
+from rl_apps.lora_serving import LORA_NAME, LoraPathMiddleware, adapter_sync, engine_lora_args
 from rl_apps.train_config import TrainConfig
 
 
@@ -38,6 +39,9 @@ class EngineActor:
             args.setdefault("seed", self.config.rollout_seed + self.index)
         else:
             args.setdefault("random_seed", self.config.rollout_seed + self.index)
+            if adapter_sync(self.config):
+                for key, value in engine_lora_args(self.config).items():
+                    args.setdefault(key, value)
             if self.config.rollout_num_gpus_per_engine > 1:  # the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES)
                 args["tp_size"] = self.config.rollout_num_gpus_per_engine
         python = str(self.config.engine_python) if self.config.engine_python is not None else None
@@ -133,16 +137,21 @@ class TrainerActor:
         return self.backend.train_step(batch, loss)
 
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
-        """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent."""
+        """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent.
+        A LoRA policy on the disk or tensor transport sends its adapter alone (`lora_serving.adapter_sync`)."""
         start = time.perf_counter()
-        weights = self.backend.weights()
+        adapter_only = adapter_sync(self.config)
+        weights = self.backend.adapter_weights() if adapter_only else self.backend.weights()
         if int(os.environ["RANK"]) != self.backend.result_rank:
             for _ in weights:
                 pass
             return time.perf_counter() - start
         if self.transport is None:
             self.transport = self._make_transport(engine_urls)
-        self.transport.update(weights, weight_version)
+        if adapter_only:
+            self.transport.update_adapter(LORA_NAME, self.backend.adapter_config(), weights, weight_version)
+        else:
+            self.transport.update(weights, weight_version)
         return time.perf_counter() - start
 
     def save(self, directory: str) -> None:
@@ -213,7 +222,9 @@ class RolloutManager:
         self.router = RouterThread(
             Router({f"engine{i}": SGLangClient(url, timeout_s=request_timeout + 30)
                     for i, url in enumerate(engine_urls)},
-                   policy=config.router_policy, middleware=[MetricsMiddleware(), *config.router_middleware_paths],
+                   policy=config.router_policy,
+                   middleware=[MetricsMiddleware(), *([LoraPathMiddleware()] if adapter_sync(config) else []),
+                               *config.router_middleware_paths],
                    health_interval_s=config.rollout_health_check_interval if config.use_fault_tolerance else None,
                    health_timeout_s=config.rollout_health_check_timeout, engine_timeout_s=request_timeout)
         )

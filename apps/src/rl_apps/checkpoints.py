@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rl_apps.lora_serving import adapter_sync
 from rl_apps.train_config import TrainConfig
 
 LATEST = "latest"
@@ -81,6 +82,10 @@ def resume(config: TrainConfig, parts: Any) -> int:
     import ray
 
     if config.load is None:
+        # The engines start from the base checkpoint: a policy that starts elsewhere (--lora-adapter-path), or
+        # whose requests name its adapter (adapter-only sync), is sent before rollout 0.
+        if parts.engines and (adapter_sync(config) or config.lora_adapter_path is not None):
+            parts.policy.push_weights(parts.engine_urls, "default")
         return config.start_rollout_id or 0
     folder, state = find_checkpoint(config)
     parts.policy.load(str(folder / "policy"))
