@@ -18,6 +18,7 @@ from rl_core.config import RLStepConfig
 from rl_core.losses import PolicyLoss
 from rl_core.rl_step import rl_step
 from rl_core.sample import Sample
+from rl_core.train_batch import TrainBatch
 from rl_fsdp import FSDPBackend, FSDPConfig
 
 VOCAB = 64  # the tiny models of conftest.py
@@ -265,3 +266,49 @@ def test_two_lora_ranks_give_the_same_kl_step_and_merged_weights_as_one(run_two_
         torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0)
     for key in ("loss", "kl_loss", "grad_norm"):
         assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
+
+
+def bandit(backend: FSDPBackend, steps: int) -> float:
+    """GRPO on one prompt whose 64 samples are every token once, reward 1 for token 7 only; p(7) at the end."""
+    samples = lambda: [Sample(index=k, tokens=[1, 2, 3, 4, k], response_length=1, loss_mask=[1], reward=float(k == 7))  # noqa: E731
+                       for k in range(VOCAB)]
+    for _ in range(steps):
+        rl_step(RLStepConfig(rollout_batch_size=1, n_samples_per_prompt=VOCAB), samples(), backend)
+    probe = TrainBatch(tokens=[[1, 2, 3, 4, 7]], response_lengths=[1], loss_masks=[[1]], advantages=[[0.0]])
+    return float(backend.forward(probe)[0].exp())
+
+
+def tied_logit_cap(model_dir: Path, token: int) -> float:
+    """The largest p(token) any hidden state can give when the tied embeddings E and the final RMSNorm's
+    weight w stay frozen: |h| <= sqrt(d) max|w|, so l_j - l_t >= -|h| |e_j - e_t| for every other j."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    embeddings = model.get_input_embeddings().weight.detach()
+    radius = embeddings.shape[1] ** 0.5 * float(model.model.norm.weight.detach().abs().max())
+    gaps = (embeddings - embeddings[token]).norm(dim=1)
+    return float(1.0 / torch.exp(-radius * gaps).sum())  # the j = t term is exp(0) = 1
+
+
+def test_lora_learns_a_bandit_with_the_lm_head_trainable_and_cannot_on_a_random_tied_model(llama_dir, tied_dir):
+    """Why LoRA does not learn the quickstart on its random tied model: with the embeddings (also the output
+    layer) and the final norm frozen, the logits are capped near uniform; full fine-tuning moves them, and
+    LoRA learns once the output layer has an adapter (an untied model, --lora-target-modules all-linear lm_head)."""
+    steps, lr = 5, 5e-2
+    results = {}
+    for name, config in {
+        "lora, untied, all-linear + lm_head": FSDPConfig(model_path=llama_dir, lora_rank=4, lora_alpha=8, lr=lr, micro_batch_size=VOCAB,
+                                                         lora_target_modules=["all-linear", "lm_head"]),
+        "lora, tied, all-linear": FSDPConfig(model_path=tied_dir, lora_rank=4, lora_alpha=8, lr=lr, micro_batch_size=VOCAB),
+        "full fine-tuning, tied": FSDPConfig(model_path=tied_dir, lr=lr, micro_batch_size=VOCAB),
+    }.items():
+        backend = FSDPBackend(config)
+        try:
+            if "lm_head" in name:
+                assert "lm_head" in {n.split(".")[-1] for n in backend.model.peft_config["default"].target_modules}
+            results[name] = bandit(backend, steps)
+        finally:
+            backend.close()
+    cap = tied_logit_cap(tied_dir, 7)
+    assert cap < 0.1  # near uniform (1/64): the tied random model cannot put mass on one token
+    assert results["lora, tied, all-linear"] <= cap
+    assert results["lora, untied, all-linear + lm_head"] > 0.5, results
+    assert results["full fine-tuning, tied"] > 0.5, results
