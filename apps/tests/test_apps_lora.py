@@ -12,14 +12,12 @@ from safetensors.torch import load_file
 from rl_apps.lora_serving import LORA_NAME
 from rl_core.losses import PolicyLoss
 from rl_core.train_batch import TrainBatch
-from rl_fsdp import FSDPConfig
-from rl_sglang.embedded import EmbeddedEngine
-from rl_sglang.weight_sync import DiskWeightTransport, TensorWeightTransport
-
-from rl_fsdp import FSDPBackend
+from rl_fsdp import FSDPBackend, FSDPConfig
 from rl_sglang import conformance
 from rl_sglang.client import SGLangClient
+from rl_sglang.embedded import EmbeddedEngine
 from rl_sglang.tensor_handoff import flattened_bucket, load_entry, named_tensors_of, serialize_entry
+from rl_sglang.weight_sync import DiskWeightTransport, TensorWeightTransport
 
 
 def test_lora_flags_reach_the_policy_and_leave_the_critic_in_full(tiny_run_config, tmp_path):

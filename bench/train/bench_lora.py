@@ -128,7 +128,8 @@ def run(model_dir: str, batch, args: argparse.Namespace, lora_rank: int) -> dict
     engine = start_engine(model_dir, args.device)
     sync_dir = tempfile.mkdtemp(prefix="bench-lora-sync-")
     try:
-        transports = {"tensor": TensorWeightTransport([engine.url]),
+        # On CPU, tensor handles (shared-memory file descriptors) open only in a process of the sender's family.
+        transports = {**({"tensor": TensorWeightTransport([engine.url])} if cuda else {}),
                       "disk": DiskWeightTransport([engine.url], sync_dir)}
         try:
             for kind, transport in transports.items():

@@ -42,6 +42,7 @@ from rl_sglang.weight_sync import (
     DiskWeightTransport,
     TensorWeightTransport,
 )
+from rl_sglang.weight_sync.adapter import write_adapter_folder
 
 PROMPT = [5, 9, 14, 3]
 SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 5, "max_new_tokens": 4, "stop_token_ids": [1]}
@@ -124,9 +125,17 @@ async def drive_every_call(url: str, model_factory: Any, tmp_path: Path, *, lora
         await asyncio.wait_for(client.resume_memory_occupation(), 30)
         await asyncio.wait_for(client.continue_generation(), 10)
         lora = {**_loop_payload(), "lora_path": "adapter-a"}
+        await asyncio.wait_for(client.update_weight_version("v0"), 10)
         if lora_available:
+            config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+            tensors = [("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(2, 32)),
+                       ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", torch.zeros(32, 2))]
+            write_adapter_folder(tmp_path / "adapter", config, tensors)
             await asyncio.wait_for(client.load_lora_adapter("adapter-a", str(tmp_path / "adapter"), pinned=False), 60)
             await asyncio.wait_for(client.generate(lora), 60)
+            await asyncio.wait_for(client.unload_lora_adapter("adapter-a"), 30)
+            await asyncio.wait_for(client.load_lora_adapter_from_tensors(
+                "adapter-a", config, [serialize_entry(flattened_bucket(tensors))], load_format="flattened_bucket"), 60)
             await asyncio.wait_for(client.unload_lora_adapter("adapter-a"), 30)
         else:
             assert (await _expect_refused(client.generate(lora))).status == 400
@@ -170,7 +179,7 @@ def _problems(calls: list[tuple[str, str, Any, int]]) -> list[str]:
 
 
 async def test_every_call_the_client_and_transports_make_conforms_to_the_pinned_sglang(recording, ref, tmp_path):
-    await drive_every_call(recording.url, ref.make_model, tmp_path, lora_available=False)
+    await drive_every_call(recording.url, ref.make_model, tmp_path, lora_available=True)
     assert _problems(recording.calls) == []
     called = {path for _, path, _, _ in recording.calls}
     used_by_client = set(re.findall(r'"(/[a-z_]+)"', inspect.getsource(client_module)))
