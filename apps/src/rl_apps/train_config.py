@@ -119,7 +119,7 @@ class LoraFlags(Section):
 
     lora_rank: int = Field(0, ge=0)
     """Rank of the LoRA adapters trained instead of the policy's weights; 0: full fine-tuning. The KL
-    reference is the base with adapters off; the engines get the merged weights."""
+    reference is the base with adapters off; the engines get the adapter alone over disk and tensor, merged weights over broadcast."""
     lora_alpha: float = Field(16.0, gt=0.0)
     """Adapter scale numerator: the update is (lora_alpha / lora_rank) * B @ A."""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
