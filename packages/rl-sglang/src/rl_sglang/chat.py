@@ -151,7 +151,7 @@ class ChatCompletions:
             if answer.log_probs is None:
                 raise RuntimeError("the engine answered without log-probs (return_logprob was asked)")
             parsed = self.parser.parse(answer.text, tools or [])
-            reply = {"role": "assistant", "content": parsed.content}
+            reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
             if parsed.tool_calls:
                 reply["tool_calls"] = parsed.tool_calls
             self._record(session, branch, new_ids, answer, messages, tools, reply)
