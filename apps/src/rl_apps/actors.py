@@ -29,11 +29,12 @@ class EngineActor:
         self.process = None
         self.supervisor = None
         self.forwarder = None
+        self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
 
     def _launch(self, timeout_s: float) -> Any:
         from rl_sglang.launcher import launch_engine
 
-        args = dict(self.config.sglang_args)
+        args = {k: v for k, v in self.config.sglang_args.items() if k != "host"}
         if self.config.engine_type == "embedded":
             args.setdefault("device", self.config.rollout_device)
             args.setdefault("seed", self.config.rollout_seed + self.index)
@@ -45,7 +46,8 @@ class EngineActor:
             if self.config.rollout_num_gpus_per_engine > 1:  # the GPUs Ray gave this actor (CUDA_VISIBLE_DEVICES)
                 args["tp_size"] = self.config.rollout_num_gpus_per_engine
         python = str(self.config.engine_python) if self.config.engine_python is not None else None
-        process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), sglang_args=args, python=python)
+        process = launch_engine(self.config.engine_type, str(self.config.hf_checkpoint), host=self.bind_host,
+                                advertise_host=self.advertise_host, sglang_args=args, python=python)
         try:
             process.wait_until_healthy(timeout_s)
         except BaseException:
@@ -54,13 +56,20 @@ class EngineActor:
         return process
 
     def start(self, timeout_s: float = 600.0) -> str:
+        """Launch the engine; returns the URL the router and the trainers reach it at (its node's IP on a
+        cluster of several nodes, see rl_apps.addresses)."""
+        from rl_apps.addresses import alive_node_count, engine_hosts
+
+        self.bind_host, self.advertise_host = engine_hosts(
+            self.config.sglang_args.get("host"), node_count=alive_node_count(), node_ip=ray.util.get_node_ip_address()
+        )
         self.process = self._launch(timeout_s)
         if not self.config.engine_restarts():
             return self.process.url
         from rl_apps.engine_supervision import EngineSupervisor, HoldingForwarder
-        from rl_sglang.launcher import free_port
+        from rl_sglang.launcher import free_port, http_url
 
-        self.forwarder = HoldingForwarder(free_port(), hold_s=timeout_s)
+        self.forwarder = HoldingForwarder(free_port(self.bind_host), host=self.bind_host, hold_s=timeout_s)
         self.forwarder.open(int(self.process.url.rsplit(":", 1)[1]))
         self.supervisor = EngineSupervisor(
             self.process, self.forwarder, lambda: self._launch(timeout_s),
@@ -71,7 +80,7 @@ class EngineActor:
             timeout_s=self.config.rollout_health_check_timeout,
             log=lambda line: print(f"engine {self.index}: {line}", flush=True),
         )
-        return f"http://127.0.0.1:{self.forwarder.port}"
+        return http_url(self.advertise_host, self.forwarder.port)
 
     def restart_count(self) -> int:
         """How often this engine's process was restarted."""
@@ -181,8 +190,11 @@ class TrainerActor:
             return TensorWeightTransport(engine_urls)
         import torch
 
+        from rl_apps.addresses import weight_sync_address
+
         backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
-        return BroadcastWeightTransport(engine_urls, backend=backend)
+        return BroadcastWeightTransport(engine_urls, weight_sync_address(engine_urls, ray.util.get_node_ip_address()),
+                                        backend=backend)
 
     def shutdown(self) -> None:
         if self.transport is not None:

@@ -14,15 +14,15 @@ from rl_apps.train_config import TrainConfig
 __all__ = ["Parts", "PlacementError", "placed_parts", "placement_notice", "placement_for"]
 
 
-def _free_port(taken: tuple[int, ...] = ()) -> int:
-    """A free loopback port other than `taken` (a port just released may be handed out again)."""
+def _free_port(host: str = "127.0.0.1", taken: tuple[int, ...] = ()) -> int:
+    """A free port on `host` other than `taken` (a port just released may be handed out again)."""
     for _ in range(100):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             port = s.getsockname()[1]
         if port not in taken:
             return port
-    raise RuntimeError(f"no free loopback port outside {taken} in 100 tries")
+    raise RuntimeError(f"no free port on {host} outside {taken} in 100 tries")
 
 
 def _on_gpu(config: TrainConfig) -> bool:
@@ -95,8 +95,10 @@ def _rank_zero_address(taken: int = 0) -> tuple[str, int]:
     """The node address of rank 0's bundle and a free port there: torch.distributed's rendezvous."""
     import ray
 
-    on_one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
-    return ("127.0.0.1" if on_one_node else ray.util.get_node_ip_address()), _free_port(taken=(taken,))
+    from rl_apps.addresses import LOOPBACK, alive_node_count
+
+    host = LOOPBACK if alive_node_count() == 1 else ray.util.get_node_ip_address()
+    return host, _free_port(host, taken=(taken,))
 
 
 @contextlib.contextmanager
@@ -112,6 +114,7 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+    from rl_apps.addresses import alive_node_count, check_engine_host
     from rl_apps.trainer_group import TrainerGroup
 
     plan = placement_for(config, trainers=trainers)
@@ -123,6 +126,10 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     rank_zero_address = ray.remote(_rank_zero_address)
     try:
         check_fits(plan, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+        try:
+            check_engine_host(config.sglang_args.get("host"), alive_node_count())
+        except ValueError as e:
+            raise PlacementError(str(e)) from None
     except PlacementError:
         if owns_ray:
             ray.shutdown()

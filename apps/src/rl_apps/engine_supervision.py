@@ -21,11 +21,16 @@ from typing import Any, Callable
 
 
 class HoldingForwarder:
-    """A loopback TCP port that forwards each connection to `target` while open, and holds new connections
-    (accepting them, sending nothing) while closed, up to `hold_s` seconds, then drops them."""
+    """A TCP port on `host` (the engine's bind address) that forwards each connection to the engine's port on
+    the same address while open, and holds new connections (accepting them, sending nothing) while closed, up to
+    `hold_s` seconds, then drops them."""
 
-    def __init__(self, port: int, *, hold_s: float = 600.0) -> None:
+    def __init__(self, port: int, *, host: str = "127.0.0.1", hold_s: float = 600.0) -> None:
+        from rl_sglang.launcher import local_host
+
         self.port = port
+        self.host = host
+        self._target_host = local_host(host)
         self.hold_s = hold_s
         self._target: int | None = None
         self._opened = threading.Event()
@@ -33,7 +38,7 @@ class HoldingForwarder:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"engine-forwarder-{port}", daemon=True)
         self._thread.start()
-        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", port, reuse_address=True))
+        self._server = self._call(asyncio.start_server(self._accept, host, port, reuse_address=True))
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -63,7 +68,7 @@ class HoldingForwarder:
             await asyncio.sleep(0.05)
         target = self._target
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target)
+            upstream_reader, upstream_writer = await asyncio.open_connection(self._target_host, target)
         except OSError:
             writer.close()
             return

@@ -15,6 +15,7 @@ from rl_sglang.client import SGLangClient
 from rl_sglang.launcher import (
     build_embedded_argv,
     build_sglang_argv,
+    http_url,
     launch_engine,
     sglang_available,
 )
@@ -159,3 +160,22 @@ def test_the_client_module_imports_without_torch_or_transformers():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+def test_sglang_host_is_the_address_the_engine_binds_and_a_wildcard_is_advertised_as_given_or_as_loopback(tmp_path):
+    fake = tmp_path / "venv" / "bin"
+    (fake / "sglang").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text("")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake} exec {sys.executable} \"$@\"\n")  # finds `sglang`, exits at once
+    python.chmod(0o755)
+    for advertise, host in (("10.0.0.7", "10.0.0.7"), (None, "127.0.0.1")):
+        process = launch_engine("sglang", "/m", python=str(python), sglang_args={"host": "0.0.0.0", "tp_size": 1},
+                                advertise_host=advertise)
+        try:
+            assert process.argv.count("--host") == 1 and process.argv[process.argv.index("--host") + 1] == "0.0.0.0"
+            assert process.url == f"http://{host}:{process.argv[process.argv.index('--port') + 1]}"
+        finally:
+            process.terminate()
+    check_sglang_args({"host": "0.0.0.0"})  # SGLang's --host, accepted as --sglang-host
+    assert http_url("::1", 5) == "http://[::1]:5" and http_url("10.0.0.7", 5) == "http://10.0.0.7:5"

@@ -67,5 +67,6 @@ def build_reward(
     if rm_type is not None:
         grader = (registry or default_registry).create(rm_type, **options)
     else:
+        assert custom_rm_path is not None  # exactly one of the two, checked above
         grader = _custom_grader(custom_rm_path, options, slime_args)
     return RewardHub(grader, **hub_kwargs)

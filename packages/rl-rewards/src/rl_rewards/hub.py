@@ -161,7 +161,8 @@ class RewardHub:
         if getattr(self.grader, "wants_sample", False):
             arguments["sample"] = item.get("sample")
         if self._is_async:
-            return await self.grader(**arguments)
+            value = self.grader(**arguments)
+            return await value if inspect.isawaitable(value) else value
         if self._abandoned.count >= self.max_abandoned_threads:
             raise RuntimeError(
                 f"{self._abandoned.count} timed-out grader threads are still running "

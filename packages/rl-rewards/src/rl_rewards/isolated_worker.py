@@ -15,7 +15,7 @@ import json
 import os
 import resource
 import sys
-from typing import Any
+from typing import Any, Awaitable
 
 
 def _load(spec: dict[str, Any]) -> Any:
@@ -33,7 +33,12 @@ def _call(grader: Any, request: dict[str, Any]) -> Any:
         label=request.get("label"),
         metadata=request.get("metadata") or {},
     )
-    return asyncio.run(value) if inspect.isawaitable(value) else value
+    return asyncio.run(_awaited(value)) if inspect.isawaitable(value) else value
+
+
+async def _awaited(value: Awaitable[Any]) -> Any:
+    """asyncio.run takes only coroutines; a grader may return any awaitable."""
+    return await value
 
 
 def _protocol_stream() -> Any:

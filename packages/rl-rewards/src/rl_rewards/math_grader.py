@@ -49,7 +49,7 @@ def _too_expensive_for_sympy(latex: str) -> bool:
 
 
 def _numbers_match(predicted: Fraction, gold: Fraction) -> bool:
-    return abs(predicted - gold) <= _RELATIVE_TOLERANCE * max(1, abs(gold))
+    return abs(predicted - gold) <= _RELATIVE_TOLERANCE * max(Fraction(1), abs(gold))
 
 
 def _numeric_equal(predicted: NormalizedAnswer, gold: NormalizedAnswer) -> bool | None:

@@ -82,7 +82,7 @@ def isolatable(target: str, *, takes_options: bool) -> GraderFactory:
         startup_timeout_s: float | None = None,
         **options: Any,
     ) -> Grader:
-        pool = {
+        pool: dict[str, Any] = {
             key: value
             for key, value in (
                 ("workers", workers),

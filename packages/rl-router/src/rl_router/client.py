@@ -68,6 +68,7 @@ class RouterClient:
         self._fail_pending(RouterError("router client closed"))
         if self._socket is not None:
             self._socket.close()
+        if self._context is not None:
             self._context.term()
 
     async def __aenter__(self) -> RouterClient:

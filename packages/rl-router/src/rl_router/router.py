@@ -171,7 +171,9 @@ class Router:
             self._context.term()
             self._context = None
             raise OSError(f"router cannot bind {self.address!r}: {exc}") from exc
-        self.address = socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(endpoint, bytes), "LAST_ENDPOINT is a bytes option"
+        self.address = endpoint.decode()
         self._socket = LoopSocket(socket, self._on_message)
         self._socket.attach(asyncio.get_running_loop())
         if self._health_interval_s is not None:
@@ -190,7 +192,8 @@ class Router:
         self._tasks.clear()  # tasks cancelled before their first step never reach their own cleanup
         await self._pool.close()
         self._peer_warnings.flush()
-        self._context.term()
+        if self._context is not None:
+            self._context.term()
         self._socket = self._context = self._health_loop = None
 
     async def __aenter__(self) -> Router:

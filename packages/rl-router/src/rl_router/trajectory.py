@@ -189,10 +189,11 @@ class TrajectoryTree:
 
     def _collect(self, node: _Node, matched_chars: int) -> Trajectory:
         chain = []
-        while node is not None:
-            if node.checkpoint:
-                chain.append(node)
-            node = node.parent
+        current: _Node | None = node
+        while current is not None:
+            if current.checkpoint:
+                chain.append(current)
+            current = current.parent
         chain.reverse()
         out = Trajectory(matched_chars, [], [], [], [])
         for n in chain:
@@ -206,7 +207,7 @@ class TrajectoryTree:
         while node is not self._root:
             self._lru[id(node)] = node
             self._lru.move_to_end(id(node))
-            node = node.parent
+            node = _parent(node)
 
     def _remove_subtree(self, node: _Node, *, prune: bool = True) -> None:
         """Drop `node` and all below it; with `prune`, also structural ancestors left with no children."""
@@ -216,15 +217,17 @@ class TrajectoryTree:
             stack.extend(n.children.values())
             self.total_tokens -= len(n.token_ids)
             self._lru.pop(id(n), None)
-        del node.parent.children[node.key[0]]
+        parent = _parent(node)
+        del parent.children[node.key[0]]
         if prune:
-            self._drop_empty_structural(node.parent)
+            self._drop_empty_structural(parent)
 
     def _drop_empty_structural(self, node: _Node) -> None:
         while node is not self._root and not node.checkpoint and not node.children:
             self._lru.pop(id(node), None)
-            del node.parent.children[node.key[0]]
-            node = node.parent
+            parent = _parent(node)
+            del parent.children[node.key[0]]
+            node = parent
 
     def _evict(self) -> None:
         while self.total_tokens > self.max_tokens and self._lru:
@@ -232,8 +235,19 @@ class TrajectoryTree:
             self._remove_subtree(oldest)  # a leaf, given the LRU order
 
 
+def _parent(node: _Node) -> _Node:
+    """The parent of a node below the root (only the root has none)."""
+    assert node.parent is not None, "the root has no parent"
+    return node.parent
+
+
+def _meta_info(response: dict[str, Any]) -> dict[str, Any]:
+    meta = response.get("meta_info")
+    return meta if isinstance(meta, dict) else {}
+
+
 def _output_tokens(response: dict[str, Any]) -> tuple[list[int], list[float]]:
-    meta = response.get("meta_info") if isinstance(response.get("meta_info"), dict) else {}
+    meta = _meta_info(response)
     entries = meta.get("output_token_logprobs") or []
     ids = response.get("output_ids")
     if not isinstance(ids, list):
@@ -277,8 +291,7 @@ class TrajectoryMiddleware:
         output_text = response.get("text")
         if isinstance(output_text, str):
             output_ids, output_logprobs = _output_tokens(response)
-            meta = response.get("meta_info") if isinstance(response.get("meta_info"), dict) else {}
-            version = meta.get("weight_version")
+            version = _meta_info(response).get("weight_version")
             self.tree.insert(
                 text + output_text,
                 input_ids + output_ids,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import zmq
 
@@ -36,7 +36,7 @@ class LoopSocket:
         self.socket = socket
         self._on_message = on_message
         self._on_error = on_error
-        self._fd = socket.getsockopt(zmq.FD)
+        self._fd = socket.fileno()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: deque[Sequence[bytes]] = deque()  # messages not yet handed to ZeroMQ, in order
         self._check_pending = False
@@ -89,7 +89,9 @@ class LoopSocket:
     def _on_events(self) -> None:
         self._check_pending = False
         socket = self.socket
-        get = socket.get  # the backend call returns a plain int: no flag-enum arithmetic per message
+        # The backend call returns a plain int: no flag-enum arithmetic per message. pyzmq types every option's
+        # value as int | bytes; EVENTS is an int.
+        get = cast(Callable[[int], int], socket.get)
         try:
             while not self._closed:
                 events = get(_EVENTS)

@@ -8,7 +8,7 @@ from a message it refuses to decode in full (an oversize one) and answer with an
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import msgpack
 
@@ -53,7 +53,7 @@ def encode_error(msg_id: int, error: str) -> bytes:
     return encode({"id": msg_id, "ok": False, "error": error})
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout
 
+from rl_core.generation import FinishReason
 from rl_core.trajectory import Trajectory
 from rl_sglang.generation import PayloadEngine, parse_answer
 from rl_sglang.tool_parsers import build_tool_call_parser
@@ -53,7 +54,7 @@ class _Branch:
     reply: dict[str, Any] = field(default_factory=dict)
     last_output_ids: list[int] = field(default_factory=list)
     weight_versions: list[str] = field(default_factory=list)
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = "stop"
 
 
 @dataclass
@@ -151,7 +152,7 @@ class ChatCompletions:
             if answer.log_probs is None:
                 raise RuntimeError("the engine answered without log-probs (return_logprob was asked)")
             parsed = self.parser.parse(answer.text, tools or [])
-            reply = {"role": "assistant", "content": parsed.content}
+            reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
             if parsed.tool_calls:
                 reply["tool_calls"] = parsed.tool_calls
             self._record(session, branch, new_ids, answer, messages, tools, reply)

@@ -4,6 +4,7 @@ rl-core's rollout, and the weight transports that reach it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,13 +38,30 @@ class EngineHandle:
         self.process.wait_until_healthy(startup_timeout_s)
         self.url = self.process.url
         self._generators: dict[asyncio.AbstractEventLoop, SGLangGenerate] = {}
+        self._lifetimes: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
 
     async def generate(self, request: GenerateRequest) -> GenerateAnswer:
-        """rl-core's GenerateFn on this engine (one HTTP client per event loop that calls it)."""
+        """rl-core's GenerateFn on this engine (one HTTP client per event loop that calls it, closed when
+        that loop shuts down: a trainer may call asyncio.run once per rollout)."""
         loop = asyncio.get_running_loop()
-        if loop not in self._generators:
-            self._generators = {loop: SGLangGenerate(SGLangClient(self.url))}  # clients of finished loops are dropped
-        return await self._generators[loop](request)
+        generate = self._generators.get(loop)
+        if generate is None:
+            lifetime = self._lifetimes[loop] = self._client_lifetime(loop, SGLangClient(self.url))
+            await anext(lifetime)
+            generate = self._generators[loop]
+        return await generate(request)
+
+    async def _client_lifetime(self, loop: asyncio.AbstractEventLoop, client: SGLangClient) -> AsyncGenerator[None, None]:
+        """Holds `loop`'s client until the generator is closed: by `aclose`, or by the loop's shutdown
+        (asyncio.run closes every async generator begun on its loop while the loop still runs, which is
+        when an HTTP session can still be closed)."""
+        self._generators[loop] = SGLangGenerate(client)
+        try:
+            yield
+        finally:
+            self._generators.pop(loop, None)
+            self._lifetimes.pop(loop, None)
+            await client.close()
 
     def transport(self, kind: Literal["disk", "broadcast", "tensor"] = "broadcast", **options: Any) -> Any:
         """A WeightTransport to this engine: safetensors in `options['folder']`, a process-group broadcast,
@@ -61,9 +79,9 @@ class EngineHandle:
 
     async def aclose(self) -> None:
         """Close the HTTP client of the running event loop, then stop the engine."""
-        generator = self._generators.pop(asyncio.get_running_loop(), None)
-        if generator is not None:
-            await generator.engine.close()  # type: ignore[attr-defined]
+        lifetime = self._lifetimes.get(asyncio.get_running_loop())
+        if lifetime is not None:
+            await lifetime.aclose()
         self.close()
 
     def __enter__(self) -> EngineHandle:

@@ -53,6 +53,12 @@ class GenerateGateway:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def _chat_completions(self) -> ChatCompletions:
+        """The chat routes are served only when there is a tokenizer, hence a ChatCompletions."""
+        if self.chat is None:
+            raise RuntimeError("the gateway serves no chat routes without a tokenizer")
+        return self.chat
+
     async def _generate(self, request: web.Request) -> web.Response:
         try:
             payload = await request.json()
@@ -71,7 +77,7 @@ class GenerateGateway:
         session_id = request.match_info.get("session_id") or request.headers.get(SESSION_HEADER) or None
         try:
             body = await request.json()
-            answer = await self.chat.create(body, session_id)
+            answer = await self._chat_completions().create(body, session_id)
         except (json.JSONDecodeError, ChatRequestError) as e:
             return _openai_error(str(e), 400, "invalid_request_error")
         except Exception as e:  # noqa: BLE001 - as /generate: the engine's or router's error reaches the agent
@@ -88,13 +94,14 @@ class GenerateGateway:
         return stream
 
     async def _models(self, request: web.Request) -> web.Response:
-        model = {"id": self.chat.model_name, "object": "model", "created": 0, "owned_by": "rl"}
+        model = {"id": self._chat_completions().model_name, "object": "model", "created": 0, "owned_by": "rl"}
         return web.json_response({"object": "list", "data": [model]})
 
     async def _session(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         try:
-            found = self.chat.pop(session_id) if request.method == "DELETE" else self.chat.trajectories(session_id)
+            chat = self._chat_completions()
+            found = chat.pop(session_id) if request.method == "DELETE" else chat.trajectories(session_id)
         except KeyError:
             return _openai_error(f"no session {session_id!r} (never used, already deleted, or evicted)", 404, "not_found")
         return web.json_response({"session_id": session_id, "trajectories": [t.model_dump() for t in found]})

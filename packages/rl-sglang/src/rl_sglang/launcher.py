@@ -92,8 +92,22 @@ def sglang_available(python: str | None = None) -> bool:
     return found.stdout.strip() == "True"
 
 
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+"""Bind addresses that listen on every interface, and where a process on the same machine reaches them."""
+
+
+def local_host(bind_host: str) -> str:
+    """Where a process on the engine's own machine connects to a server bound to `bind_host`."""
+    return WILDCARD_HOSTS.get(bind_host, bind_host)
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, with an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
@@ -161,10 +175,16 @@ def launch_engine(
     sglang_args: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     python: str | None = None,
+    advertise_host: str | None = None,
 ) -> EngineProcess:
-    """Start an engine. For kind "embedded", `sglang_args` keys it understands (device, dtype,
-    max_running_requests, random_seed) are passed on and the SGLang-only rest is logged and skipped, so
-    one set of `--sglang-*` flags serves both kinds. `python` runs SGLang from an environment of its own."""
+    """Start an engine bound to `host` (SGLang's --host). For kind "embedded", `sglang_args` keys it understands
+    (device, dtype, max_running_requests, random_seed) are passed on and the SGLang-only rest is logged and
+    skipped, so one set of `--sglang-*` flags serves both kinds. `python` runs SGLang from an environment of its
+    own. The process's `url` carries `advertise_host` (the address other machines reach this one at: needed
+    when `host` is a wildcard such as 0.0.0.0), else `host` (loopback for a wildcard)."""
+    args = dict(sglang_args or {})
+    if "host" in args:  # --sglang-host: SGLang's name for the address the engine binds
+        host = str(args.pop("host"))
     port = free_port(host) if port is None else port
     child_env = dict(os.environ if env is None else env)
     if kind == "sglang":
@@ -174,9 +194,8 @@ def launch_engine(
                 f"{python or sys.executable} cannot import; install it (or point --engine-python at its environment's"
                 " python) or use kind='embedded'"
             )
-        argv = build_sglang_argv(model_path, host, port, sglang_args, python=python)
+        argv = build_sglang_argv(model_path, host, port, args, python=python)
     elif kind == "embedded":
-        args = dict(sglang_args or {})
         skipped = sorted(set(args) - set(EMBEDDED_FLAGS))
         if skipped:
             logger.warning("embedded engine ignores SGLang-only settings: %s", ", ".join(skipped))
@@ -190,4 +209,4 @@ def launch_engine(
         child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH")) if p)
     else:
         raise ValueError(f"kind must be 'sglang' or 'embedded', got {kind!r}")
-    return EngineProcess(argv, f"http://{host}:{port}", child_env)
+    return EngineProcess(argv, http_url(advertise_host or local_host(host), port), child_env)

@@ -98,7 +98,7 @@ def _make_backend(store: dist.Store, rank: int, world_size: int, backend: str, g
         options.group_rank = rank
         options.group_size = world_size
         options.timeout = timeout
-        options.group_id = group_name
+        options.group_id = c10d.GroupName(group_name)
         options.global_ranks_in_group = []
         return plugin.creator_fn(options, None)
     if backend == "gloo":

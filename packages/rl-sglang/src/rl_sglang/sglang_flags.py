@@ -13,8 +13,9 @@ from typing import Any
 
 from rl_sglang.api_fixture import launch_server_flags, sglang_api
 
-# Set by the launcher itself: a user value would be overridden or duplicated.
-LAUNCHER_OWNED = ("model_path", "host", "port")
+# Set by the launcher itself: a user value would be overridden or duplicated. (`host` is the launcher's
+# argument too, but a user's --sglang-host chooses the address engines bind, as in SGLang.)
+LAUNCHER_OWNED = ("model_path", "port")
 
 # slime's router flags (slime/utils/arguments.py at 624b824a: `add_router_arguments` and the
 # SGLang-router group); `--router-*` names come from sgl-router's RouterArgs with slime's prefix.

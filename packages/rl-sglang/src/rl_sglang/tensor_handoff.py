@@ -95,6 +95,9 @@ class _Record:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def __getattr__(self, name: str) -> Any:  # the pickled fields, unknown until unpickled
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
 
 def _record(name: str) -> type:
     return type(name, (_Record,), {})

@@ -30,7 +30,8 @@ class ToolCallParser(Protocol):
 
 def tool_names(tools: list[dict[str, Any]]) -> set[str]:
     """The function names a request offers (OpenAI's `tools`: [{"type": "function", "function": {"name"}}])."""
-    return {(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)} - {None}
+    functions = [t.get("function") for t in tools if isinstance(t, dict)]
+    return {f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)}
 
 
 def openai_tool_call(name: str, arguments: Any) -> dict[str, Any]:

@@ -57,7 +57,9 @@ def build_extend_groups(
         starts.append(offset)
         offset += q
     order = sorted(range(len(rows)), key=lambda i: (q_lens[i], prefix_lens[i] + q_lens[i]), reverse=True)
-    groups, current, real, kv_max = [], [], 0, 0
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real, kv_max = 0, 0
     for i in order:
         kv = prefix_lens[i] + q_lens[i]
         if current:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -72,7 +72,7 @@ class ModelRunner:
         self.max_running_requests = max_running_requests
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION
-        ).to(self.device).eval()
+        ).to(self.device).eval()  # type: ignore[arg-type]  # mypy reads transformers' @wraps(Module.to) as unbound
         self.tokenizer = _load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -163,12 +163,13 @@ class ModelRunner:
         slots: torch.Tensor,
         sample_at: list[int],
         params: list[SamplingParams],
-        table_writes: list[tuple[int, torch.Tensor]] = (),
+        table_writes: Sequence[tuple[int, torch.Tensor]] = (),
     ) -> tuple[list[int], list[float]]:
         """Prefill `chunks[i]` (the tokens after the first `prefix_lens[i]` cached ones) of table rows
         `rows`, writing their K/V to `slots`; sample one token for each batch index in `sample_at`
         (rows whose prompt is now complete) with `params` (one each). `table_writes` (row, slots)
         first point rows at the prefix-cache slots they share."""
+        assert self.pool is not None, "generation runs only while the KV pool exists"
         for row, shared in table_writes:
             self.pool.req_to_token[row, : len(shared)] = shared.to(self.device, non_blocking=True).to(torch.int32)
         if not sample_at:
@@ -208,12 +209,14 @@ class ModelRunner:
         logits = self._decode_logits(rows, positions, last_tokens, slots)
         if batch_key is None or self._sampling[0] != batch_key:
             self._sampling = (batch_key, SamplingBatch(params, self.device))
+        assert self._sampling[1] is not None, "set above on the first step"
         tokens, logprobs = sample(logits, self._sampling[1], self.generator)
         answer = self._to_host(tokens, logprobs)
         self.decode_seconds += time.perf_counter() - started
         return answer
 
     def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at) -> torch.Tensor:
+        assert self.pool is not None, "generation runs only while the KV pool exists"
         q_lens = [len(c) for c in chunks]
         ids = [t for c in chunks for t in c]
         positions = [p + j for p, q in zip(prefix_lens, q_lens) for j in range(q)]
@@ -246,6 +249,7 @@ class ModelRunner:
 
     def _decode_forward(self, ids, positions, rows, seq_lens, slots) -> torch.Tensor:
         """The decode step as a pure function of device tensors (what a CUDA graph captures)."""
+        assert self.pool is not None, "generation runs only while the KV pool exists"
         self.pool.req_to_token[rows.long(), positions] = slots.to(torch.int32)
         batch = ForwardBatch(self.pool, slots, decode=True, fused=True, rows=rows, seq_lens=seq_lens)
         out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch})
@@ -254,7 +258,7 @@ class ModelRunner:
     def decode_text(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)  # type: ignore[return-value]  # one id list: one str
 
     def encode_text(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -74,6 +74,7 @@ class PrefixCache:
         if entry.refs > 0:
             return
         if entry.detached:
+            assert entry.slots is not None, "only filled entries are shared"
             self.allocator.free(entry.slots)
         else:
             self.evictable_tokens += entry.tokens
@@ -89,14 +90,14 @@ class PrefixCache:
             if self.allocator.available >= needed:
                 return
             entry = self._entries[key]
-            if entry.ready and entry.refs == 0:
+            if entry.slots is not None and entry.refs == 0:  # ready and unused
                 del self._entries[key]
                 self.evictable_tokens -= entry.tokens
                 self.allocator.free(entry.slots)
 
     def flush(self) -> None:
         for entry in self._entries.values():
-            if entry.ready and entry.refs == 0:
+            if entry.slots is not None and entry.refs == 0:  # ready and unused
                 self.allocator.free(entry.slots)
             else:
                 entry.detached = True

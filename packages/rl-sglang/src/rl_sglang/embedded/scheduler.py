@@ -22,8 +22,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from rl_sglang.embedded.kv_cache import KVPool
 from rl_sglang.embedded.model_runner import ModelRunner
-from rl_sglang.embedded.prefix_cache import PrefixEntry
+from rl_sglang.embedded.prefix_cache import PrefixCache, PrefixEntry
 from rl_sglang.embedded.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         pool, cache = self.runner.pool, self.runner.prefix_cache
-        if pool is None:
+        if pool is None or cache is None:  # released: nothing is admitted until the resume
             return
         if self.runner.weight_generation != self._weight_generation:  # cached prefixes hold old K/V
             cache.flush()
@@ -242,7 +243,7 @@ class Scheduler:
                 request.entry, request.shared, request.kv_len = entry, shared, shared
                 request.cached_tokens = shared
                 request.table_pending = True
-                pool.assign(torch.full((shared,), request.row), torch.arange(shared), entry.slots)
+                pool.assign(torch.full((shared,), request.row), torch.arange(shared), _ready_slots(entry))
                 self._stats["cached_tokens"] += shared
             else:
                 request.entry = cache.open(request.input_ids)
@@ -252,14 +253,22 @@ class Scheduler:
             self._prefilling.append(request)
         self._waiting.extendleft(reversed(deferred))
 
+    def _kv(self) -> tuple[KVPool, PrefixCache]:
+        """The KV pool and the prefix cache, which exist while any request is admitted (the memory is
+        released only with generation held and no request running)."""
+        pool, cache = self.runner.pool, self.runner.prefix_cache
+        if pool is None or cache is None:
+            raise RuntimeError("the KV pool is released while requests run")
+        return pool, cache
+
     def _alloc(self, count: int) -> torch.Tensor:
-        pool = self.runner.pool
+        pool, cache = self._kv()
         if pool.allocator.available < count:
-            self.runner.prefix_cache.evict(count)
+            cache.evict(count)
         return pool.allocator.alloc(count)
 
     async def _prefill_step(self) -> None:
-        pool = self.runner.pool
+        pool, cache = self._kv()
         budget, batch = self.chunk_tokens, []
         for request in self._prefilling:
             if budget <= 0:
@@ -280,7 +289,7 @@ class Scheduler:
             torch.tensor([r.kv_len + j for r, take in batch for j in range(take)], dtype=torch.int64),
             slots,
         )
-        table_writes = [(r.row, r.entry.slots) for r, _ in batch if r.table_pending]
+        table_writes = [(r.row, _ready_slots(r.entry)) for r, _ in batch if r.table_pending]
         self._reserved -= len(slots)
         for request, _ in batch:
             request.table_pending = False
@@ -296,15 +305,17 @@ class Scheduler:
         for i, token, logprob in zip(sample_at, tokens, logprobs):
             request = batch[i][0]
             if request.filling and not request.done:
-                self.runner.prefix_cache.fill(request.entry, pool.slots_of(request.row, 0, request.entry.tokens))
-                request.shared, request.filling = request.entry.tokens, False
+                entry, row = request.entry, request.row
+                assert entry is not None and row is not None, "a filling request holds its entry and a row"
+                cache.fill(entry, pool.slots_of(row, 0, entry.tokens))
+                request.shared, request.filling = entry.tokens, False
             self._absorb(request, token, logprob)
             self._prefilling.remove(request)
             self._decoding.append(request)
             self._decode_version += 1
 
     async def _decode_step(self) -> None:
-        pool = self.runner.pool
+        pool, _ = self._kv()
         batch = [r for r in self._decoding if not r.finished]
         if not batch:
             return
@@ -361,7 +372,7 @@ class Scheduler:
         pool, cache = self.runner.pool, self.runner.prefix_cache
         if request.row is None:
             return
-        if pool is None:  # the pool itself is gone (released): nothing to give back to it
+        if pool is None or cache is None:  # the pool itself is gone (released): nothing to give back to it
             request.row = None
             return
         pool.allocator.free(pool.slots_of(request.row, request.shared, request.kv_len))
@@ -416,3 +427,9 @@ class Scheduler:
                 "meta_info": meta_info,
             }
         )
+
+
+def _ready_slots(entry: PrefixEntry | None) -> torch.Tensor:
+    """The K/V slots of the prefix-cache entry a request shares: admission waits until the entry is filled."""
+    assert entry is not None and entry.slots is not None, "a shared prefix is filled before a request uses it"
+    return entry.slots

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -22,6 +22,7 @@ from rl_sglang.embedded.scheduler import Scheduler
 from rl_sglang.embedded.weights import WeightUpdates
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_CHECK_TIMEOUT_S = 20.0
 # SGLang's GPU memory tags; the embedded engine has no CUDA graphs, so that tag frees nothing.
@@ -51,9 +52,9 @@ class EmbeddedEngine:
         self.max_running_requests = max_running_requests
         self.seed = seed
         self.options = options or EngineOptions()
-        self.runner: ModelRunner | None = None
-        self.scheduler: Scheduler | None = None
-        self.weights: WeightUpdates | None = None
+        self._runner: ModelRunner | None = None
+        self._scheduler: Scheduler | None = None
+        self._weights: WeightUpdates | None = None
         self._app_runner: web.AppRunner | None = None
         self._in_flight: dict[str, Any] = {}  # rid -> the scheduler's request, while it runs
 
@@ -61,9 +62,22 @@ class EmbeddedEngine:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    # The routes are served only between start() and stop(), when these exist.
+    @property
+    def runner(self) -> ModelRunner:
+        return _started(self._runner, "model runner")
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return _started(self._scheduler, "scheduler")
+
+    @property
+    def weights(self) -> WeightUpdates:
+        return _started(self._weights, "weight updates")
+
     async def start(self) -> str:
         """Load the model (off the loop), start the scheduler and the HTTP server; return the URL."""
-        self.runner = await asyncio.to_thread(
+        runner = self._runner = await asyncio.to_thread(
             ModelRunner,
             self.model_path,
             device=self.device,
@@ -72,9 +86,9 @@ class EmbeddedEngine:
             max_running_requests=self.max_running_requests,
             options=self.options,
         )
-        self.scheduler = Scheduler(self.runner, self.max_running_requests)
-        self.scheduler.start()
-        self.weights = WeightUpdates(self.runner, self.scheduler, self._busy)
+        scheduler = self._scheduler = Scheduler(runner, self.max_running_requests)
+        scheduler.start()
+        self._weights = WeightUpdates(runner, scheduler, self._busy)
         self._app_runner = web.AppRunner(self._build_app(), access_log=None)
         await self._app_runner.setup()
         site = web.TCPSite(self._app_runner, self.host, self.port)
@@ -84,16 +98,16 @@ class EmbeddedEngine:
         return self.url
 
     async def stop(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.abort(None)  # answer in-flight requests so the HTTP shutdown need not wait
+        if self._scheduler is not None:
+            self._scheduler.abort(None)  # answer in-flight requests so the HTTP shutdown need not wait
         if self._app_runner is not None:
             await self._app_runner.cleanup()
             self._app_runner = None
-        if self.scheduler is not None:
-            await self.scheduler.stop()
-            self.scheduler = None
-        if self.weights is not None:
-            self.weights.close()
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+            self._scheduler = None
+        if self._weights is not None:
+            self._weights.close()
 
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30, middlewares=[errors_as_json])
@@ -299,6 +313,12 @@ class EmbeddedEngine:
         if not self.runner.released_tags:
             self.scheduler.unhold("released")
         return web.json_response(None)
+
+
+def _started(part: T | None, name: str) -> T:
+    if part is None:
+        raise RuntimeError(f"the embedded engine's {name} exists only between start() and stop()")
+    return part
 
 
 def _tags(body: dict[str, Any]) -> list[str]:

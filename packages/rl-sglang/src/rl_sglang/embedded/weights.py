@@ -294,7 +294,7 @@ def _read_safetensors(folder: Path) -> list[tuple[str, torch.Tensor]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors file in {folder}")
-    tensors = []
+    tensors: list[tuple[str, torch.Tensor]] = []
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             tensors.extend((name, handle.get_tensor(name)) for name in handle.keys())

@@ -105,6 +105,7 @@ class BroadcastWeightTransport(_SessionTransport):
         self._update_in_session(send_all)
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None, *, flush_cache: bool) -> None:
+        assert self._group is not None, "update() joins the group first"
         tensors = [t.to(self.device).contiguous() for _, t in bucket]
         answers = self._loop.submit(
             _on_all(

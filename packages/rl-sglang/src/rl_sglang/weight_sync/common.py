@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -25,10 +25,10 @@ class _BackgroundLoop:
         self._thread = threading.Thread(target=self.loop.run_forever, name="rl-sglang-weight-sync", daemon=True)
         self._thread.start()
 
-    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Awaitable[T]) -> T:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
 
     def close(self) -> None:
@@ -160,7 +160,7 @@ class _SessionTransport:
         self._loop.run(_end_sessions(self._clients))
 
 
-async def _gather_raising(calls: list[Awaitable[Any]]) -> list[Any]:
+async def _gather_raising(calls: Sequence[Awaitable[Any]]) -> list[Any]:
     results = await asyncio.gather(*calls, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
