@@ -353,6 +353,7 @@ class ModelRunner:
 
     def _merge(self, name: str, target: torch.Tensor) -> None:
         base = self._base[name]
+        assert self.adapter is not None, "merging needs a loaded adapter"
         target.copy_((base.float() + self.adapter.delta(name)).to(target.dtype))
 
     # ---- memory -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -103,7 +104,7 @@ class DiskWeightTransport:
 
         async def load_everywhere() -> None:
             await _gather_raising([  # raises the first failure once all have answered
-                replace_adapter(c, lora_name, lambda c=c: c.load_lora_adapter(lora_name, str(folder)), weight_version,
+                replace_adapter(c, lora_name, functools.partial(c.load_lora_adapter, lora_name, str(folder)), weight_version,
                                 loaded_before=lora_name in self._adapters_loaded)
                 for c in self._clients
             ])
