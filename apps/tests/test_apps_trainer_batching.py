@@ -41,3 +41,10 @@ def test_recompute_granularity_full_is_activation_checkpointing_on_fsdp_and_sele
         config(recompute_granularity="selective")
     with pytest.raises(ValueError, match="--recompute-method: megatron-core flag"):
         config(recompute_granularity="full", recompute_method="uniform")
+
+
+def test_megatron_refuses_dynamic_batch_size_saying_why_and_keeps_its_micro_batch_size(config):
+    with pytest.raises(ValueError, match="padded to one shape for the pipeline schedule"):
+        config(train_backend="megatron", use_dynamic_batch_size=True).backend_config("policy")
+    policy = config(train_backend="megatron", micro_batch_size=2).backend_config("policy")
+    assert not policy.use_dynamic_batch_size and policy.micro_batch_size == 2

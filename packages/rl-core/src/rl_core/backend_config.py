@@ -106,9 +106,11 @@ class BackendConfig(BaseModel):
         dynamic = self.use_dynamic_batch_size
         if dynamic is None:
             dynamic = self.supports_dynamic_batch_size and "micro_batch_size" not in self.model_fields_set
-        speed = [name for name in ("balance_data", "log_probs_chunk_size") if name in self.model_fields_set]
-        if not self.supports_dynamic_batch_size and (dynamic or speed):
-            names = ", ".join((["use_dynamic_batch_size"] if dynamic else []) + speed)
+        wanted: list[str] = ["use_dynamic_batch_size"] if dynamic else []
+        wanted += ["balance_data"] if self.balance_data else []
+        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 else []
+        if not self.supports_dynamic_batch_size and wanted:
+            names = ", ".join(wanted)
             raise ValueError(f"{names}: not supported by the {self.type!r} backend: {self.unsupported_batching_reason}")
         budgets = sorted(name for name in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu") if getattr(self, name) is not None)
         if not dynamic and budgets:
