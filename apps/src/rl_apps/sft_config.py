@@ -71,7 +71,7 @@ class SFTConfig(SFTDataConfig, SFTBatchConfig, ModelConfig, TrainerConfig, Megat
             raise ValueError(f"rl-sft trains the policy only, not a {role}")
         return trainer_backend_config(
             self, total_steps=total_steps, model_path=self.hf_checkpoint, head="lm", ref_model=False,
-            rollout_temperature=1.0, lr=self.lr, micro_batch_size=self.micro_batch_size,
+            rollout_temperature=1.0, lr=self.lr,
         )
 
     @model_validator(mode="after")

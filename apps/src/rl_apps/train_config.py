@@ -6,10 +6,11 @@ slime's name wherever slime has one.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from rl_core.config import DataConfig, RLStepConfig, SamplingConfig, Section, nearest_divisors
 from rl_rewards import default_registry as reward_registry
@@ -64,7 +65,19 @@ class TrainerConfig(Section):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the trainer; master weights and optimizer state stay float32."""
     gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass to save memory."""
+    """Recompute each decoder layer's activations in the backward pass to save memory (--recompute-granularity full)."""
+    use_dynamic_batch_size: bool | None = None
+    """Micro-batches formed by a token budget (--max-tokens-per-gpu), samples packed without padding
+    (default on --train-backend fsdp unless --micro-batch-size is given; megatron refuses it)."""
+    max_tokens_per_gpu: int | None = Field(None, gt=0)
+    """Tokens per training micro-batch on each rank with dynamic batch size (default 16384)."""
+    log_probs_max_tokens_per_gpu: int | None = Field(None, gt=0)
+    """Tokens per micro-batch of log-prob/value passes without gradients (default --max-tokens-per-gpu)."""
+    balance_data: bool = False
+    """Deal samples to data-parallel ranks so each gets about the same number of tokens (fsdp)."""
+    log_probs_chunk_size: int = Field(-1, ge=-1)
+    """Compute log-probs and entropy this many tokens at a time, so no micro-batch's full-vocabulary
+    logits exist at once (recomputed in the backward pass); -1: all at once (fsdp)."""
     critic_lr: float | None = Field(None, gt=0.0)
     """Learning rate of the critic (ppo); defaults to lr, as in slime."""
 
@@ -151,11 +164,30 @@ class LoraFlags(Section):
         return self
 
 
+BATCHING_FLAGS = ("use_dynamic_batch_size", "max_tokens_per_gpu", "log_probs_max_tokens_per_gpu", "balance_data",
+                  "log_probs_chunk_size")
+
+
+def batching_fields(config: Any) -> dict[str, Any]:
+    """The micro-batching flags given on the command line, --micro-batch-size among them (the others keep
+    BackendConfig's defaults, which pick dynamic batch size where the backend has it)."""
+    return {name: getattr(config, name) for name in (*BATCHING_FLAGS, "micro_batch_size") if name in config.model_fields_set}
+
+
 def check_trainer_flags(config: Any) -> None:
     """Checks of the TrainerConfig and MegatronFlags fields of an app's config (one with loss_aggregation),
-    where its validator calls it: Megatron flags need --train-backend megatron; --bf16 sets --param-dtype."""
+    where its validator calls it: Megatron flags need --train-backend megatron; --bf16 sets --param-dtype;
+    --recompute-granularity full is activation checkpointing on fsdp; micro-batching flags are checked."""
+    if config.train_backend == "fsdp" and config.recompute_granularity is not None:
+        if config.recompute_granularity != "full":
+            raise ValueError(
+                f"--recompute-granularity {config.recompute_granularity}: --train-backend fsdp recomputes whole decoder"
+                " layers (full); selective recomputation of core attention is megatron's"
+            )
+        object.__setattr__(config, "gradient_checkpointing", True)
     megatron_only = sorted(name for name in MegatronFlags.model_fields if name in config.model_fields_set
-                           and name not in ("calculate_per_token_loss", "bf16"))
+                           and name not in ("calculate_per_token_loss", "bf16")
+                           and not (name == "recompute_granularity" and config.train_backend == "fsdp"))
     if megatron_only and config.train_backend != "megatron":
         flags = ", ".join("--" + name.replace("_", "-") for name in megatron_only)
         raise ValueError(f"{flags}: megatron-core flag(s), which need --train-backend megatron")
@@ -165,6 +197,17 @@ def check_trainer_flags(config: Any) -> None:
         if "param_dtype" in config.model_fields_set and config.param_dtype != "bfloat16":
             raise ValueError(f"--bf16 is --param-dtype bfloat16, not {config.param_dtype!r}")
         object.__setattr__(config, "param_dtype", "bfloat16")
+    given = batching_fields(config)
+    if config.train_backend == "fsdp" and set(given) - {"micro_batch_size"}:
+        from rl_fsdp import FSDPConfig
+
+        try:  # the backend's own checks, before Ray starts, in flag names
+            FSDPConfig(model_path=Path("."), **given)
+        except ValidationError as error:
+            message = error.errors()[0]["msg"].removeprefix("Value error, ")
+            for name in sorted((*BATCHING_FLAGS, "micro_batch_size"), key=len, reverse=True):
+                message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
+            raise ValueError(message) from None
 
 
 def trainer_backend_config(config: Any, *, total_steps: int, **role_fields: Any) -> Any:
@@ -176,6 +219,7 @@ def trainer_backend_config(config: Any, *, total_steps: int, **role_fields: Any)
         decay_iters = total_steps
     common = dict(
         role_fields,
+        **batching_fields(config),
         seed=config.seed,
         optimizer=config.optimizer,
         min_lr=config.min_lr,
@@ -526,7 +570,6 @@ class TrainConfig(
             # Temperature 0 is greedy; the engine reports log-probs of the unscaled logits then, as SGLang does.
             rollout_temperature=self.rollout_temperature or 1.0,
             lr=self.lr if policy else self.critic_lr,
-            micro_batch_size=self.micro_batch_size,
             **(self.lora_fields() if policy else {}),
         )
 

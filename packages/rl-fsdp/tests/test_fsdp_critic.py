@@ -77,20 +77,21 @@ def test_value_loss_falls_towards_the_returns_over_a_few_steps(llama_dir, make_b
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sample_mean"])
-def test_micro_batch_size_one_and_four_give_the_same_update(llama_dir, make_batch, aggregation):
+def test_micro_batch_size_one_and_packed_token_budget_micro_batches_give_the_same_update(llama_dir, make_batch, aggregation):
     batch = with_targets(make_batch(6, seed=3), seed=3)
     results = []
-    for micro_batch_size in (1, 4):
-        critic, loss = make_critic(model_path=llama_dir, micro_batch_size=micro_batch_size, value_clip=0.1,
-                                   aggregation=aggregation, **LINEAR_ADAM)
+    for batching in (dict(micro_batch_size=1), dict(max_tokens_per_gpu=20, balance_data=True)):
+        critic, loss = make_critic(model_path=llama_dir, value_clip=0.1, aggregation=aggregation, **batching, **LINEAR_ADAM)
         try:
             before = weights_of(critic)
             # Two steps: the first moves only the zero-initialised head, the second the body too.
             metrics = [critic.train_step(batch, loss) for _ in range(2)]
-            results.append((before, weights_of(critic), metrics))
+            results.append((before, weights_of(critic), metrics, critic.forward(batch)))
         finally:
             critic.close()
-    (before, small, small_metrics), (_, large, large_metrics) = results
+    (before, small, small_metrics, small_values), (_, large, large_metrics, large_values) = results
+    for s, big in zip(small_values, large_values):
+        torch.testing.assert_close(s, big, atol=1e-5, rtol=0)
     assert max((small[n] - before[n]).abs().max().item() for n in before if not n.startswith("value_head")) > 1e-3
     for name in small:
         torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=0)

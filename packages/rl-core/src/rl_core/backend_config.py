@@ -9,6 +9,12 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rl_core.micro_batch_plan import Batching
+
+DEFAULT_MAX_TOKENS_PER_GPU = 16384
+"""Token budget of a dynamic micro-batch when none is given: eight 2,048-token samples, one pass large
+enough to keep a GPU's matmuls busy; lower it (or turn on activation checkpointing) for large models."""
+
 
 class BackendConfig(BaseModel):
     """One model the loop trains: the policy (LM head), PPO's critic (value head) or an SFT model."""
@@ -44,7 +50,24 @@ class BackendConfig(BaseModel):
     clip_grad: float = Field(1.0, ge=0.0)
     """Max global gradient norm; 0 disables clipping (the norm is still reported)."""
     micro_batch_size: int = Field(1, gt=0)
-    """Samples per forward/backward pass on each rank."""
+    """Samples per forward/backward pass on each rank, without use_dynamic_batch_size."""
+    use_dynamic_batch_size: bool | None = None
+    """Form each rank's micro-batches by a token budget (max_tokens_per_gpu), samples packed into one row
+    without padding, attention kept within each sample (slime's --use-dynamic-batch-size). None: on where
+    the backend implements it, unless micro_batch_size is given."""
+    max_tokens_per_gpu: int | None = Field(None, gt=0)
+    """Token budget of a training micro-batch with use_dynamic_batch_size (a longer sample runs alone);
+    default DEFAULT_MAX_TOKENS_PER_GPU."""
+    log_probs_max_tokens_per_gpu: int | None = Field(None, gt=0)
+    """Token budget of a micro-batch of forward() (log-probs, values: no gradients, so it can be larger);
+    default max_tokens_per_gpu."""
+    balance_data: bool = False
+    """Deal samples to data-parallel ranks so each gets about the same number of tokens (longest first
+    onto the lightest rank), instead of sample i to rank i % world_size."""
+    log_probs_chunk_size: int = Field(-1, ge=-1)
+    """Compute log-probs and entropy this many response tokens at a time (the LM head, softmax and, in
+    training, their recomputation in the backward pass), so the full-vocabulary logits of a micro-batch
+    never exist at once; -1: all response tokens of a micro-batch at once."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available (nccl), else CPU (gloo)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -67,12 +90,50 @@ class BackendConfig(BaseModel):
 
     supports_lora: ClassVar[bool] = False
     """Whether the backend implements the lora_* fields; those that do not refuse them."""
+    supports_dynamic_batch_size: ClassVar[bool] = False
+    """Whether the backend implements use_dynamic_batch_size, balance_data and log_probs_chunk_size."""
+    unsupported_batching_reason: ClassVar[str] = "it is not implemented there"
+    """Why a backend without supports_dynamic_batch_size refuses those fields (part of the error)."""
 
     @model_validator(mode="after")
     def _check_head(self) -> BackendConfig:
         if self.head == "value" and self.ref_model:
             raise ValueError("ref_model is set on a value-head backend; only the policy (head 'lm') keeps a reference")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_batching(self) -> BackendConfig:
+        dynamic = self.use_dynamic_batch_size
+        if dynamic is None:
+            dynamic = self.supports_dynamic_batch_size and "micro_batch_size" not in self.model_fields_set
+        wanted: list[str] = ["use_dynamic_batch_size"] if dynamic else []
+        wanted += ["balance_data"] if self.balance_data else []
+        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 else []
+        if not self.supports_dynamic_batch_size and wanted:
+            names = ", ".join(wanted)
+            raise ValueError(f"{names}: not supported by the {self.type!r} backend: {self.unsupported_batching_reason}")
+        budgets = sorted(name for name in ("max_tokens_per_gpu", "log_probs_max_tokens_per_gpu") if getattr(self, name) is not None)
+        if not dynamic and budgets:
+            raise ValueError(f"{', '.join(budgets)} set but use_dynamic_batch_size is off: the budgets size its micro-batches")
+        if dynamic and self.use_dynamic_batch_size and "micro_batch_size" in self.model_fields_set:
+            raise ValueError(
+                "micro_batch_size and use_dynamic_batch_size are both set: dynamic micro-batches are formed by"
+                " max_tokens_per_gpu, not by a sample count; give one of them"
+            )
+        object.__setattr__(self, "use_dynamic_batch_size", dynamic)
+        if dynamic:
+            tokens = self.max_tokens_per_gpu or DEFAULT_MAX_TOKENS_PER_GPU
+            object.__setattr__(self, "max_tokens_per_gpu", tokens)
+            object.__setattr__(self, "log_probs_max_tokens_per_gpu", self.log_probs_max_tokens_per_gpu or tokens)
+        if self.log_probs_chunk_size == 0:
+            raise ValueError("log_probs_chunk_size 0: give a positive number of tokens, or -1 for no chunking")
+        return self
+
+    def batching(self, training: bool) -> Batching:
+        """How train steps (training) or forward() split a rank's share of a batch into micro-batches."""
+        budget = self.max_tokens_per_gpu if training else self.log_probs_max_tokens_per_gpu
+        return Batching(micro_batch_size=self.micro_batch_size, max_tokens=budget if self.use_dynamic_batch_size else None,
+                        balance_data=self.balance_data)
 
     @property
     def uses_lora(self) -> bool:

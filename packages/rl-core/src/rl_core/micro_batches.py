@@ -1,19 +1,24 @@
-"""Padding a rank's share of a TrainBatch into micro-batch tensors, the same way for every backend."""
+"""A rank's share of a TrainBatch as micro-batch tensors, the same way for every backend: samples
+right-padded into rows, or packed without padding into one row (token-budget micro-batches)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rl_core.algorithms.policy_loss import LossDenominators
 from rl_core.losses import LossInputs
+from rl_core.micro_batch_plan import Batching, plan_micro_batches
 from rl_core.train_batch import TrainBatch
 
 
 @dataclass
 class MicroBatch:
-    """Right-padded tensors of a few samples. Response tensors are [B, T] with T the longest response."""
+    """Tensors of a few samples. Sequence tensors are [B, L] right-padded, or [1, N] when packed (every
+    sample's tokens one after another, positions restarting at 0 for each). Response tensors are always
+    [B, T], one row per sample, T the longest response: the loss sees the same shapes either way."""
 
     sample_indices: list[int]
     """Indices into the global batch; empty for a filler micro-batch."""
@@ -21,7 +26,8 @@ class MicroBatch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     response_positions: torch.Tensor
-    """Sequence position whose logits predict each response token (token t comes from position t - 1)."""
+    """Sequence position whose logits predict each response token (token t comes from position t - 1),
+    within the sample's row; when packed, within the one packed row."""
     response_tokens: torch.Tensor
     response_valid: torch.Tensor
     """True inside each sample's response, False on padding."""
@@ -34,6 +40,26 @@ class MicroBatch:
     """The critic's regression targets, when the batch carries them (ppo)."""
     values: torch.Tensor | None = None
     """The critic's rollout-time values, the old values of the clipped value loss (ppo)."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed only: int32 [samples + 1] start offsets of the samples in the row (flash-attn's cu_seqlens)."""
+    sample_offsets: tuple[int, ...] = ()
+    """Packed only: cu_seqlens as Python ints, for code that must not wait on the device to read them."""
+    max_seqlen: int = 0
+    """Packed only: the longest sample, in tokens."""
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def at_responses(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] from a [rows, L, ...] per-position output: the entries that predict each response
+        token, in the loss's layout (padding slots hold whatever position 0 holds: mask them)."""
+        if self.packed:
+            return per_position[0][self.response_positions]
+        index = self.response_positions
+        if per_position.dim() > 2:
+            index = index.reshape(*index.shape, *[1] * (per_position.dim() - 2)).expand(-1, -1, *per_position.shape[2:])
+        return per_position.gather(1, index)
 
 
 def validate_batch(batch: TrainBatch, vocab_size: int) -> None:
@@ -59,8 +85,9 @@ def _pad(rows: list[list], value, dtype: torch.dtype, device: torch.device) -> t
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype, device=device)
 
 
-def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device) -> MicroBatch:
-    """Pad `indices` of `batch`; with no indices, a one-sample filler whose loss mask is all zero.
+def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device, *, pack: bool = False) -> MicroBatch:
+    """Pad `indices` of `batch` (or with `pack`, lay them end to end in one row); with no indices, a
+    one-sample filler whose loss mask is all zero.
 
     Fillers keep every rank running the same number of forward/backward passes, which FSDP's
     collectives require when the global batch does not split evenly.
@@ -81,12 +108,30 @@ def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device
             return None
         return _pad(getattr(part, name) if indices else [[0.0]], 0.0, torch.float32, device)
 
+    sequence: dict[str, Any]
+    if pack:
+        offsets = [0]
+        for n in seq_lens:
+            offsets.append(offsets[-1] + n)
+        sequence = dict(
+            input_ids=torch.tensor([[t for tokens in part.tokens for t in tokens]], dtype=torch.long, device=device),
+            attention_mask=torch.ones(1, offsets[-1], dtype=torch.long, device=device),
+            position_ids=torch.tensor([[p for n in seq_lens for p in range(n)]], dtype=torch.long, device=device),
+            response_positions=_pad([[start + p for p in row] for start, row in zip(offsets, positions)], 0, torch.long, device),
+            cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
+            sample_offsets=tuple(offsets),
+            max_seqlen=max(seq_lens),
+        )
+    else:
+        sequence = dict(
+            input_ids=_pad(part.tokens, 0, torch.long, device),
+            attention_mask=_pad([[1] * n for n in seq_lens], 0, torch.long, device),
+            position_ids=_pad([list(range(n)) for n in seq_lens], 0, torch.long, device),
+            response_positions=_pad(positions, 0, torch.long, device),
+        )
     return MicroBatch(
         sample_indices=list(indices),
-        input_ids=_pad(part.tokens, 0, torch.long, device),
-        attention_mask=_pad([[1] * n for n in seq_lens], 0, torch.long, device),
-        position_ids=_pad([list(range(n)) for n in seq_lens], 0, torch.long, device),
-        response_positions=_pad(positions, 0, torch.long, device),
+        **sequence,
         response_tokens=_pad([t[len(t) - r :] for t, r in zip(part.tokens, part.response_lengths)], 0, torch.long, device),
         response_valid=_pad([[True] * r for r in part.response_lengths], False, torch.bool, device),
         loss_mask=_pad(part.loss_masks, 0, torch.float32, device),
@@ -101,12 +146,17 @@ def make_micro_batch(batch: TrainBatch, indices: list[int], device: torch.device
 def rank_micro_batches(
     batch: TrainBatch, rank: int, world_size: int, micro_batch_size: int, device: torch.device
 ) -> list[MicroBatch]:
-    """This rank's samples (rank::world_size) in micro-batches; every rank gets the same count."""
-    mine = list(range(rank, len(batch), world_size))
-    per_rank = -(-len(batch) // world_size)
-    count = -(-per_rank // micro_batch_size)
-    chunks = [mine[k * micro_batch_size : (k + 1) * micro_batch_size] for k in range(count)]
-    return [make_micro_batch(batch, chunk, device) for chunk in chunks]
+    """This rank's samples (rank::world_size) in padded micro-batches; every rank gets the same count."""
+    return planned_micro_batches(batch, rank, world_size, Batching(micro_batch_size=micro_batch_size), device)
+
+
+def planned_micro_batches(
+    batch: TrainBatch, rank: int, world_size: int, batching: Batching, device: torch.device
+) -> list[MicroBatch]:
+    """This rank's micro-batches as `batching` plans them (`rl_core.micro_batch_plan`): packed when
+    formed by a token budget, padded otherwise; every rank gets the same count."""
+    plan = plan_micro_batches([len(t) for t in batch.tokens], world_size, batching)[rank]
+    return [make_micro_batch(batch, indices, device, pack=batching.dynamic) for indices in plan]
 
 
 def batch_denominators(batch: TrainBatch) -> LossDenominators:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rl_core.losses import TrainLoss
-from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, rank_micro_batches, validate_batch
+from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, planned_micro_batches, validate_batch
 from rl_core.protocols import ForwardModel
 from rl_core.train_batch import TrainBatch
 from rl_fsdp.checkpoint import load_training_state, save_training_state
@@ -23,6 +23,7 @@ from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
 from rl_fsdp.lora import adapter_config, adapter_weights, merged_weights, wrap_with_lora, write_adapter
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
+from rl_fsdp.packed_attention import use_packed_attention
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 from rl_fsdp.value_head import ValueModel, response_values
 from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint
@@ -49,6 +50,8 @@ class FSDPBackend:
         self.config = config
         causal_lm = load_hf_model(config.model_path, config.seed)
         causal_lm.config.use_cache = False
+        if config.use_dynamic_batch_size:
+            use_packed_attention(causal_lm)
         self.hf_config = causal_lm.config
         self.vocab_size = causal_lm.get_input_embeddings().weight.shape[0]
         self.tied_aliases = tied_aliases(causal_lm) if config.head == "lm" else {}
@@ -84,9 +87,9 @@ class FSDPBackend:
         with self.model.disable_adapter():
             yield self.model
 
-    def _micro_batches(self, batch: TrainBatch) -> list[MicroBatch]:
+    def _micro_batches(self, batch: TrainBatch, training: bool) -> list[MicroBatch]:
         validate_batch(batch, self.vocab_size)
-        return rank_micro_batches(batch, self.rank, self.world_size, self.config.micro_batch_size, self.device)
+        return planned_micro_batches(batch, self.rank, self.world_size, self.config.batching(training), self.device)
 
     def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
         """Log-probs of every sample's response tokens (values, for a value head), float32 on the CPU."""
@@ -98,13 +101,14 @@ class FSDPBackend:
                 compute = lambda mb: response_values(net, mb)  # noqa: E731
             else:
                 temperature = self.config.rollout_temperature
-                compute = lambda mb: response_log_probs(net, mb, temperature, with_entropy=False)[0]  # noqa: E731
-            return gather_per_token(batch, self._micro_batches(batch), compute, self.device, self.world_size)
+                chunk = self.config.log_probs_chunk_size
+                compute = lambda mb: response_log_probs(net, mb, temperature, False, chunk_size=chunk)[0]  # noqa: E731
+            return gather_per_token(batch, self._micro_batches(batch, training=False), compute, self.device, self.world_size)
 
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
         """One optimizer step of `loss` on the global batch; returns its global-batch metrics, grad_norm, lr."""
         self._check_loss(loss)
-        micro_batches = self._micro_batches(batch)
+        micro_batches = self._micro_batches(batch, training=True)
         denominators = batch_denominators(batch)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         self.model.train()
@@ -133,14 +137,14 @@ class FSDPBackend:
         """The forward outputs `loss.needs` for one micro-batch, with gradients where they are trained."""
         if self.config.head == "value":
             return {"values": response_values(self.model, mb)}
-        temperature = self.config.rollout_temperature
+        temperature, chunk = self.config.rollout_temperature, self.config.log_probs_chunk_size
         log_probs, entropy = response_log_probs(
-            self.model, mb, temperature, with_entropy="entropy" in loss.needs, entropy_grad=loss.entropy_grad
+            self.model, mb, temperature, "entropy" in loss.needs, entropy_grad=loss.entropy_grad, chunk_size=chunk
         )
         outputs: dict[str, torch.Tensor | None] = {"log_probs": log_probs, "entropy": entropy}
         if "ref_log_probs" in loss.needs:
             with torch.no_grad(), self._reference() as reference:
-                outputs["ref_log_probs"], _ = response_log_probs(reference, mb, temperature, with_entropy=False)
+                outputs["ref_log_probs"], _ = response_log_probs(reference, mb, temperature, False, chunk_size=chunk)
         return outputs
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,32 +1,105 @@
-"""Per-token log-probs (and entropy) of response tokens from one forward pass."""
+"""Per-token log-probs (and entropy) of response tokens from one forward pass.
+
+The LM head runs on the response positions only (prompt positions get no logits), and with a chunk size
+on that many tokens at a time: in a train step each chunk is recomputed in the backward pass, so one
+chunk's [chunk, vocab] logits is the most that ever exists.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rl_core.algorithms.policy_loss import entropy_from_logits
 from rl_core.micro_batches import MicroBatch
+from rl_fsdp.packed_attention import packed_forward_kwargs
 
 
-def response_log_probs(
-    model: nn.Module, mb: MicroBatch, temperature: float, with_entropy: bool, entropy_grad: bool = False
+def model_inputs(mb: MicroBatch) -> dict:
+    """Keyword arguments of a Hugging Face forward over `mb`, packed or padded."""
+    return dict(
+        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False,
+        **packed_forward_kwargs(mb),
+    )
+
+
+def response_hidden_states(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """[M, hidden] final hidden states (after the last norm) at the positions predicting the M valid
+    response tokens of `mb`, row by row. The model's own LM head runs on one position only."""
+    with warnings.catch_warnings():
+        # FSDP2 warns that one of the outputs (the embeddings' hidden state) is a view, which an in-place op
+        # would detach from its backward hook; only the last hidden state is used, out of place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=1)
+    return mb.at_responses(out.hidden_states[-1])[mb.response_valid]
+
+
+def _token_log_probs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, T] of the response tokens under softmax(logits / temperature), and optionally entropy
-    (differentiable only with `entropy_grad`, i.e. when an entropy bonus is in the loss: else it would
-    keep a [B, T, vocab] softmax alive for the backward pass for a metric).
-
-    Only the response positions' logits go through the float32 softmax. Padding slots hold log-prob 0.
-    """
-    logits = model(
-        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False
-    ).logits
-    index = mb.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    scaled = logits.gather(1, index).float() / temperature
-    log_probs = torch.log_softmax(scaled, dim=-1).gather(-1, mb.response_tokens.unsqueeze(-1)).squeeze(-1)
-    log_probs = torch.where(mb.response_valid, log_probs, torch.zeros_like(log_probs))
+    logits = head(hidden)
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # float32 at least
+    log_probs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(scaled)
     return log_probs, entropy
+
+
+def chunked_log_probs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool,
+    entropy_grad: bool = False,
+    chunk_size: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(head(hidden) / temperature)[tokens] over [M, hidden] -> [M] (and entropy [M]),
+    `chunk_size` rows at a time (-1: all at once); with gradients, each chunk is recomputed in backward."""
+    size = hidden.shape[0] if chunk_size < 0 else chunk_size
+    if size >= hidden.shape[0]:
+        return _token_log_probs(head, hidden, tokens, temperature, with_entropy, entropy_grad)
+    recompute = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, hidden.shape[0], size):
+        args = (head, hidden[start : start + size], tokens[start : start + size], temperature, with_entropy, entropy_grad)
+        parts.append(checkpoint(_token_log_probs, *args, use_reentrant=False) if recompute else _token_log_probs(*args))
+    log_probs = torch.cat([p[0] for p in parts])
+    entropy = torch.cat([p[1] for p in parts]) if with_entropy else None  # type: ignore[misc]
+    return log_probs, entropy
+
+
+def _to_rows(mb: MicroBatch, flat: torch.Tensor | None) -> torch.Tensor | None:
+    """[M] over valid response tokens -> [B, T] with 0 on padding slots."""
+    if flat is None:
+        return None
+    rows = torch.zeros(mb.response_valid.shape, dtype=flat.dtype, device=flat.device)
+    return rows.masked_scatter(mb.response_valid, flat)
+
+
+def response_log_probs(
+    model: nn.Module,
+    mb: MicroBatch,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool = False,
+    chunk_size: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, T] of the response tokens under softmax(logits / temperature), and optionally entropy
+    (differentiable only with `entropy_grad`, i.e. when an entropy bonus is in the loss: else it would
+    keep a [tokens, vocab] softmax alive for the backward pass for a metric).
+
+    The response positions' logits go through a float32 softmax. Padding slots hold 0.
+    """
+    hidden = response_hidden_states(model, mb)
+    log_probs, entropy = chunked_log_probs(
+        model.get_output_embeddings(), hidden, mb.response_tokens[mb.response_valid], temperature,
+        with_entropy=with_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size,
+    )
+    return _to_rows(mb, log_probs), _to_rows(mb, entropy)  # type: ignore[return-value]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from rl_core.micro_batches import MicroBatch
+from rl_fsdp.log_probs import model_inputs
 
 
 class ValueModel(nn.Module):
@@ -22,10 +25,9 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+    def forward(self, **model_inputs: Any) -> torch.Tensor:
+        """Values [rows, L] from a Hugging Face forward's keyword arguments (`rl_fsdp.log_probs.model_inputs`)."""
+        hidden = self.body(**model_inputs).last_hidden_state
         # A sum over the size-1 dim rather than squeeze: FSDP2 warns about root outputs that are views.
         return self.value_head(hidden).sum(dim=-1, dtype=torch.float32)
 
@@ -33,5 +35,5 @@ class ValueModel(nn.Module):
 def response_values(model: ValueModel, mb: MicroBatch) -> torch.Tensor:
     """Values [B, T] of the states before each response token (the position whose logits predict it, as
     for log-probs); padding slots hold 0."""
-    values = model(mb.input_ids, mb.attention_mask, mb.position_ids).gather(1, mb.response_positions)
+    values = mb.at_responses(model(**model_inputs(mb)))
     return torch.where(mb.response_valid, values, torch.zeros_like(values))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -13,6 +13,10 @@ class MegatronConfig(BackendConfig):
     """A model trained by megatron-core: data parallel over the ranks left after TP x PP x CP."""
 
     type: Literal["megatron"] = "megatron"
+    unsupported_batching_reason: ClassVar[str] = (
+        "its micro-batches are padded to one shape for the pipeline schedule and its SDPA core attention has"
+        " no packed-sequence (THD) path; give micro_batch_size (--micro-batch-size), or use --train-backend fsdp"
+    )
     tensor_model_parallel_size: int = Field(1, gt=0)
     """--tensor-model-parallel-size: ranks that split every layer's heads and MLP columns."""
     pipeline_model_parallel_size: int = Field(1, gt=0)
