@@ -29,11 +29,15 @@ import torch.distributed as dist
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 import rl_megatron.backend  # noqa: F401  (megatron-core's training stack, imported before ranks fork)
@@ -132,13 +136,27 @@ _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 
 def _randomized(model: PreTrainedModel, seed: int) -> PreTrainedModel:
-    """Every weight random (norm scales too), so a swapped or transposed tensor cannot go unnoticed."""
+    """Every weight random (norm scales too), so a swapped or transposed tensor cannot go unnoticed; routers
+    10x larger, so that no token's k-th and (k+1)-th experts are near a tie (float error must not
+    reroute a token between the two implementations)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             fill = 0.5 + torch.rand(param.shape, generator=gen) if "norm" in name else 0.1 * torch.randn(param.shape, generator=gen)
-            param.copy_(fill)
+            param.copy_(fill * (10.0 if name.endswith("mlp.gate.weight") else 1.0))
     return model.eval()
+
+
+def checkpoint_state(model: PreTrainedModel, directory: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint (and an SGLang engine) uses: transformers keeps
+    MoE experts stacked in memory and writes one tensor per expert, so read back what it saves."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(directory)
+    state = load_file(directory / "model.safetensors")
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
 
 
 MODELS = {
@@ -152,7 +170,25 @@ MODELS = {
     "llama": lambda: LlamaForCausalLM._from_config(
         LlamaConfig(**_TINY, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True), attn_implementation="eager"
     ),
+    # 4 experts, top-2, renormalised weights (Qwen3-30B-A3B's routing), every layer sparse.
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM._from_config(
+        Qwen3MoeConfig(**_TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False),
+        attn_implementation="eager",
+    ),
+    # Softmax weights not renormalised, and layer 0 a dense MLP (mlp_only_layers).
+    "qwen3_moe_unnormalised": lambda: Qwen3MoeForCausalLM._from_config(
+        Qwen3MoeConfig(**_TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=False),
+        attn_implementation="eager",
+    ),
+    "mixtral": lambda: MixtralForCausalLM._from_config(
+        MixtralConfig(**{**_TINY, "intermediate_size": 32}, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                      num_experts_per_tok=2, tie_word_embeddings=True),
+        attn_implementation="eager",
+    ),
 }
+MOE = ("mixtral", "qwen3_moe", "qwen3_moe_unnormalised")
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +291,18 @@ def _assert_weights_close(actual: dict[str, torch.Tensor], expected: dict[str, t
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def routing_margin(model: PreTrainedModel, batch: TrainBatch) -> float:
+    """The smallest gap, over real tokens and MoE layers, between a token's k-th and (k+1)-th router logit."""
+    mb = make_micro_batch(batch, list(range(len(batch))), torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, output_router_logits=True).router_logits
+    k, valid = model.config.num_experts_per_tok, mb.attention_mask.reshape(-1).bool()
+    top = torch.cat([layer[valid] for layer in logits]).topk(k + 1, dim=-1).values
+    return float((top[:, k - 1] - top[:, k]).min())
+
+
 @pytest.fixture(scope="module")
-def hf_reference(model_dirs):
+def hf_reference(model_dirs, tmp_path_factory):
     """Per family: the HF model's log-probs of the rollout, and its metrics and weights after the same
     GRPO step (SGD), computed with plain PyTorch."""
     cache: dict[str, dict[str, Any]] = {}
@@ -269,9 +315,15 @@ def hf_reference(model_dirs):
             initial = {k: v.clone() for k, v in model.state_dict().items()}
             plain = PlainHFBackend(model, torch.optim.SGD(model.parameters(), lr=0.5), clip_grad=0.0)
             samples = scored_samples()
+            if family in MOE:
+                assert routing_margin(model, _batch(samples)) > 1e-3, "near-tied experts: routing could differ by float error"
             log_probs = plain.forward(_batch(samples))
             metrics = rl_step(RL_CONFIG, samples, plain)[-1]
-            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if family in MOE:
+                weights = checkpoint_state(model, tmp_path_factory.mktemp(f"{family}-stepped"))
+                initial = checkpoint_state(AutoModelForCausalLM.from_pretrained(model_dirs[family]), tmp_path_factory.mktemp(family))
+            else:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             moved = max(float((weights[k] - initial[k]).abs().max()) for k in weights)
             assert moved > 1e-3, "the reference step barely moved the weights; the comparison would be vacuous"
             cache[family] = {"log_probs": log_probs, "metrics": metrics, "weights": weights}

@@ -44,16 +44,32 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NoEvent:
+    """Stands in for a CUDA event: there is nothing to wait for."""
+
+    def synchronize(self) -> None: ...
+
+    def wait(self, *args: Any) -> None: ...
+
+
 class _NoStream:
-    """Stands in for a CUDA stream: CPU work is already in program order."""
+    """Stands in for a CUDA stream: CPU work is already in program order, so every stream is the same one
+    (the MoE token dispatcher's side stream compares equal to the current stream)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NoStream)
+
+    def __hash__(self) -> int:
+        return 0
 
     def wait_stream(self, other: Any) -> None: ...
 
     def synchronize(self) -> None: ...
 
-    def record_event(self, *args: Any) -> None: ...
+    def record_event(self, *args: Any) -> _NoEvent:
+        return _NoEvent()
 
 
 def _cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any):
