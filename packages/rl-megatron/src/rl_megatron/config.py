@@ -59,7 +59,8 @@ class MegatronConfig(BackendConfig):
     moe_z_loss_coeff: float | None = Field(None, ge=0.0)
     """--moe-z-loss-coeff: weight of the router z-loss (ST-MoE), weighted like the load-balancing loss."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
-    """--moe-token-dispatcher-type: how tokens reach their expert-parallel rank (same result either way)."""
+    """--moe-token-dispatcher-type: how tokens reach their expert-parallel rank (same result either way);
+    allgather only without expert parallelism (it needs the same token count on every EP rank)."""
     moe_router_dtype: Literal["fp32", "fp64"] | None = None
     """--moe-router-dtype: routing (router logits, softmax, top-k) in this precision; default: the model's."""
     moe_grouped_gemm: bool = False
@@ -88,6 +89,12 @@ class MegatronConfig(BackendConfig):
                     "transformer_impl='transformer_engine' needs TransformerEngine, which is not installed;"
                     " use 'local' (SDPA attention)"
                 ) from None
+        if self.moe_token_dispatcher_type == "allgather" and self.expert_model_parallel_size > 1:
+            raise ValueError(
+                "moe_token_dispatcher_type='allgather' with expert_model_parallel_size > 1 is refused: megatron-core's"
+                " all-gather dispatcher needs the same token count on every expert-parallel rank, and each data-parallel"
+                " rank pads its micro-batches to its own longest sample; use 'alltoall'"
+            )
         if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
             raise ValueError(
                 "moe_grouped_gemm=True needs transformer_impl='transformer_engine' (TE's grouped experts); the local"

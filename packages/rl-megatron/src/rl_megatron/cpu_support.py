@@ -90,6 +90,15 @@ _CUDA_STUBS = {
 }
 
 
+def _all_to_all_with_list_splits(*args: Any, **kwargs: Any):
+    """The MoE token dispatcher turns its all-to-all split sizes into host arrays only when they sit on a
+    GPU; on CPU they stay tensors, which the collective does not take. Hand them over as lists."""
+    for key in ("output_split_sizes", "input_split_sizes"):
+        if torch.is_tensor(kwargs.get(key)):
+            kwargs[key] = kwargs[key].tolist()
+    return _saved["all_to_all_single"](*args, **kwargs)
+
+
 def _megatron_rng_stubs() -> dict[str, Any]:
     """Activation recompute saves and restores the CUDA RNG around each checkpointed block; on CPU only
     the CPU generator (which megatron-core saves and restores beside it) exists."""
@@ -118,6 +127,8 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 setattr(megatron_random, name, stub)
             _saved["Tensor.type"] = torch.Tensor.type
             torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
+            _saved["all_to_all_single"] = torch.distributed.all_to_all_single
+            torch.distributed.all_to_all_single = _all_to_all_with_list_splits
         _depth += 1
     try:
         with _CudaToCpu():
@@ -129,6 +140,7 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 for name in _CUDA_STUBS:
                     setattr(torch.cuda, name, _saved.pop(name))
                 torch.Tensor.type = _saved.pop("Tensor.type")  # type: ignore[method-assign]
+                torch.distributed.all_to_all_single = _saved.pop("all_to_all_single")
                 from megatron.core.tensor_parallel import random as megatron_random
 
                 for name in _megatron_rng_stubs():
