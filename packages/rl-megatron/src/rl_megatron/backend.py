@@ -281,8 +281,12 @@ class MegatronBackend:
     def _run(self, model, fed: list[_Fed], seq_len: int, rows: int, loss_func: Callable, forward_only: bool) -> None:
         def step(data_iterator, net):
             item = next(data_iterator)
-            moe = {"padding_mask": item.padding} if self.shape.num_experts else {}
-            output = net(input_ids=item.tokens, position_ids=item.positions, attention_mask=None, **moe)
+            extra = {"padding_mask": item.padding} if self.shape.num_experts else {}
+            if self.tf_config.bf16 and model is self.model:
+                # Float16Module would cast the whole [B, S, V/TP] logits to float32 (twice their bf16 memory, and a
+                # pass over them each way); the log-softmax casts only the response positions it reads.
+                extra["fp32_output"] = False
+            output = net(input_ids=item.tokens, position_ids=item.positions, attention_mask=None, **extra)
             return output, functools.partial(loss_func, item)
 
         get_forward_backward_func()(
