@@ -118,6 +118,22 @@ class MegatronFlags(Section):
     """Momentum of --optimizer sgd."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """local: SDPA attention and torch norms; transformer_engine needs TransformerEngine."""
+    expert_model_parallel_size: int = Field(1, gt=0)
+    """MoE: ranks that split each MoE layer's experts (out of the data-parallel ranks)."""
+    expert_tensor_parallel_size: int | None = Field(None, gt=0)
+    """MoE: ranks that split each expert's MLP (default: --tensor-model-parallel-size)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """MoE: the load-balancing loss over each micro-batch's tokens, or each sequence's."""
+    moe_aux_loss_coeff: float = Field(0.0, ge=0.0)
+    """MoE: weight of the load-balancing loss (0: off)."""
+    moe_z_loss_coeff: float | None = Field(None, ge=0.0)
+    """MoE: weight of the router z-loss."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """MoE: how tokens reach their experts' ranks (allgather only without expert parallelism)."""
+    moe_router_dtype: Literal["fp32", "fp64"] | None = None
+    """MoE: precision of the routing (default: the model's)."""
+    moe_grouped_gemm: bool = False
+    """MoE: all local experts in one grouped GEMM (needs --transformer-impl transformer_engine)."""
     calculate_per_token_loss: bool = False
     """Megatron's per-token loss: the same as --loss-aggregation token_mean, which it sets."""
     bf16: bool = False

@@ -29,11 +29,15 @@ import torch.distributed as dist
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 import rl_megatron.backend  # noqa: F401  (megatron-core's training stack, imported before ranks fork)
@@ -132,13 +136,27 @@ _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 
 def _randomized(model: PreTrainedModel, seed: int) -> PreTrainedModel:
-    """Every weight random (norm scales too), so a swapped or transposed tensor cannot go unnoticed."""
+    """Every weight random (norm scales too), so a swapped or transposed tensor cannot go unnoticed; routers
+    10x larger, so that no token's k-th and (k+1)-th experts are near a tie (float error must not
+    reroute a token between the two implementations)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             fill = 0.5 + torch.rand(param.shape, generator=gen) if "norm" in name else 0.1 * torch.randn(param.shape, generator=gen)
-            param.copy_(fill)
+            param.copy_(fill * (10.0 if name.endswith("mlp.gate.weight") else 1.0))
     return model.eval()
+
+
+def checkpoint_state(model: PreTrainedModel, directory: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint (and an SGLang engine) uses: transformers keeps
+    MoE experts stacked in memory and writes one tensor per expert, so read back what it saves."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(directory)
+    state = load_file(directory / "model.safetensors")
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
 
 
 MODELS = {
@@ -152,7 +170,25 @@ MODELS = {
     "llama": lambda: LlamaForCausalLM._from_config(
         LlamaConfig(**_TINY, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True), attn_implementation="eager"
     ),
+    # 4 experts, top-2, renormalised weights (Qwen3-30B-A3B's routing), every layer sparse.
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM._from_config(
+        Qwen3MoeConfig(**_TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False),
+        attn_implementation="eager",
+    ),
+    # Softmax weights not renormalised, and layer 0 a dense MLP (mlp_only_layers).
+    "qwen3_moe_unnormalised": lambda: Qwen3MoeForCausalLM._from_config(
+        Qwen3MoeConfig(**_TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0], tie_word_embeddings=False),
+        attn_implementation="eager",
+    ),
+    "mixtral": lambda: MixtralForCausalLM._from_config(
+        MixtralConfig(**{**_TINY, "intermediate_size": 32}, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                      num_experts_per_tok=2, tie_word_embeddings=True),
+        attn_implementation="eager",
+    ),
 }
+MOE = ("mixtral", "qwen3_moe", "qwen3_moe_unnormalised")
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +291,18 @@ def _assert_weights_close(actual: dict[str, torch.Tensor], expected: dict[str, t
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def routing_margin(model: PreTrainedModel, batch: TrainBatch) -> float:
+    """The smallest gap, over real tokens and MoE layers, between a token's k-th and (k+1)-th router logit."""
+    mb = make_micro_batch(batch, list(range(len(batch))), torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, output_router_logits=True).router_logits
+    k, valid = model.config.num_experts_per_tok, mb.attention_mask.reshape(-1).bool()
+    top = torch.cat([layer[valid] for layer in logits]).topk(k + 1, dim=-1).values
+    return float((top[:, k - 1] - top[:, k]).min())
+
+
 @pytest.fixture(scope="module")
-def hf_reference(model_dirs):
+def hf_reference(model_dirs, tmp_path_factory):
     """Per family: the HF model's log-probs of the rollout, and its metrics and weights after the same
     GRPO step (SGD), computed with plain PyTorch."""
     cache: dict[str, dict[str, Any]] = {}
@@ -269,9 +315,15 @@ def hf_reference(model_dirs):
             initial = {k: v.clone() for k, v in model.state_dict().items()}
             plain = PlainHFBackend(model, torch.optim.SGD(model.parameters(), lr=0.5), clip_grad=0.0)
             samples = scored_samples()
+            if family in MOE:
+                assert routing_margin(model, _batch(samples)) > 1e-3, "near-tied experts: routing could differ by float error"
             log_probs = plain.forward(_batch(samples))
             metrics = rl_step(RL_CONFIG, samples, plain)[-1]
-            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if family in MOE:
+                weights = checkpoint_state(model, tmp_path_factory.mktemp(f"{family}-stepped"))
+                initial = checkpoint_state(AutoModelForCausalLM.from_pretrained(model_dirs[family]), tmp_path_factory.mktemp(family))
+            else:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             moved = max(float((weights[k] - initial[k]).abs().max()) for k in weights)
             assert moved > 1e-3, "the reference step barely moved the weights; the comparison would be vacuous"
             cache[family] = {"log_probs": log_probs, "metrics": metrics, "weights": weights}
@@ -303,6 +355,11 @@ LAYOUTS = {
     "pp2": ("qwen3", dict(pipeline_model_parallel_size=2)),
     "cp2": ("qwen3", dict(context_parallel_size=2)),
     "dp2": ("qwen2", dict(micro_batch_size=1)),
+    # Two experts per rank (and data parallel for the rest); tokens reach them all-to-all.
+    "ep2": ("qwen3_moe", dict(expert_model_parallel_size=2)),
+    # Experts split like the dense MLP (expert-TP = TP), and the whole MoE model over two stages.
+    "tp2-moe-sequence-parallel": ("mixtral", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+    "pp2-moe": ("qwen3_moe_unnormalised", dict(pipeline_model_parallel_size=2)),
 }
 
 
@@ -318,6 +375,56 @@ def test_two_rank_layouts_give_the_one_process_log_probs_step_and_hf_weights(lay
 def test_activation_recompute_gives_the_same_step(granularity, model_dirs, hf_reference):
     [result] = run_ranks(1, _forward_and_step, _config(model_dirs["qwen3"], recompute_granularity=granularity))
     _assert_matches(result, hf_reference("qwen3"))
+
+
+class RouterLossHFBackend(PlainHFBackend):
+    """PlainHFBackend whose step adds the router losses, written out from their papers: per MoE layer the
+    Switch Transformer load-balancing loss E * sum_e f_e * P_e (f_e: the share of top-k slots that go to
+    expert e, P_e: its mean router probability) and the ST-MoE z-loss mean(logsumexp(logits)^2), over
+    the real tokens of each group of samples that one data-parallel rank holds, each group weighted by
+    its share of the batch's tokens."""
+
+    def __init__(self, *args: Any, aux_coeff: float, z_coeff: float, groups: list[list[int]]) -> None:
+        super().__init__(*args)
+        self.aux_coeff, self.z_coeff, self.groups = aux_coeff, z_coeff, groups
+
+    def _router_loss(self, batch: TrainBatch) -> torch.Tensor:
+        config, total, loss = self.model.config, sum(len(t) for t in batch.tokens), torch.zeros(())
+        for group in self.groups:
+            mb = make_micro_batch(batch, group, torch.device("cpu"))
+            valid = mb.attention_mask.reshape(-1).bool()
+            out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, output_router_logits=True)
+            for logits in out.router_logits:
+                logits = logits[valid].float()
+                probs, tokens = logits.softmax(-1), logits.shape[0]
+                chosen = torch.zeros_like(probs).scatter(1, probs.topk(config.num_experts_per_tok, -1).indices, 1.0)
+                f = chosen.sum(0) / (tokens * config.num_experts_per_tok)
+                balance = config.num_experts * (f * probs.mean(0)).sum()
+                z = logits.logsumexp(-1).square().mean()
+                loss = loss + (tokens / total) * (self.aux_coeff * balance + self.z_coeff * z)
+        return loss
+
+    def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
+        self._router_loss(batch).backward()  # gradients add up with the policy loss's in the parent step
+        return super().train_step(batch, loss)
+
+
+def test_router_load_balancing_and_z_losses_under_expert_parallelism_equal_their_formulas(model_dirs, hf_reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(expert_model_parallel_size=2, micro_batch_size=4, moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.01)
+    results = run_ranks(2, _forward_and_step, _config(model_dirs["qwen3_moe"], **settings))
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["qwen3_moe"], dtype=torch.float32, attn_implementation="eager")
+    # Data-parallel rank d holds samples d::2, one micro-batch each.
+    plain = RouterLossHFBackend(model, torch.optim.SGD(model.parameters(), lr=0.5), 0.0, aux_coeff=0.5, z_coeff=0.01,
+                                groups=[list(range(0, 8, 2)), list(range(1, 8, 2))])
+    metrics = rl_step(RL_CONFIG, scored_samples(), plain)[-1]
+    without = hf_reference("qwen3_moe")["metrics"]["train/grad_norm"]
+    assert metrics["train/grad_norm"] != pytest.approx(without, rel=1e-3), "the router losses must change the step"
+    expected = checkpoint_state(model, tmp_path)
+    for result in results:
+        assert result["metrics"]["train/grad_norm"] == pytest.approx(metrics["train/grad_norm"], rel=1e-5)
+        _assert_weights_close(result["weights"], expected)
 
 
 def _fsdp_forward_and_step(rank: int, model_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -486,14 +593,16 @@ def _weights_only(rank: int, config: MegatronConfig) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_a_config_without_weights_starts_from_the_hf_models_seeded_init(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_a_config_without_weights_starts_from_the_hf_models_seeded_init(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    hf_config = MODELS["qwen3"]().config
-    hf_config.save_pretrained(tmp_path)
-    [weights] = run_ranks(1, _weights_only, _config(tmp_path, seed=7))
+    hf_config = MODELS[family]().config
+    hf_config.save_pretrained(tmp_path / "config")
+    [weights] = run_ranks(1, _weights_only, _config(tmp_path / "config", seed=7))
     torch.manual_seed(7)
-    expected = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).state_dict()
+    # The experts, stacked in the HF model's memory, come out one tensor per expert as its checkpoint names them.
+    expected = checkpoint_state(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32), tmp_path / "saved")
     _assert_weights_close(weights, expected, atol=0.0)
 
 
@@ -517,6 +626,22 @@ def test_parallel_sizes_that_do_not_split_the_model_are_refused_naming_the_flag(
         check_config(config, read_hf_config(config.model_path), world_size=world_size)
 
 
+@pytest.mark.parametrize(
+    ("family", "overrides", "world_size", "message"),
+    [
+        ("qwen3", dict(expert_model_parallel_size=2, moe_aux_loss_coeff=0.1),
+         None, "--expert-model-parallel-size, --moe-aux-loss-coeff: MoE flag.* is a dense model"),
+        ("qwen3_moe", dict(expert_model_parallel_size=3), None, "--expert-model-parallel-size=3: does not divide num_experts=4"),
+        ("qwen3_moe", dict(expert_tensor_parallel_size=3), None, "--expert-tensor-parallel-size=3: does not divide the experts' intermediate size 32"),
+        ("qwen3_moe", dict(expert_model_parallel_size=4), 2, r"\(EP=4 x ETP=1\) does not divide the 2 ranks of a pipeline stage"),
+    ],
+)
+def test_expert_layouts_that_do_not_split_the_model_are_refused_naming_the_flag(family, overrides, world_size, message, model_dirs):
+    config = _config(model_dirs[family], **overrides)
+    with pytest.raises(ValueError, match=message):
+        check_config(config, read_hf_config(config.model_path), world_size=world_size)
+
+
 def test_a_model_family_without_a_mapping_is_refused_naming_its_model_type(model_dirs, tmp_path):
     from transformers import MistralConfig
 
@@ -533,6 +658,8 @@ def test_a_model_family_without_a_mapping_is_refused_naming_its_model_type(model
         (dict(attention_softmax_in_fp32=False), "always accumulate the softmax in float32"),
         (dict(transformer_impl="transformer_engine"), "needs TransformerEngine, which is not installed"),
         (dict(recompute_method="block"), "recompute_granularity is not"),
+        (dict(moe_grouped_gemm=True), "moe_grouped_gemm=True needs transformer_impl='transformer_engine'"),
+        (dict(expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"), "needs the same token count on every expert-parallel rank"),
     ],
 )
 def test_flags_the_backend_cannot_honour_are_refused_with_the_reason(overrides, message, model_dirs):

@@ -69,8 +69,8 @@ def test_partition_of_each_kind():
 
 
 def test_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="'decoder.layers.0.mlp.router.weight': unknown tensor-parallel partitioning"):
-        split_tp("decoder.layers.0.mlp.router.weight", torch.zeros(2, 2), 2)
+    with pytest.raises(ValueError, match="'decoder.layers.0.mlp.shared_experts.gate_weight': unknown tensor-parallel partitioning"):
+        split_tp("decoder.layers.0.mlp.shared_experts.gate_weight", torch.zeros(2, 2), 2)
 
 
 def test_uneven_split_error_names_tensor_and_shape():
@@ -82,3 +82,13 @@ def test_mismatched_shards_error_names_tensor_and_shapes():
     name = "decoder.layers.0.mlp.linear_fc2.weight"
     with pytest.raises(ValueError, match=rf"'{name}': shards differ in shape \[\(8, 3\), \(8, 4\)\]"):
         merge_tp_shards(name, [torch.zeros(8, 3), torch.zeros(8, 4)])
+
+
+def test_an_experts_fc1_splits_gate_and_up_halves_and_the_router_is_replicated():
+    name = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"
+    gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
+    shards = split_tp(name, torch.cat([gate, up]), 2)
+    assert torch.equal(shards[1], torch.cat([gate[2:], up[2:]]))
+    assert torch.equal(merge_tp_shards(name, shards), torch.cat([gate, up]))
+    router = torch.ones(4, 2)
+    assert all(s is router for s in split_tp("decoder.layers.0.mlp.router.weight", router, 2))

@@ -110,3 +110,37 @@ def test_unmapped_tensor_is_reported_rather_than_dropped(qwen2_model):
     hf_state["model.layers.2.input_layernorm.weight"] = torch.ones(64)
     with pytest.raises(ValueError, match=r"1 unmapped tensor\(s\): model.layers.2.input_layernorm.weight \(64,\)"):
         hf_to_megatron(hf_state, shape)
+
+
+def _tiny_qwen3_moe(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1],
+    )
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM._from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    model.save_pretrained(tmp_path)
+    return model, load_file(tmp_path / "model.safetensors")
+
+
+def test_moe_checkpoint_round_trips_through_megatron_names_split_over_expert_tp_ranks(tmp_path):
+    from rl_megatron import merge_tp_shards, split_tp
+
+    model, checkpoint = _tiny_qwen3_moe(tmp_path)  # one tensor per expert, as the hub and SGLang name them
+    shape = TransformerShape.from_hf_config(model.config)
+    assert (shape.num_experts, shape.moe_router_topk, shape.moe_layers) == (4, 2, (True, False))
+    mcore = hf_to_megatron(checkpoint, shape)
+    # Expert 3 of layer 0 against transformers' own in-memory layout (experts stacked, [gate; up] each).
+    fused = model.state_dict()
+    assert torch.equal(mcore["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"], fused["model.layers.0.mlp.experts.gate_up_proj"][3])
+    assert torch.equal(mcore["decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight"], fused["model.layers.0.mlp.experts.down_proj"][3])
+    assert torch.equal(mcore["decoder.layers.0.mlp.router.weight"], fused["model.layers.0.mlp.gate.weight"])
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in mcore  # the dense layer
+    merged = {name: merge_tp_shards(name, split_tp(name, t, 2)) for name, t in mcore.items()}
+    _assert_same_state(megatron_to_hf(merged, shape), checkpoint)

@@ -2,12 +2,14 @@
 Megatron DDP and optimizer, dist_checkpointing).
 
 Every rank is handed the same global batch; data-parallel rank d trains on samples d::DP, which its
-TP/CP/PP peers see too. Results (forward outputs, metrics) are complete on every rank: the last pipeline
+TP/CP/PP peers see too. Expert parallelism splits MoE layers' experts over data-parallel (x CP) ranks:
+each rank's tokens travel to their experts and back inside the forward. Results (forward outputs, metrics) are complete on every rank: the last pipeline
 stage computes them, sums them over data-parallel ranks and broadcasts them to the other stages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections import defaultdict
@@ -66,6 +68,8 @@ class _Fed:
     tokens: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
+    padding: torch.Tensor
+    """True at padding positions (MoE routers leave them out of the load-balancing losses)."""
     ref_log_probs: torch.Tensor | None = None
 
 
@@ -120,6 +124,8 @@ class MegatronBackend:
                 tensor_model_parallel_size=config.tensor_model_parallel_size,
                 pipeline_model_parallel_size=config.pipeline_model_parallel_size,
                 context_parallel_size=config.context_parallel_size,
+                expert_model_parallel_size=config.expert_model_parallel_size,
+                expert_tensor_parallel_size=config.expert_tp_size,
             )
             if self._cpu:
                 initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -144,6 +150,10 @@ class MegatronBackend:
                 config.pipeline_model_parallel_size,
                 self.pp_rank,
                 lm_head=config.head == "lm",
+                ep_size=config.expert_model_parallel_size,
+                ep_rank=parallel_state.get_expert_model_parallel_rank(),
+                etp_size=config.expert_tp_size,
+                etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
             )
             del weights
             self.gpt = self._build(self.tf_config, state)
@@ -209,16 +219,16 @@ class MegatronBackend:
         for mb in micro_batches:
             mb = _pad_micro_batch(mb, rows or mb.input_ids.shape[0], seq_len)
             targets = torch.nn.functional.pad(mb.input_ids[:, 1:], (0, 1))
-            tokens, positions = mb.input_ids, mb.position_ids
+            tokens, positions, padding = mb.input_ids, mb.position_ids, mb.attention_mask == 0
             if c.context_parallel_size > 1:
                 mine = cp_positions(seq_len // c.context_parallel_size, self.cp_rank, c.context_parallel_size, self.device)
-                tokens, positions, targets = tokens[:, mine], positions[:, mine], targets[:, mine]
+                tokens, positions, targets, padding = tokens[:, mine], positions[:, mine], targets[:, mine], padding[:, mine]
             ref = None
             if ref_log_probs is not None:
                 ref = torch.zeros_like(mb.loss_mask)
                 for row, i in enumerate(mb.sample_indices):
                     ref[row, : batch.response_lengths[i]] = ref_log_probs[i].to(self.device)
-            fed.append(_Fed(mb, tokens.contiguous(), positions.contiguous(), targets.contiguous(), ref))
+            fed.append(_Fed(mb, tokens.contiguous(), positions.contiguous(), targets.contiguous(), padding.contiguous(), ref))
         return fed, seq_len, rows or c.micro_batch_size
 
     def _response_outputs(self, fed: _Fed, logits: torch.Tensor, entropy: bool, entropy_grad: bool):
@@ -271,7 +281,12 @@ class MegatronBackend:
     def _run(self, model, fed: list[_Fed], seq_len: int, rows: int, loss_func: Callable, forward_only: bool) -> None:
         def step(data_iterator, net):
             item = next(data_iterator)
-            output = net(input_ids=item.tokens, position_ids=item.positions, attention_mask=None)
+            extra = {"padding_mask": item.padding} if self.shape.num_experts else {}
+            if self.tf_config.bf16 and model is self.model:
+                # Float16Module would cast the whole [B, S, V/TP] logits to float32 (twice their bf16 memory, and a
+                # pass over them each way); the log-softmax casts only the response positions it reads.
+                extra["fp32_output"] = False
+            output = net(input_ids=item.tokens, position_ids=item.positions, attention_mask=None, **extra)
             return output, functools.partial(loss_func, item)
 
         get_forward_backward_func()(
@@ -345,7 +360,8 @@ class MegatronBackend:
             self.model.train()
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
-            self._run(self.model, fed, seq_len, rows, loss_func, forward_only=False)
+            with self._router_losses_per_token(sum(len(t) for t in batch.tokens)):
+                self._run(self.model, fed, seq_len, rows, loss_func, forward_only=False)
             self.steps += 1
             c = self.config
             rate = learning_rate(
@@ -361,6 +377,23 @@ class MegatronBackend:
             _, grad_norm, _ = self.optimizer.step()
             metrics = self._metrics_to_all(sums)
         return {**metrics, "grad_norm": float(grad_norm), "lr": rate}
+
+    @contextlib.contextmanager
+    def _router_losses_per_token(self, batch_tokens: int) -> Iterator[None]:
+        """MoE routers weight each micro-batch's load-balancing (and z-) loss by its token count, expecting
+        megatron-core's division of all gradients by the global token count, which this backend leaves out
+        (rl-core's losses are already shares of the global batch); dividing the coefficients instead makes
+        each micro-batch count by its share of the batch's tokens."""
+        c, tf = self.config, self.tf_config
+        if not self.shape.num_experts:
+            yield
+            return
+        tf.moe_aux_loss_coeff = c.moe_aux_loss_coeff / batch_tokens
+        tf.moe_z_loss_coeff = None if c.moe_z_loss_coeff is None else c.moe_z_loss_coeff / batch_tokens
+        try:
+            yield
+        finally:
+            tf.moe_aux_loss_coeff, tf.moe_z_loss_coeff = c.moe_aux_loss_coeff, c.moe_z_loss_coeff
 
     def _metrics_to_all(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         names = [sorted(sums)]
@@ -378,7 +411,8 @@ class MegatronBackend:
         """HF-named full tensors one at a time: TP shards all-gathered on the owning stage, then broadcast
         over the pipeline so every rank yields the same sequence."""
         self._check_onloaded()
-        for item in export_plan(self.shape, self.config.pipeline_model_parallel_size, value_head=self.config.head == "value"):
+        c = self.config
+        for item in export_plan(self.shape, c.pipeline_model_parallel_size, c.head == "value", c.expert_model_parallel_size):
             with on_cpu(self._cpu):
                 full = gather_full(self.gpt, item, self.pp_rank, self.device)
             for hf_name, tensor in megatron_tensor_to_hf(item.name, full, self.shape):

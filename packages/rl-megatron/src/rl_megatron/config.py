@@ -49,6 +49,26 @@ class MegatronConfig(BackendConfig):
     """--sgd-momentum for optimizer sgd (0: plain SGD, as torch.optim.SGD's default)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """--transformer-impl: local runs SDPA attention and torch norms; transformer_engine needs TE (CUDA)."""
+    expert_model_parallel_size: int = Field(1, gt=0)
+    """--expert-model-parallel-size (MoE): ranks that split each MoE layer's experts (tokens travel to
+    their experts all-to-all); carved out of the data-parallel ranks, so it must divide DP x CP."""
+    expert_tensor_parallel_size: int | None = Field(None, gt=0)
+    """--expert-tensor-parallel-size (MoE): ranks that split each expert's MLP (default: the TP size)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """--moe-router-load-balancing-type: the load-balancing loss over each micro-batch's tokens (aux_loss)
+    or over each sequence's (seq_aux_loss), weighted by --moe-aux-loss-coeff; none: no such loss."""
+    moe_aux_loss_coeff: float = Field(0.0, ge=0.0)
+    """--moe-aux-loss-coeff: weight of the load-balancing loss (summed over MoE layers; each micro-batch
+    counts by its share of the global batch's tokens, as the policy loss does). 0: off."""
+    moe_z_loss_coeff: float | None = Field(None, ge=0.0)
+    """--moe-z-loss-coeff: weight of the router z-loss (ST-MoE), weighted like the load-balancing loss."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """--moe-token-dispatcher-type: how tokens reach their expert-parallel rank (same result either way);
+    allgather only without expert parallelism (it needs the same token count on every EP rank)."""
+    moe_router_dtype: Literal["fp32", "fp64"] | None = None
+    """--moe-router-dtype: routing (router logits, softmax, top-k) in this precision; default: the model's."""
+    moe_grouped_gemm: bool = False
+    """--moe-grouped-gemm: all local experts in one grouped GEMM; needs TransformerEngine (CUDA)."""
 
     @model_validator(mode="after")
     def _check_megatron_flags(self) -> MegatronConfig:
@@ -73,7 +93,22 @@ class MegatronConfig(BackendConfig):
                     "transformer_impl='transformer_engine' needs TransformerEngine, which is not installed;"
                     " use 'local' (SDPA attention)"
                 ) from None
+        if self.moe_token_dispatcher_type == "allgather" and self.expert_model_parallel_size > 1:
+            raise ValueError(
+                "moe_token_dispatcher_type='allgather' with expert_model_parallel_size > 1 is refused: megatron-core's"
+                " all-gather dispatcher needs the same token count on every expert-parallel rank, and each data-parallel"
+                " rank pads its micro-batches to its own longest sample; use 'alltoall'"
+            )
+        if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
+            raise ValueError(
+                "moe_grouped_gemm=True needs transformer_impl='transformer_engine' (TE's grouped experts); the local"
+                " spec's grouped GEMM needs the CUDA-only grouped_gemm package and bfloat16, so local runs experts one by one"
+            )
         return self
+
+    @property
+    def expert_tp_size(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     @property
     def model_parallel_size(self) -> int:

@@ -44,16 +44,32 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NoEvent:
+    """Stands in for a CUDA event: there is nothing to wait for."""
+
+    def synchronize(self) -> None: ...
+
+    def wait(self, *args: Any) -> None: ...
+
+
 class _NoStream:
-    """Stands in for a CUDA stream: CPU work is already in program order."""
+    """Stands in for a CUDA stream: CPU work is already in program order, so every stream is the same one
+    (the MoE token dispatcher's side stream compares equal to the current stream)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NoStream)
+
+    def __hash__(self) -> int:
+        return 0
 
     def wait_stream(self, other: Any) -> None: ...
 
     def synchronize(self) -> None: ...
 
-    def record_event(self, *args: Any) -> None: ...
+    def record_event(self, *args: Any) -> _NoEvent:
+        return _NoEvent()
 
 
 def _cuda_type(self: torch.Tensor, *args: Any, **kwargs: Any):
@@ -72,6 +88,15 @@ _CUDA_STUBS = {
     "current_stream": lambda *a, **k: _NoStream(),
     "default_stream": lambda *a, **k: _NoStream(),
 }
+
+
+def _all_to_all_with_list_splits(*args: Any, **kwargs: Any):
+    """The MoE token dispatcher turns its all-to-all split sizes into host arrays only when they sit on a
+    GPU; on CPU they stay tensors, which the collective does not take. Hand them over as lists."""
+    for key in ("output_split_sizes", "input_split_sizes"):
+        if torch.is_tensor(kwargs.get(key)):
+            kwargs[key] = kwargs[key].tolist()
+    return _saved["all_to_all_single"](*args, **kwargs)
 
 
 def _megatron_rng_stubs() -> dict[str, Any]:
@@ -102,6 +127,8 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 setattr(megatron_random, name, stub)
             _saved["Tensor.type"] = torch.Tensor.type
             torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
+            _saved["all_to_all_single"] = torch.distributed.all_to_all_single
+            torch.distributed.all_to_all_single = _all_to_all_with_list_splits
         _depth += 1
     try:
         with _CudaToCpu():
@@ -113,6 +140,7 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 for name in _CUDA_STUBS:
                     setattr(torch.cuda, name, _saved.pop(name))
                 torch.Tensor.type = _saved.pop("Tensor.type")  # type: ignore[method-assign]
+                torch.distributed.all_to_all_single = _saved.pop("all_to_all_single")
                 from megatron.core.tensor_parallel import random as megatron_random
 
                 for name in _megatron_rng_stubs():

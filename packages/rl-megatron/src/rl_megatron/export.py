@@ -1,4 +1,5 @@
-"""Full tensors out of the TP shards and PP stages, one at a time, in one order every rank follows."""
+"""Full tensors out of the TP shards, expert-parallel ranks and PP stages, one at a time, in one order every
+rank follows."""
 
 from __future__ import annotations
 
@@ -12,18 +13,9 @@ from torch import nn
 from rl_megatron.gpt_model import stage_layers
 from rl_megatron.tensor_parallel import merge_tp_shards
 from rl_megatron.transformer_shape import TransformerShape
+from rl_megatron.weight_mapping import megatron_layer_suffixes
 
-_LAYER_SUFFIXES = (
-    "self_attention.linear_qkv.weight",
-    "self_attention.linear_qkv.bias",
-    "self_attention.q_layernorm.weight",
-    "self_attention.k_layernorm.weight",
-    "self_attention.linear_proj.weight",
-    "input_layernorm.weight",
-    "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight",
-)
+_EXPERTS = "mlp.experts.local_experts."
 
 
 @dataclass(frozen=True)
@@ -36,20 +28,27 @@ class ExportedTensor:
     """Its name in that stage's GPTModel."""
     replicated: bool = False
     """The same on every TP rank (no gathering)."""
+    expert_owner: int | None = None
+    """For an expert's tensor: the expert-parallel rank that holds it (its shards split over expert-TP)."""
 
 
-def export_plan(shape: TransformerShape, pp_size: int, value_head: bool = False) -> list[ExportedTensor]:
+def _layer_item(shape: TransformerShape, ep_size: int, stage: int, layer: int, local: int, suffix: str) -> ExportedTensor:
+    name, local_name = f"decoder.layers.{layer}.{suffix}", f"decoder.layers.{local}.{suffix}"
+    if not suffix.startswith(_EXPERTS):
+        return ExportedTensor(name, stage, local_name)
+    expert, rest = suffix.removeprefix(_EXPERTS).split(".", 1)
+    per_rank = shape.num_experts // ep_size
+    owner, local_expert = divmod(int(expert), per_rank)
+    return ExportedTensor(name, stage, f"decoder.layers.{local}.{_EXPERTS}{local_expert}.{rest}", expert_owner=owner)
+
+
+def export_plan(shape: TransformerShape, pp_size: int, value_head: bool = False, ep_size: int = 1) -> list[ExportedTensor]:
     """Every Megatron tensor of the model (a tied model's output layer is the embedding, listed once; a
-    critic's value head as `value_head.weight`/`.bias`)."""
+    critic's value head as `value_head.weight`/`.bias`; experts numbered globally)."""
     plan = [ExportedTensor("embedding.word_embeddings.weight", 0, "embedding.word_embeddings.weight")]
     for stage in range(pp_size):
         for local, layer in enumerate(stage_layers(shape, pp_size, stage)):
-            for suffix in _LAYER_SUFFIXES:
-                if suffix.endswith("qkv.bias") and not shape.qkv_bias:
-                    continue
-                if suffix.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")) and not shape.qk_norm:
-                    continue
-                plan.append(ExportedTensor(f"decoder.layers.{layer}.{suffix}", stage, f"decoder.layers.{local}.{suffix}"))
+            plan += [_layer_item(shape, ep_size, stage, layer, local, suffix) for suffix in megatron_layer_suffixes(shape, layer)]
     last = pp_size - 1
     plan.append(ExportedTensor("decoder.final_layernorm.weight", last, "decoder.final_layernorm.weight"))
     if value_head:
@@ -60,28 +59,43 @@ def export_plan(shape: TransformerShape, pp_size: int, value_head: bool = False)
 
 
 def gather_full(model: nn.Module, item: ExportedTensor, pp_rank: int, device: torch.device) -> torch.Tensor:
-    """The full tensor `item` on every rank (collective): all-gathered over TP on its stage, then broadcast
-    over the pipeline."""
+    """The full tensor `item` on every rank (collective): all-gathered over TP (an expert's over expert-TP on
+    the expert-parallel rank that holds it, then broadcast over expert parallelism) on its stage, then
+    broadcast over the pipeline."""
     full = None
     if pp_rank == item.stage:
-        shard = model.get_parameter(item.local_name).detach()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        if tp_size > 1 and not item.replicated:
-            shards = [torch.empty_like(shard) for _ in range(tp_size)]
-            dist.all_gather(shards, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            full = merge_tp_shards(item.name, shards)
-        else:
-            full = shard
+        full = _stage_full(model, item, device)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         assert full is not None
         return full
-    group = parallel_state.get_pipeline_model_parallel_group()
-    src = dist.get_global_rank(group, item.stage)
-    meta = [(tuple(full.shape), full.dtype) if full is not None else None]
-    dist.broadcast_object_list(meta, src=src, group=group)
-    if full is None:
-        full = torch.empty(meta[0][0], dtype=meta[0][1], device=device)
+    return _broadcast(full, item.stage, parallel_state.get_pipeline_model_parallel_group(), device)
+
+
+def _stage_full(model: nn.Module, item: ExportedTensor, device: torch.device) -> torch.Tensor:
+    expert = item.expert_owner is not None
+    if expert and parallel_state.get_expert_model_parallel_rank() != item.expert_owner:
+        shard = None
     else:
-        full = full.contiguous()
-    dist.broadcast(full, src=src, group=group)
-    return full
+        shard = model.get_parameter(item.local_name).detach()
+        if expert:
+            tp_size, group = parallel_state.get_expert_tensor_parallel_world_size(), parallel_state.get_expert_tensor_parallel_group()
+        else:
+            tp_size, group = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_group()
+        if tp_size > 1 and not item.replicated:
+            shards = [torch.empty_like(shard) for _ in range(tp_size)]
+            dist.all_gather(shards, shard.contiguous(), group=group)
+            shard = merge_tp_shards(item.name, shards)
+    if not expert or parallel_state.get_expert_model_parallel_world_size() == 1:
+        assert shard is not None
+        return shard
+    return _broadcast(shard, item.expert_owner, parallel_state.get_expert_model_parallel_group(), device)
+
+
+def _broadcast(tensor: torch.Tensor | None, src_index: int, group, device: torch.device) -> torch.Tensor:
+    """`tensor` from group member `src_index` on every member (the others pass None)."""
+    src = dist.get_global_rank(group, src_index)
+    meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
+    dist.broadcast_object_list(meta, src=src, group=group)
+    out = tensor.contiguous() if tensor is not None else torch.empty(meta[0][0], dtype=meta[0][1], device=device)
+    dist.broadcast(out, src=src, group=group)
+    return out

@@ -1,6 +1,6 @@
-"""A megatron-core GPTModel of a Hugging Face Llama/Qwen2/Qwen3 config, and its weights from the HF
-safetensors (or from the HF model's seeded random init), each rank reading only its TP shard of its PP
-stage's layers."""
+"""A megatron-core GPTModel of a Hugging Face Llama/Qwen2/Qwen3/Qwen3-MoE/Mixtral config, and its weights
+from the HF safetensors (or from the HF model's seeded random init), each rank reading only its TP shard
+of its PP stage's layers (and of its expert-parallel rank's experts)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rl_megatron.hf_config import rope_of
 from rl_megatron.layers import ValueHead, local_sdpa_block_spec, transformer_engine_block_spec
 from rl_megatron.tensor_parallel import split_tp
 from rl_megatron.transformer_shape import TransformerShape
-from rl_megatron.weight_mapping import hf_layer_to_megatron
+from rl_megatron.weight_mapping import fused_expert_source, hf_layer_to_megatron
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -29,10 +29,54 @@ def padded_vocab_size(shape: TransformerShape, tp_size: int) -> int:
     return -(-shape.vocab_size // tp_size) * tp_size
 
 
+_TE_MOE_KERNELS = (
+    "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute", "fused_permute_with_probs",
+    "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+    "fused_unpermute", "te_general_gemm",
+)
+
+
+def _moe_without_transformer_engine() -> None:
+    """megatron-core 0.16 tests its TE MoE kernels against None but leaves them undefined when TE is
+    missing (the router's gating GEMM raises NameError); define them as absent, as 0.19 does."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _TE_MOE_KERNELS:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+def moe_settings(config: MegatronConfig, shape: TransformerShape) -> dict[str, Any]:
+    """megatron-core's MoE fields: top-k routing as the HF model routes (softmax over the top-k logits
+    equals renormalised top-k probabilities; without renormalisation, softmax first), sequential experts,
+    the load-balancing losses of the flags."""
+    if not shape.num_experts:
+        return {}
+    _moe_without_transformer_engine()
+    return dict(
+        num_moe_experts=shape.num_experts,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+        moe_router_topk=shape.moe_router_topk,
+        moe_router_pre_softmax=not shape.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_layer_freq=[int(moe) for moe in shape.moe_layers],
+        moe_router_load_balancing_type=config.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+        moe_z_loss_coeff=config.moe_z_loss_coeff,
+        moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+        moe_router_dtype=config.moe_router_dtype,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tp_size,
+    )
+
+
 def transformer_config(config: MegatronConfig, shape: TransformerShape, hf_config: Any, on_cpu: bool) -> TransformerConfig:
     granularity, method, num_layers = config.recompute()
     dtype = DTYPES[config.param_dtype]
     return TransformerConfig(
+        **moe_settings(config, shape),
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -79,10 +123,12 @@ def transformer_config(config: MegatronConfig, shape: TransformerShape, hf_confi
 def build_gpt(config: MegatronConfig, shape: TransformerShape, hf_config: Any, tf_config: TransformerConfig) -> GPTModel:
     """This rank's stage of the model (uninitialised: weights come from `load_hf_weights`)."""
     qk_norm = shape.qk_norm
+    layers = stage_layers(shape, config.pipeline_model_parallel_size, parallel_state.get_pipeline_model_parallel_rank())
+    experts = [shape.num_experts if shape.is_moe_layer(i) else None for i in layers]
     spec = (
-        transformer_engine_block_spec(tf_config, qk_norm)
+        transformer_engine_block_spec(tf_config, qk_norm, experts, config.moe_grouped_gemm)
         if config.transformer_impl == "transformer_engine"
-        else local_sdpa_block_spec(tf_config, qk_norm)
+        else local_sdpa_block_spec(tf_config, qk_norm, experts)
     )
     rope = rope_of(hf_config)
     model = GPTModel(
@@ -129,20 +175,33 @@ class HFWeights:
             self._state = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).state_dict()
 
     def take(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if self._state is not None:
-            if name not in self._state:
-                raise KeyError(f"HF model has no tensor {name!r}")
-            tensor = self._state[name]
+        """The tensor `name` (checkpoint names: one tensor per expert); an expert of a model kept as
+        transformers 5 keeps it in memory (experts stacked) is cut out of the stacked tensor."""
+        fused = fused_expert_source(name)
+        if not self._has(name) and fused is not None and self._has(fused[0]):
+            source, expert, kind = fused
+            stacked = self._get(source)[expert]
+            tensor = stacked if kind == "down" else stacked.chunk(2, dim=0)[kind == "up"]
         else:
-            from safetensors import safe_open
-
-            if name not in self._files:
-                raise KeyError(f"HF checkpoint has no tensor {name!r}")
-            with safe_open(str(self._files[name]), framework="pt") as f:
-                tensor = f.get_tensor(name)
+            tensor = self._get(name)
         if shape is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"HF tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
         return tensor
+
+    def _has(self, name: str) -> bool:
+        return name in (self._state if self._state is not None else self._files)
+
+    def _get(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            if name not in self._state:
+                raise KeyError(f"HF model has no tensor {name!r}")
+            return self._state[name]
+        from safetensors import safe_open
+
+        if name not in self._files:
+            raise KeyError(f"HF checkpoint has no tensor {name!r}")
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def stage_layers(shape: TransformerShape, pp_size: int, pp_rank: int) -> range:
@@ -159,9 +218,14 @@ def stage_state(
     pp_size: int,
     pp_rank: int,
     lm_head: bool = True,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    etp_size: int = 1,
+    etp_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """This rank's Megatron state dict: its TP shard of every tensor on its pipeline stage (without the
-    output layer when `lm_head` is False: a critic's value head starts at zero)."""
+    """This rank's Megatron state dict: its TP shard of every tensor on its pipeline stage, of MoE layers
+    only its expert-parallel rank's experts, each cut to its expert-TP shard (without the output layer
+    when `lm_head` is False: a critic's value head starts at zero)."""
     vocab = padded_vocab_size(shape, tp_size)
     h = shape.hidden_size
     full: dict[str, torch.Tensor] = {}
@@ -172,8 +236,10 @@ def stage_state(
     first, last = pp_rank == 0, pp_rank == pp_size - 1
     if first:
         full["embedding.word_embeddings.weight"] = vocab_rows(take("model.embed_tokens.weight", (shape.vocab_size, h)))
+    per_rank = shape.num_experts // ep_size
+    experts = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
     for local, layer in enumerate(stage_layers(shape, pp_size, pp_rank)):
-        full.update(hf_layer_to_megatron(take, layer, local, shape))
+        full.update(hf_layer_to_megatron(take, layer, local, shape, experts))
     if last:
         full["decoder.final_layernorm.weight"] = take("model.norm.weight", (h,))
         if not lm_head:
@@ -183,7 +249,11 @@ def stage_state(
         elif not first:
             # A tied model's last stage keeps its own copy of the embedding as the output layer.
             full["output_layer.weight"] = vocab_rows(take("model.embed_tokens.weight", (shape.vocab_size, h)))
-    return {name: split_tp(name, tensor, tp_size)[tp_rank].clone() for name, tensor in full.items()}
+    def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        expert = ".mlp.experts." in name
+        return split_tp(name, tensor, etp_size if expert else tp_size)[etp_rank if expert else tp_rank].clone()
+
+    return {name: shard(name, tensor) for name, tensor in full.items()}
 
 
 def load_stage(model: GPTModel, state: dict[str, torch.Tensor]) -> None:

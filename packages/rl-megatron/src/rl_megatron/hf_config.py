@@ -10,8 +10,9 @@ from typing import Any
 from rl_megatron.config import MegatronConfig
 from rl_megatron.transformer_shape import TransformerShape
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-"""Dense decoders with GQA, SwiGLU and RMSNorm; MoE families (qwen3_moe, deepseek_v3) are not mapped yet."""
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+"""Decoders with GQA, SwiGLU and RMSNorm, dense or with top-k softmax-routed experts (no shared experts);
+qwen2_moe (shared experts) and deepseek_v3 (MLA, grouped routing) are not mapped yet."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def check_config(config: MegatronConfig, hf_config: Any, world_size: int | None 
         )
     if getattr(hf_config, "use_sliding_window", False):
         raise ValueError(f"model_path {config.model_path}: use_sliding_window=True is not supported (full causal attention only)")
+    if getattr(hf_config, "sliding_window", None) is not None and model_type == "mixtral":
+        raise ValueError(f"model_path {config.model_path}: sliding_window={hf_config.sliding_window} is not supported (full causal attention only)")
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"model_path {config.model_path}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
@@ -78,6 +81,7 @@ def check_config(config: MegatronConfig, hf_config: Any, world_size: int | None 
     flag = "--pipeline-model-parallel-size"
     _check(flag, pp, pp <= shape.num_layers, f"is larger than num_hidden_layers={shape.num_layers}")
     _check(flag, pp, shape.num_layers % pp == 0, f"does not divide num_hidden_layers={shape.num_layers} into equal stages")
+    _check_experts(config, shape, world_size)
     if world_size is not None:
         model_parallel = tp * pp * cp
         _check(
@@ -87,3 +91,32 @@ def check_config(config: MegatronConfig, hf_config: Any, world_size: int | None 
             f"(TP={tp} x PP={pp} x CP={cp}) does not divide the {world_size} training ranks (GPUs)",
         )
     return shape
+
+
+def _check_experts(config: MegatronConfig, shape: TransformerShape, world_size: int | None) -> None:
+    ep, etp = config.expert_model_parallel_size, config.expert_tp_size
+    if not shape.num_experts:
+        moe_flags = {"expert_model_parallel_size": ep > 1, "expert_tensor_parallel_size": config.expert_tensor_parallel_size,
+                     "moe_aux_loss_coeff": config.moe_aux_loss_coeff, "moe_z_loss_coeff": config.moe_z_loss_coeff,
+                     "moe_grouped_gemm": config.moe_grouped_gemm, "moe_router_dtype": config.moe_router_dtype}
+        given = [name for name, value in moe_flags.items() if value]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: MoE flag(s), but model_path {config.model_path} is a dense model (no experts)")
+        return
+    if shape.moe_router_topk == 1 and shape.moe_norm_topk_prob:
+        raise ValueError(
+            f"model_path {config.model_path}: top-1 routing with renormalised weights (always 1) is refused by megatron-core,"
+            " whose top-1 router needs the softmax over all experts (a different model)"
+        )
+    _check("--expert-model-parallel-size", ep, shape.num_experts % ep == 0, f"does not divide num_experts={shape.num_experts}")
+    _check("--expert-tensor-parallel-size", etp, shape.moe_ffn_hidden_size % etp == 0,
+           f"does not divide the experts' intermediate size {shape.moe_ffn_hidden_size}")
+    if world_size is not None:
+        per_stage = world_size // config.pipeline_model_parallel_size
+        _check(
+            "--expert-model-parallel-size x --expert-tensor-parallel-size",
+            ep * etp,
+            per_stage % (ep * etp) == 0,
+            f"(EP={ep} x ETP={etp}) does not divide the {per_stage} ranks of a pipeline stage",
+        )

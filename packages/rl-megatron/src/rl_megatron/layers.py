@@ -128,9 +128,8 @@ class ValueHead(nn.Module):
         return F.linear(hidden, self.weight, self.bias), None
 
 
-def local_sdpa_block_spec(config: TransformerConfig, qk_norm: bool) -> TransformerBlockSubmodules:
-    """megatron-core's local layer spec with SDPA attention and our RMSNorm everywhere (layers, QK, final)."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm"))
+def _local_layer_spec(qk_norm: bool, num_experts: int | None) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=qk_norm, normalization="RMSNorm"))
     layer = spec.submodules
     layer.input_layernorm = RMSNorm
     layer.pre_mlp_layernorm = RMSNorm
@@ -139,11 +138,29 @@ def local_sdpa_block_spec(config: TransformerConfig, qk_norm: bool) -> Transform
     if qk_norm:
         attention.q_layernorm = RMSNorm
         attention.k_layernorm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    return spec
 
 
-def transformer_engine_block_spec(config: TransformerConfig, qk_norm: bool) -> ModuleSpec:
-    """megatron-core's TransformerEngine spec (fused attention with its own CP, TE norms and linears)."""
+def local_sdpa_block_spec(config: TransformerConfig, qk_norm: bool, experts: list[int | None]) -> TransformerBlockSubmodules:
+    """megatron-core's local layer spec with SDPA attention and our RMSNorm everywhere (layers, QK, final);
+    `experts` per layer of this stage: None for a dense MLP, else the expert count of its MoE layer
+    (sequential experts: the local spec's grouped GEMM needs CUDA)."""
+    if len(experts) != get_num_layers_to_build(config):
+        raise ValueError(f"{len(experts)} layer kinds for {get_num_layers_to_build(config)} layers on this stage")
+    specs = {n: _local_layer_spec(qk_norm, n) for n in set(experts)}
+    return TransformerBlockSubmodules(layer_specs=[specs[n] for n in experts], layer_norm=RMSNorm)
+
+
+def transformer_engine_block_spec(
+    config: TransformerConfig, qk_norm: bool, experts: list[int | None], grouped_gemm: bool
+) -> TransformerBlockSubmodules:
+    """megatron-core's TransformerEngine spec (fused attention with its own CP, TE norms and linears;
+    TE's grouped experts with `grouped_gemm`)."""
+    from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    specs = {
+        n: get_gpt_layer_with_transformer_engine_spec(num_experts=n, moe_grouped_gemm=grouped_gemm, qk_layernorm=qk_norm)
+        for n in set(experts)
+    }
+    return TransformerBlockSubmodules(layer_specs=[specs[n] for n in experts], layer_norm=TENorm)

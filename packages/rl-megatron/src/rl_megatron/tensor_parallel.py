@@ -3,7 +3,8 @@
 How a tensor is partitioned follows from its name (Megatron-Core GPTModel, local layer spec):
 column-parallel layers (`linear_qkv`, `linear_fc1`, the vocab-parallel embedding and `output_layer`)
 split dim 0, row-parallel ones (`linear_proj`, `linear_fc2`) split dim 1, and layernorms and
-row-parallel biases are replicated. `linear_fc1` is the exception to plain concatenation: every
+row-parallel biases are replicated. An MoE layer's experts split the same way (over the expert-TP group),
+and its router is replicated. `linear_fc1` is the exception to plain concatenation: every
 shard holds [gate shard; up shard], so the full [gate; up] is rebuilt halves first.
 """
 
@@ -30,18 +31,19 @@ _COLUMN_SUFFIXES = (
     "embedding.word_embeddings.weight",
     "output_layer.weight",
 )
-_ROW_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_ROW_SUFFIXES = ("self_attention.linear_proj.weight", ".linear_fc2.weight")
 _REPLICATED_SUFFIXES = (
     "layernorm.weight",
     "layernorm.bias",
     "self_attention.linear_proj.bias",
     "mlp.linear_fc2.bias",
+    "mlp.router.weight",
 )
 
 
 def partition_of(name: str) -> Partition:
     """How Megatron-Core partitions the tensor called `name` across tensor-parallel ranks."""
-    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
+    if name.endswith((".linear_fc1.weight", ".linear_fc1.bias")):
         return Partition.GATED_COLUMN
     if name.endswith(_COLUMN_SUFFIXES):
         return Partition.COLUMN

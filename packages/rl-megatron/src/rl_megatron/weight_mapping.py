@@ -3,12 +3,14 @@
 SGLang engines load Hugging Face names and layouts, while Megatron-Core fuses Q/K/V into one
 `linear_qkv` (interleaved per query group: [q heads of group g, k_g, v_g] for g in groups, see
 `SelfAttention.get_query_key_value_tensors`) and gate/up into one `linear_fc1` ([gate; up], see the
-`glu` in `MLP`). Megatron may pad the vocabulary to a multiple of its TP-friendly size; the padding
+`glu` in `MLP`). An MoE layer's router is `mlp.router`, its experts `mlp.experts.local_experts.E` (one
+SequentialMLP each, fc1 = [gate; up]); full state dicts number experts globally. Megatron may pad the vocabulary to a multiple of its TP-friendly size; the padding
 rows are added on the way in (`padded_vocab_size`) and dropped on the way out.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "unfuse_qkv",
     "hf_layer_to_megatron",
     "megatron_tensor_to_hf",
+    "megatron_layer_suffixes",
 ]
 
 # Buffers that some checkpoints carry but that are recomputed from the config, never weights.
@@ -98,9 +101,41 @@ def _trim_vocab(name: str, tensor: Tensor, config: TransformerShape) -> Tensor:
     return tensor[: config.vocab_size]
 
 
-def hf_layer_to_megatron(take, hf_layer: int, mcore_layer: int, config: TransformerShape) -> dict[str, Tensor]:
+class HFMoENames:
+    """The checkpoint names of one MoE layer's router and experts."""
+
+    def __init__(self, config: TransformerShape, layer: int) -> None:
+        base = f"model.layers.{layer}." + ("block_sparse_moe." if config.moe_names == "mixtral" else "mlp.")
+        self.router = base + "gate.weight"
+        self._experts = base + "experts."
+        self._parts = ("w1", "w3", "w2") if config.moe_names == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+    def expert(self, e: int) -> tuple[str, str, str]:
+        """(gate, up, down) weight names of expert `e`."""
+        return tuple(f"{self._experts}{e}.{part}.weight" for part in self._parts)  # type: ignore[return-value]
+
+
+_FUSED_EXPERT = re.compile(r"(model\.layers\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+
+
+def fused_expert_source(name: str) -> tuple[str, int, str] | None:
+    """Where transformers 5 keeps checkpoint tensor `name` of one expert in memory: (fused tensor name,
+    expert, "gate" | "up" | "down"); its state dict stacks experts as `mlp.experts.gate_up_proj`
+    [E, 2I, H] ([gate; up] per expert) and `mlp.experts.down_proj` [E, H, I]. None for other names."""
+    match = _FUSED_EXPERT.fullmatch(name)
+    if match is None:
+        return None
+    prefix, expert, part = match.groups()
+    kind = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}[part]
+    return prefix + "mlp.experts." + ("down_proj" if kind == "down" else "gate_up_proj"), int(expert), kind
+
+
+def hf_layer_to_megatron(
+    take, hf_layer: int, mcore_layer: int, config: TransformerShape, experts: range | None = None
+) -> dict[str, Tensor]:
     """Decoder layer `hf_layer` of a HF model, read with `take(name, shape)`, under Megatron names of
-    layer `mcore_layer` (its index within a pipeline stage)."""
+    layer `mcore_layer` (its index within a pipeline stage). An MoE layer holds the experts `experts`
+    (default: all), numbered from 0 in that order (an expert-parallel rank's local experts)."""
     c = config
     h, hd, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
     hf, mc = f"model.layers.{hf_layer}.", f"decoder.layers.{mcore_layer}."
@@ -120,6 +155,17 @@ def hf_layer_to_megatron(take, hf_layer: int, mcore_layer: int, config: Transfor
     out[mc + "self_attention.linear_proj.weight"] = take(hf + "self_attn.o_proj.weight", (h, c.num_attention_heads * hd))
     out[mc + "input_layernorm.weight"] = take(hf + "input_layernorm.weight", (h,))
     out[mc + "pre_mlp_layernorm.weight"] = take(hf + "post_attention_layernorm.weight", (h,))
+    if c.is_moe_layer(hf_layer):
+        names = HFMoENames(c, hf_layer)
+        out[mc + "mlp.router.weight"] = take(names.router, (c.num_experts, h))
+        for local, e in enumerate(range(c.num_experts) if experts is None else experts):
+            gate, up, down = names.expert(e)
+            fc = f"{mc}mlp.experts.local_experts.{local}."
+            out[fc + "linear_fc1.weight"] = torch.cat(
+                [take(gate, (c.moe_ffn_hidden_size, h)), take(up, (c.moe_ffn_hidden_size, h))], dim=0
+            )
+            out[fc + "linear_fc2.weight"] = take(down, (h, c.moe_ffn_hidden_size))
+        return out
     gate = take(hf + "mlp.gate_proj.weight", (ffn, h))
     up = take(hf + "mlp.up_proj.weight", (ffn, h))
     out[mc + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
@@ -167,6 +213,20 @@ _LAYER_RENAMES = {
 _QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
+def megatron_layer_suffixes(config: TransformerShape, layer: int) -> list[str]:
+    """Names of decoder layer `layer`'s tensors in a full Megatron state dict, after `decoder.layers.N.`
+    (experts numbered globally)."""
+    names = ["self_attention.linear_qkv.weight"] + (["self_attention.linear_qkv.bias"] if config.qkv_bias else [])
+    names += [n for n in _LAYER_RENAMES if not n.startswith("mlp.") and (config.qk_norm or n not in _QK_NORMS)]
+    if config.is_moe_layer(layer):
+        names.append("mlp.router.weight")
+        for e in range(config.num_experts):
+            names += [f"mlp.experts.local_experts.{e}.linear_fc1.weight", f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
+    else:
+        names += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    return names
+
+
 def megatron_tensor_to_hf(name: str, tensor: Tensor, config: TransformerShape) -> list[tuple[str, Tensor]]:
     """One full (TP-merged) Megatron tensor with a global layer number as (HF name, tensor) pairs: a fused
     QKV gives q, k, v; fc1 gives gate and up; vocabulary padding is dropped. A tied embedding also gives
@@ -189,6 +249,17 @@ def megatron_tensor_to_hf(name: str, tensor: Tensor, config: TransformerShape) -
         kind = suffix.rsplit(".", 1)[1]
         _expect(name, tensor, (c.qkv_rows, c.hidden_size) if kind == "weight" else (c.qkv_rows,))
         return [(hf + f"self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", unfuse_qkv(tensor, c))]
+    if suffix == "mlp.router.weight":
+        return [(HFMoENames(c, int(parts[2])).router, _expect(name, tensor, (c.num_experts, c.hidden_size)))]
+    if suffix.startswith("mlp.experts.local_experts."):
+        expert, kind = suffix.removeprefix("mlp.experts.local_experts.").split(".", 1)
+        gate, up, down = HFMoENames(c, int(parts[2])).expert(int(expert))
+        h, ffn = c.hidden_size, c.moe_ffn_hidden_size
+        if kind == "linear_fc1.weight":
+            g, u = _expect(name, tensor, (2 * ffn, h)).chunk(2, dim=0)
+            return [(gate, g), (up, u)]
+        if kind == "linear_fc2.weight":
+            return [(down, _expect(name, tensor, (h, ffn)))]
     if suffix == "mlp.linear_fc1.weight":
         gate, up = _expect(name, tensor, (2 * c.ffn_hidden_size, c.hidden_size)).chunk(2, dim=0)
         return [(hf + "mlp.gate_proj.weight", gate), (hf + "mlp.up_proj.weight", up)]
@@ -206,10 +277,7 @@ def megatron_to_hf(mcore_state: Mapping[str, Tensor], config: TransformerShape) 
     expected = ["embedding.word_embeddings.weight"]
     for i in range(config.num_layers):
         mc = f"decoder.layers.{i}."
-        expected += [mc + "self_attention.linear_qkv.weight"]
-        expected += [mc + "self_attention.linear_qkv.bias"] if config.qkv_bias else []
-        expected += [mc + n for n in _LAYER_RENAMES if config.qk_norm or n not in _QK_NORMS]
-        expected += [mc + "mlp.linear_fc1.weight"]
+        expected += [mc + n for n in megatron_layer_suffixes(config, i)]
     expected += ["decoder.final_layernorm.weight"] + ([] if config.tie_word_embeddings else ["output_layer.weight"])
     out: dict[str, Tensor] = {}
     for name in expected:
