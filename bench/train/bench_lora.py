@@ -60,10 +60,25 @@ def start_engine(model_dir: str, device: str):
     from rl_sglang.launcher import launch_engine
 
     args: dict[str, Any] = {"device": device, "max_running_requests": 8}
-    args.update({"mem_fraction_static": 0.05} if device == "cuda" else {"dtype": "float32", "max_total_tokens": 4096})
+    args.update({"mem_fraction_static": 0.5} if device == "cuda" else {"dtype": "float32", "max_total_tokens": 4096})
     engine = launch_engine("embedded", model_dir, sglang_args=args)
     engine.wait_until_healthy(600)
     return engine
+
+
+def unload_adapter(url: str) -> None:
+    import asyncio
+
+    from rl_sglang.client import SGLangClient
+
+    async def unload() -> None:
+        client = SGLangClient(url)
+        try:
+            await client.unload_lora_adapter(LORA_NAME)
+        finally:
+            await client.close()
+
+    asyncio.run(unload())
 
 
 def engine_log_prob_gap(backend, url: str, vocab: int) -> float:
@@ -141,6 +156,7 @@ def run(model_dir: str, batch, args: argparse.Namespace, lora_rank: int) -> dict
                                                            f"{kind}-{i}"), args.syncs)
                     result[f"engine_log_prob_gap_after_{kind}_adapter_sync"] = engine_log_prob_gap(
                         backend, engine.url, args.vocab)
+                    unload_adapter(engine.url)  # the next transport starts from an engine without it
                 key = f"sync_merged_{kind}_s" if lora_rank else f"sync_full_{kind}_s"
                 result[key] = median_seconds(lambda i: transport.update(backend.weights(), f"{kind}-full-{i}"), args.syncs)
         finally:
