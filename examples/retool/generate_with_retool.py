@@ -110,8 +110,8 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
             sample.metadata["answer"] = action.group(2)
             sample.status = Sample.Status.COMPLETED
             return sample
-        if (action is None and meta["finish_reason"]["type"] == "length") or turn + 1 == max_turns:
-            break
+        if (meta["finish_reason"]["type"] == "length" and not any(tag in text for tag in CLOSING_TAGS)) or turn + 1 == max_turns:
+            break  # out of tokens before any closing tag (cut mid-action), or out of turns
         # The sandbox blocks for up to its timeout: off the event loop, which serves the other samples.
         observation = await asyncio.to_thread(interpreter, action.group(2)) if action is not None else INVALID
         observation_ids = state.tokenizer(observation, add_special_tokens=False)["input_ids"]

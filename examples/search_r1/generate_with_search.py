@@ -126,8 +126,8 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
             sample.metadata["answer"] = action.group(2)  # what the reward grades
             sample.status = Sample.Status.COMPLETED
             return sample
-        if action is None and meta["finish_reason"]["type"] == "length":
-            break  # cut mid-action: the turn cannot be answered
+        if meta["finish_reason"]["type"] == "length" and not any(tag in text for tag in CLOSING_TAGS):
+            break  # out of tokens before any closing tag: cut mid-action
         if turn + 1 == max_turns:
             break  # no observation after the last turn: nothing would read it
         observation = information(action.group(2)) if action is not None else INVALID
