@@ -223,7 +223,9 @@ def test_the_retool_example_trains_with_the_interpreter_output_masked(tiny_run_c
             prompt = tokenizer(example.PROMPT.format(problem=sample["prompt"]), add_special_tokens=False)["input_ids"]
             response = sample["tokens"][len(prompt):]
             assert sample["tokens"][:len(prompt)] == prompt
-            for start, end, mask in segments(sample["loss_mask"]):
+            runs = segments(sample["loss_mask"])
+            assert [m for _, _, m in runs][:1] == [1] and sum(m for _, _, m in runs) <= 3  # --max-turns 3
+            for start, end, mask in runs:
                 if mask == 1:
                     check_policy_turn(sample, calls, start, end)
                     turn = tokenizer.decode(response[start:end])

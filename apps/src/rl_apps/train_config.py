@@ -310,8 +310,8 @@ class GenerationHooksConfig(Section):
     """Call the --custom-rm-path function once per prompt group, `reward_func(args, samples) -> list` (slime's)."""
     max_turns: int | None = Field(None, gt=0)
     """Most policy turns of one multi-turn sample: `args.max_turns` for the generate/rollout functions (the
-    agent examples read it), and the chat endpoint answers a session's call past it with HTTP 429 and ends
-    that trajectory TRUNCATED (docs/agents.md)."""
+    agent examples read it), and the chat endpoint refuses a session's call past it (HTTP 400) and ends that
+    trajectory TRUNCATED (docs/agents.md)."""
     tool_call_parser: str = "qwen25"
     """How the chat endpoint (/v1/chat/completions) reads tool calls out of the model's text, by SGLang's
     --tool-call-parser names: qwen25 (<tool_call>{json}</tool_call> blocks), hermes (the same), none."""
