@@ -22,7 +22,7 @@ from rl_apps.slime_api import Sample
 from rl_core.trajectory import apply_trajectory
 from rl_sglang.chat import pop_session
 
-MAX_TURNS = 3
+MAX_TURNS = 3  # when the run gives no --max-turns
 TOOLS = [{
     "type": "function",
     "function": {
@@ -44,10 +44,11 @@ def run_tool(call) -> str:
         return f"error: {e}"
 
 
-async def solve(client: AsyncOpenAI, question: str | list[dict], answer: str, **request) -> list[dict]:
+async def solve(client: AsyncOpenAI, question: str | list[dict], answer: str, max_turns: int = MAX_TURNS,
+                **request) -> list[dict]:
     """The agent: plain OpenAI chat-completions code (what a user already has)."""
     messages = list(question) if isinstance(question, list) else [{"role": "user", "content": question}]
-    for _ in range(MAX_TURNS):
+    for _ in range(max_turns):
         response = await client.chat.completions.create(model="policy", messages=messages, tools=TOOLS, **request)
         choice = response.choices[0]
         messages.append(choice.message.model_dump(exclude_none=True))
@@ -71,7 +72,7 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
                    max_tokens=sampling_params["max_new_tokens"],
                    extra_body={k: sampling_params[k] for k in ("top_k", "stop_token_ids") if k in sampling_params})
     try:
-        await solve(client, sample.prompt, str(sample.label), **request)
+        await solve(client, sample.prompt, str(sample.label), getattr(args, "max_turns", None) or MAX_TURNS, **request)
     finally:
         await client.close()
     (trajectory,) = await pop_session(f"{endpoint}/v1", session_id)  # one conversation per session

@@ -331,7 +331,8 @@ class RolloutManager:
         from rl_sglang.gateway import GenerateGateway
 
         if self._gateway is None:  # the tokenizer serves /v1/chat/completions (docs/agents.md)
-            self._gateway = GenerateGateway(self._router_client(), tokenizer=load_tokenizer(self.config))
+            self._gateway = GenerateGateway(self._router_client(), tokenizer=load_tokenizer(self.config),
+                                            tool_call_parser=self.config.tool_call_parser, max_turns=self.config.max_turns)
             await self._gateway.start()
             self._args = slime_args(self.config, self._gateway.url)
         return self._args

@@ -368,6 +368,13 @@ class GenerationHooksConfig(Section):
     """slime's `convert(args, samples) -> dict` (tokens, response_lengths, loss_masks, rewards): what training reads."""
     group_rm: bool = False
     """Call the --custom-rm-path function once per prompt group, `reward_func(args, samples) -> list` (slime's)."""
+    max_turns: int | None = Field(None, gt=0)
+    """Most policy turns of one multi-turn sample: `args.max_turns` for the generate/rollout functions (the
+    agent examples read it), and the chat endpoint refuses a session's call past it (HTTP 400) and ends that
+    trajectory TRUNCATED (docs/agents.md)."""
+    tool_call_parser: str = "qwen25"
+    """How the chat endpoint (/v1/chat/completions) reads tool calls out of the model's text, by SGLang's
+    --tool-call-parser names: qwen25 (<tool_call>{json}</tool_call> blocks), hermes (the same), none."""
     debug_rollout_only: bool = False
     """Generate (and grade) rollouts, but do not train and do not sync weights."""
     debug_train_only: bool = False
@@ -379,6 +386,14 @@ class GenerationHooksConfig(Section):
             raise ValueError("--debug-train-only trains on saved rollouts: give --load-debug-rollout-data")
         if self.debug_train_only and self.debug_rollout_only:
             raise ValueError("--debug-train-only and --debug-rollout-only exclude each other")
+        from rl_sglang.tool_parsers import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser!r} is not a parser here; choose one of"
+                             f" {', '.join(sorted(TOOL_CALL_PARSERS))}")
+        if self.max_turns is not None and not (self.custom_generate_function_path or self.rollout_function_path):
+            raise ValueError("--max-turns bounds multi-turn samples, and the default rollout makes one engine call per"
+                             " sample: give --custom-generate-function-path or --rollout-function-path")
         if self.custom_generate_function_path and self.rollout_function_path:
             raise ValueError(
                 "--custom-generate-function-path is called by the default rollout, which --rollout-function-path"

@@ -217,6 +217,32 @@ async def test_requests_the_endpoint_cannot_serve_as_asked_are_refused_with_the_
     assert engine.calls == []
 
 
+async def test_a_session_past_max_turns_is_refused_and_its_trajectory_ends_truncated_while_other_sessions_go_on():
+    tokenizer = bpe_tokenizer()
+    engine = ScriptedEngine(tokenizer, ["one", "two", "three"])
+    gateway = await served(engine, tokenizer, max_turns=2)
+    client = AsyncOpenAI(base_url=f"{gateway.url}/sessions/s5/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "a"}]
+    try:
+        async with asyncio.timeout(30):
+            for _ in range(2):
+                reply = await client.chat.completions.create(model="m", messages=messages)
+                messages += [reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "more"}]
+            with pytest.raises(BadRequestError, match="max-turns"):
+                await client.chat.completions.create(model="m", messages=messages)
+            (trajectory,) = await pop_session(f"{gateway.url}/v1", "s5")
+            other = AsyncOpenAI(base_url=f"{gateway.url}/sessions/s6/v1", api_key="unused", max_retries=0)
+            await other.chat.completions.create(model="m", messages=[{"role": "user", "content": "b"}])
+            await other.close()
+    finally:
+        await client.close()
+        await gateway.stop()
+    assert len(engine.calls) == 3  # two for s5, none for its refused third call, one for s6
+    assert trajectory.token_ids == engine.calls[1]["input_ids"] + engine.answers[1]["output_ids"]
+    sample = apply_trajectory(Sample(prompt="a"), trajectory)
+    assert trajectory.finish_reason == "length" and sample.status is SampleStatus.TRUNCATED
+
+
 def test_the_qwen25_parser_reads_tagged_json_calls_drops_unknown_functions_and_keeps_malformed_text_as_content():
     parser = build_tool_call_parser("qwen25")
     text = ' thinking \n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>{"name": "nope", "arguments": {}}</tool_call>' \

@@ -41,6 +41,11 @@ class ChatRequestError(ValueError):
     """A request this endpoint cannot serve as asked (answered with HTTP 400 and this message)."""
 
 
+class TurnLimitError(ChatRequestError):
+    """A session asked for more calls than `max_turns` (rl-train's --max-turns). A 400, not slime's 429:
+    OpenAI clients retry a 429 with back-off, which would only delay the same answer."""
+
+
 @dataclass
 class _Branch:
     """One linear conversation: its tokens so far and what the last call was asked and answered."""
@@ -62,6 +67,7 @@ class ChatSession:
     session_id: str
     branches: list[_Branch] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    calls: int = 0
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -126,11 +132,13 @@ def _overlap(text: str, closing: str) -> int:
 class ChatCompletions:
     """The endpoint's logic, apart from HTTP: `create` answers one request, `trajectories` / `pop` give a
     session's recorded trajectories. `tokenizer` is the served model's; requests are refused while it has no
-    chat template."""
+    chat template. With `max_turns`, a session's call past that many is refused (`TurnLimitError`) and its
+    last trajectory ends as cut by length (a TRUNCATED sample)."""
 
     def __init__(self, engine: PayloadEngine, tokenizer: Any, *, tool_call_parser: str = "qwen25",
-                 max_sessions: int = 100_000) -> None:
+                 max_sessions: int = 100_000, max_turns: int | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        self.max_turns = max_turns
         self.parser = build_tool_call_parser(tool_call_parser)
         self.max_sessions = max_sessions
         self.model_name = str(getattr(tokenizer, "name_or_path", "") or "model")
@@ -144,6 +152,12 @@ class ChatCompletions:
         messages, tools, sampling_params, template_kwargs = self._parse(body)
         session = self._session(session_id) if session_id else ChatSession("")
         async with session.lock:
+            if self.max_turns is not None and session_id and session.calls >= self.max_turns:
+                if session.branches:
+                    session.branches[-1].finish_reason = "length"
+                raise TurnLimitError(f"session {session_id!r} has had its {self.max_turns} calls (--max-turns);"
+                                     " its trajectory ends here, truncated")
+            session.calls += 1
             branch, new_ids = self._extend(session, messages, tools, template_kwargs)
             input_ids = branch.token_ids + new_ids
             output = await self.engine.generate({"input_ids": input_ids, "sampling_params": sampling_params,
@@ -303,4 +317,5 @@ async def pop_session(base_url: str, session_id: str) -> list[Trajectory]:
     return [Trajectory.model_validate(t) for t in json.loads(body)["trajectories"]]
 
 
-__all__ = ["SESSION_HEADER", "ChatCompletions", "ChatRequestError", "ChatSession", "pop_session", "stream_chunks"]
+__all__ = ["SESSION_HEADER", "ChatCompletions", "ChatRequestError", "ChatSession", "TurnLimitError", "pop_session",
+           "stream_chunks"]

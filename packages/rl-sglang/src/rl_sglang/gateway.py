@@ -15,20 +15,22 @@ from typing import Any
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, web
 
-from rl_sglang.chat import SESSION_HEADER, ChatCompletions, ChatRequestError, stream_chunks
+from rl_sglang.chat import SESSION_HEADER, ChatCompletions, ChatRequestError, TurnLimitError, stream_chunks
 from rl_sglang.generation import PayloadEngine
 
 
 class GenerateGateway:
     """`POST /generate` (an SGLang payload in, its answer out) and `GET /health`, on a loopback port; with a
     `tokenizer`, also `POST /v1/chat/completions` (or `/sessions/{id}/v1/chat/completions`), `GET /v1/models`
-    and `GET` / `DELETE /v1/sessions/{id}` (a session's recorded trajectories)."""
+    and `GET` / `DELETE /v1/sessions/{id}` (a session's recorded trajectories). `tool_call_parser` and
+    `max_turns` are the chat endpoint's (`rl_sglang.chat.ChatCompletions`)."""
 
     def __init__(self, engine: PayloadEngine, host: str = "127.0.0.1", port: int = 0, *, tokenizer: Any = None,
-                 tool_call_parser: str = "qwen25") -> None:
+                 tool_call_parser: str = "qwen25", max_turns: int | None = None) -> None:
         self.engine = engine
         self.host, self.port = host, port
-        self.chat = None if tokenizer is None else ChatCompletions(engine, tokenizer, tool_call_parser=tool_call_parser)
+        self.chat = None if tokenizer is None else ChatCompletions(engine, tokenizer, tool_call_parser=tool_call_parser,
+                                                                   max_turns=max_turns)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
@@ -78,6 +80,8 @@ class GenerateGateway:
         try:
             body = await request.json()
             answer = await self._chat_completions().create(body, session_id)
+        except TurnLimitError as e:
+            return _openai_error(str(e), 400, "max_turns_exceeded")
         except (json.JSONDecodeError, ChatRequestError) as e:
             return _openai_error(str(e), 400, "invalid_request_error")
         except Exception as e:  # noqa: BLE001 - as /generate: the engine's or router's error reaches the agent
