@@ -131,14 +131,23 @@ def test_a_reward_function_that_raises_on_every_sample_stops_the_run_with_its_er
     assert not (tmp_path / "run3" / "metrics.jsonl").read_text().strip()
 
 
-def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_run_config, tmp_path):
+def test_reinforce_plus_plus_with_the_reward_kl_trains_on_the_groups_dynamic_sampling_keeps(tiny_run_config, tmp_path):
+    # One run for two features that start the same parts: dynamic sampling picks the groups, REINFORCE++
+    # with the reward KL trains on them.
     metrics_path = run(tiny_run_config(tmp_path / "run_kl", advantage_estimator="reinforce_plus_plus", normalize_advantages=True,
-                              kl_coef=0.01, num_rollout=2, use_tensorboard=False, save_reward_curve=False))
+                              kl_coef=0.01, num_rollout=2, over_sampling_batch_size=8,
+                              dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
+                              use_tensorboard=False, save_reward_curve=False))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if k.startswith("train/")), row
         assert row["train/grad_norm"] > 0
+        # Only groups whose rewards differ are kept, over-sampled until 4 of them are.
+        assert row["rollout/num_samples"] == 16
+        assert row["rollout/dynamic_sampling/kept_groups"] == 4
+        assert row["rollout/dynamic_sampling/generated_groups"] >= 8
+        assert row["rollout/reward_std"] > 0
     # Rollout 0 is sampled from the reference weights themselves; after one update the policy has moved.
     assert rows[0]["train/reward_kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["train/reward_kl"] > 1e-6
@@ -156,17 +165,6 @@ def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_r
         assert critic["critic/lr"] == pytest.approx(1e-3)
     assert not any(k.startswith("train/") for k in rows[0])  # the first rollout trains the critic only
     assert math.isfinite(rows[1]["train/loss"]) and rows[1]["train/grad_norm"] > 0
-
-
-def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_run_config, tmp_path):
-    metrics_path = run(tiny_run_config(tmp_path / "run4", num_rollout=1, over_sampling_batch_size=8,
-                              dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
-                              use_tensorboard=False, save_reward_curve=False))
-    (row,) = read_metrics(metrics_path)
-    assert row["rollout/num_samples"] == 16
-    assert row["rollout/dynamic_sampling/kept_groups"] == 4
-    assert row["rollout/dynamic_sampling/generated_groups"] >= 8
-    assert row["rollout/reward_std"] > 0
 
 
 def test_a_run_resumed_from_its_checkpoint_continues_with_the_saved_weights_and_data_position(tiny_run_config, tmp_path):
