@@ -44,6 +44,7 @@ def read_wandb_file(path: Path) -> tuple[dict, list[dict]]:
     return run, rows
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_and_tensorboard_hold_the_same_rows_as_metrics_jsonl(tiny_run_config, tiny_task, tmp_path):
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
