@@ -88,3 +88,25 @@ def test_what_cannot_be_measured_is_left_out_not_zero():
     assert rollout_perf(samples, 2.0, num_gpus=2)["perf/tokens_per_gpu_per_sec"] == 1.0
     assert memory_perf({"rollout": None, "train": 3 << 30}) == {"perf/train_max_memory_allocated_gb": 3.0}
     assert step_perf(4.0, 1.0, None, None) == {"perf/step_time": 4.0, "perf/train_wait_time": 1.0, "perf/wait_time_ratio": 0.25}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_on_a_gpu_each_phase_logs_its_peak_memory_and_the_engine_its_per_gpu_rate(tiny_run_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rl_apps.metrics import read_metrics
+    from rl_apps.train import run
+
+    config = tiny_run_config(tmp_path / "run", num_rollout=2, train_device="cuda", rollout_device="cuda", colocate=True,
+                             use_tensorboard=False, save_reward_curve=False)
+    rows = read_metrics(run(config))
+    fp32_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(config.hf_checkpoint).parameters())
+    for row in rows:
+        # Training holds at least the fp32 weights; each phase that ran has its own peak.
+        assert row["perf/train_max_memory_allocated_gb"] * (1 << 30) >= fp32_bytes
+        assert row["perf/rollout_max_memory_allocated_gb"] > 0 and row["perf/update_weights_max_memory_allocated_gb"] > 0
+        # One engine on one GPU: its per-GPU rate is the whole rate.
+        assert row["perf/tokens_per_gpu_per_sec"] == pytest.approx(row["perf/rollout_tokens_per_sec"])
+        assert row["perf/actor_train_tflops"] > 0
