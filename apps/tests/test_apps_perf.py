@@ -91,6 +91,7 @@ def test_what_cannot_be_measured_is_left_out_not_zero():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_on_a_gpu_each_phase_logs_its_peak_memory_and_the_engine_its_per_gpu_rate(tiny_run_config, tmp_path):
