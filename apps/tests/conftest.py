@@ -28,6 +28,31 @@ def ray_temp_dir():
 
 
 @pytest.fixture(scope="session")
+def ray_cluster(ray_temp_dir):
+    """One Ray cluster for the whole session: every run after it joins it (placed_parts and rl-sft start
+    Ray only where none is up, and stop only what they started) instead of starting and stopping its own,
+    which costs 10-40 s a run on 2 cores. Each run still places its own parts in a placement group of its
+    own and frees it at the end. 4 CPUs: the largest placement a test asks (2 trainer ranks, 2 engines)."""
+    import ray
+
+    from rl_apps.cluster import _workers_use_this_interpreter
+
+    _workers_use_this_interpreter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_share_the_ray_cluster(request):
+    """Tests marked slow (the end-to-end runs) start the shared cluster on first use; quick tests never
+    pay for it."""
+    if request.node.get_closest_marker("slow"):
+        request.getfixturevalue("ray_cluster")
+
+
+@pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> Path:
     """A tiny random model, its character tokenizer and the addition prompts, made locally."""
     from rl_apps.quickstart import build_model, make_addition_data

@@ -4,12 +4,15 @@ reward train through rl-train on CPU; the saved rollout shows the tool tokens ma
 import json
 from pathlib import Path
 
+import pytest
+
 from rl_apps.metrics import read_metrics
 from rl_apps.train import run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tool_call_generate.py"
 
 
+@pytest.mark.slow
 def test_a_two_turn_tool_calling_generate_function_trains_with_the_tool_tokens_masked(tiny_run_config, tmp_path):
     debug = tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl"
     config = tiny_run_config(tmp_path / "run", num_rollout=2, custom_rm_path=f"{EXAMPLE}:reward_func",

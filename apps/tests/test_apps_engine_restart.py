@@ -57,6 +57,7 @@ class KillOneEngine:
 '''
 
 
+@pytest.mark.slow
 def test_a_killed_engine_is_restarted_with_the_current_weights_and_every_sample_is_trained_on_once(
         tiny_run_config, tiny_task, tmp_path):
     from rl_apps.metrics import read_metrics

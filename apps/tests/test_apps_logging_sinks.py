@@ -44,6 +44,7 @@ def read_wandb_file(path: Path) -> tuple[dict, list[dict]]:
     return run, rows
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_and_tensorboard_hold_the_same_rows_as_metrics_jsonl(tiny_run_config, tiny_task, tmp_path):
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -78,7 +79,7 @@ def test_an_offline_wandb_run_and_tensorboard_hold_the_same_rows_as_metrics_json
     tb_dir = out / "tensorboard" / "tbp" / "exp1"
     events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     events.Reload()
-    for key in ("rollout/reward_mean", "train/loss", "eval/sums/reward_mean"):
+    for key in ("rollout/reward_mean", "train/loss", "perf/step_time", "perf/actor_train_tflops", "eval/sums/reward_mean"):
         source = rows if not key.startswith("eval/") else evals
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == \
             [(r["step"], r[key]) for r in source]

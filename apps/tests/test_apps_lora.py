@@ -70,6 +70,7 @@ async def test_adapter_only_weights_make_a_load_lora_adapter_from_tensors_call_s
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_lora_run_syncs_only_the_adapter_the_engine_serves_it_and_save_hf_writes_both(tiny_run_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -4,6 +4,8 @@ sample is, token for token, what the router sent the engines and they sampled, r
 import json
 from pathlib import Path
 
+import pytest
+
 from rl_apps.metrics import read_metrics
 from rl_apps.train import run
 
@@ -30,6 +32,7 @@ def follows(tokens, position, call, retry):
     return tokens[position:end] == call["output_ids"] and (end == len(tokens) or tokens[end:end + len(retry)] == retry)
 
 
+@pytest.mark.slow
 def test_an_openai_client_agent_trains_on_exactly_the_tokens_the_engines_sampled(tiny_run_config, tmp_path):
     calls_file = tmp_path / "engine_calls.jsonl"
     recorder = tmp_path / "recorder.py"

@@ -48,6 +48,14 @@ def test_each_rollout_is_generated_while_the_previous_one_trains_and_weights_mov
         assert row["rollout/num_samples"] == 16 and row["train/grad_norm"] > 0
     # Trained on samples from older weights, the trainer's log-probs drift from the engine's.
     assert rows[2]["train/train_rollout_logprob_abs_diff"] > 1e-4
+    # The trainer waits only for the part of a generation its training did not hide (rollout 0 it waits
+    # for whole); the step is its parts: the waits, the RL step, the weight sync, evaluation, checkpoint.
+    assert sum(r["perf/train_wait_time"] for r in rows[1:]) < sum(r["perf/rollout_time"] for r in rows[1:])
+    for row in rows:
+        assert 0.0 <= row["perf/wait_time_ratio"] < 1.0
+        parts = sum(row.get(k, 0.0) for k in ("perf/train_wait_time", "perf/train_time", "perf/update_weights_time",
+                                              "time/eval", "time/save"))
+        assert parts <= row["perf/step_time"] <= parts + max(0.1, 0.1 * parts)
 
     # Checkpoints keep the data position from before the rollout in flight: after rollout 3, rollout 4 had
     # drawn its prompts (offset 20) but the checkpoint says 16, so a resumed run draws them again.

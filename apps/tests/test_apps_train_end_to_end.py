@@ -15,10 +15,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_engines_serve_the_new_weights_after_every_sync(tiny_task, tiny_run_config, tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join((tiny_task / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
+    debug = tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl"
     metrics_path = run(tiny_run_config(tmp_path / "run", update_weight_transport="broadcast",
                               use_kl_loss=True, kl_loss_coef=0.01, eval_prompt_data=["sums", str(eval_file)],
-                              eval_interval=2, n_samples_per_eval_prompt=2, eval_max_response_len=2))
+                              eval_interval=2, n_samples_per_eval_prompt=2, eval_max_response_len=2,
+                              save_debug_rollout_data=str(debug)))
     rows = read_metrics(metrics_path)
+    check_perf_figures(rows, debug, tiny_task / "model", world_size=1)
     # Evaluated before training and after 2 trained rollouts, 5 prompts x 2 samples of at most 2 tokens each.
     evals = read_metrics(tmp_path / "run" / "eval_metrics.jsonl")
     assert [e["step"] for e in evals] == [0, 2]
@@ -45,6 +48,34 @@ def test_engines_serve_the_new_weights_after_every_sync(tiny_task, tiny_run_conf
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+def check_perf_figures(rows, debug, model, world_size):
+    """slime's perf/* figures against what the saved rollouts hold and the loop's own parts."""
+    from rl_apps.perf import forward_flops, read_hf_config
+    from rl_core.debug_data import load_rollout
+
+    for step, row in enumerate(rows):
+        samples = load_rollout(str(debug), step)
+        # Generated tokens (the loss-mask ones) over the rollout's time, as counted from the saved rollout.
+        generated = sum(sum(s.effective_loss_mask()) for s in samples)
+        assert row["perf/rollout_tokens_per_sec"] * row["perf/rollout_time"] == pytest.approx(generated)
+        # Every sample is trained on once per rollout: prompt + response tokens over the optimizer steps' time.
+        lengths = [len(s.tokens) for s in samples]
+        assert row["perf/actor_train_tok_per_s"] * row["perf/actor_train_time"] == pytest.approx(sum(lengths))
+        assert row["perf/actor_train_tflops"] * row["perf/actor_train_time"] * world_size * 1e12 == \
+            pytest.approx(3 * forward_flops(read_hf_config(model), lengths))
+        # The trainer waited for the whole generation (the rollout manager's clock runs inside the wait) ...
+        assert row["perf/rollout_time"] <= row["perf/train_wait_time"]
+        assert row["perf/wait_time_ratio"] == pytest.approx(row["perf/train_wait_time"] / row["perf/step_time"])
+        # ... and the step is its parts: the wait, the RL step, the weight sync, an evaluation when due.
+        parts = sum(row.get(k, 0.0) for k in ("perf/train_wait_time", "perf/train_time", "perf/update_weights_time",
+                                              "time/eval", "time/save"))
+        assert parts <= row["perf/step_time"] <= parts + max(0.1, 0.1 * parts)
+        assert row["perf/actor_train_time"] <= row["perf/train_time"]
+        assert row["perf/update_weights_time"] == row["time/weight_sync"] > 0
+        # On the CPU no CUDA memory figure and no per-GPU rate: left out, not logged as 0.
+        assert not [k for k in row if "memory" in k or "per_gpu" in k]
+
+
 COUNTING_MIDDLEWARE = """
 class Counting:
     def __init__(self):
@@ -59,15 +90,20 @@ class Counting:
 """
 
 
-def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_run_config, tmp_path):
+def test_two_trainer_ranks_and_two_engines_sync_through_disk(tiny_run_config, tiny_task, tmp_path):
     # Two optimizer steps per rollout: the second step's ratio is taken against log-probs from before the first.
     middleware = tmp_path / "counting.py"
     middleware.write_text(COUNTING_MIDDLEWARE)
+    debug = tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl"
     metrics_path = run(tiny_run_config(tmp_path / "run2", update_weight_transport="disk", actor_num_gpus_per_node=2,
                               rollout_num_engines=2, num_rollout=2, micro_batch_size=2, global_batch_size=8, use_tensorboard=False,
-                              save_reward_curve=False, router_middleware_paths=[f"{middleware}:Counting"]))
+                              save_reward_curve=False, router_middleware_paths=[f"{middleware}:Counting"],
+                              save_debug_rollout_data=str(debug)))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
+    check_perf_figures(rows, debug, tiny_task / "model", world_size=2)
+    # Two steps per rollout: the old policy's log-probs are one forward pass over every sample.
+    assert all(r["perf/log_probs_time"] > 0 and r["perf/log_probs_tflops"] > 0 for r in rows)
     assert rows[1]["rollout/weight_version_min"] == 1
     # Averaged over both steps: the second compares log-probs after the first update with the engine's.
     assert rows[1]["train/train_rollout_logprob_abs_diff"] < 0.2
@@ -95,14 +131,23 @@ def test_a_reward_function_that_raises_on_every_sample_stops_the_run_with_its_er
     assert not (tmp_path / "run3" / "metrics.jsonl").read_text().strip()
 
 
-def test_reinforce_plus_plus_with_the_reward_kl_runs_to_finite_metrics(tiny_run_config, tmp_path):
+def test_reinforce_plus_plus_with_the_reward_kl_trains_on_the_groups_dynamic_sampling_keeps(tiny_run_config, tmp_path):
+    # One run for two features that start the same parts: dynamic sampling picks the groups, REINFORCE++
+    # with the reward KL trains on them.
     metrics_path = run(tiny_run_config(tmp_path / "run_kl", advantage_estimator="reinforce_plus_plus", normalize_advantages=True,
-                              kl_coef=0.01, num_rollout=2, use_tensorboard=False, save_reward_curve=False))
+                              kl_coef=0.01, num_rollout=2, over_sampling_batch_size=8,
+                              dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
+                              use_tensorboard=False, save_reward_curve=False))
     rows = read_metrics(metrics_path)
     assert len(rows) == 2
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if k.startswith("train/")), row
         assert row["train/grad_norm"] > 0
+        # Only groups whose rewards differ are kept, over-sampled until 4 of them are.
+        assert row["rollout/num_samples"] == 16
+        assert row["rollout/dynamic_sampling/kept_groups"] == 4
+        assert row["rollout/dynamic_sampling/generated_groups"] >= 8
+        assert row["rollout/reward_std"] > 0
     # Rollout 0 is sampled from the reference weights themselves; after one update the policy has moved.
     assert rows[0]["train/reward_kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["train/reward_kl"] > 1e-6
@@ -120,17 +165,6 @@ def test_ppo_trains_a_critic_beside_the_policy_after_critic_only_rollouts(tiny_r
         assert critic["critic/lr"] == pytest.approx(1e-3)
     assert not any(k.startswith("train/") for k in rows[0])  # the first rollout trains the critic only
     assert math.isfinite(rows[1]["train/loss"]) and rows[1]["train/grad_norm"] > 0
-
-
-def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(tiny_run_config, tmp_path):
-    metrics_path = run(tiny_run_config(tmp_path / "run4", num_rollout=1, over_sampling_batch_size=8,
-                              dynamic_sampling_filter_path="rl_core.dynamic_sampling:check_reward_nonzero_std",
-                              use_tensorboard=False, save_reward_curve=False))
-    (row,) = read_metrics(metrics_path)
-    assert row["rollout/num_samples"] == 16
-    assert row["rollout/dynamic_sampling/kept_groups"] == 4
-    assert row["rollout/dynamic_sampling/generated_groups"] >= 8
-    assert row["rollout/reward_std"] > 0
 
 
 def test_a_run_resumed_from_its_checkpoint_continues_with_the_saved_weights_and_data_position(tiny_run_config, tmp_path):

@@ -7,6 +7,7 @@ from rl_apps.metrics import read_metrics
 from rl_apps.train import InputError, check_inputs, run
 
 
+@pytest.mark.slow
 def test_the_loop_trains_through_megatron_and_the_engines_serve_its_weights(tiny_run_config, tmp_path):
     rows = read_metrics(run(tiny_run_config(tmp_path / "run", train_backend="megatron", num_rollout=2,
                                             update_weight_transport="disk", use_tensorboard=False, save_reward_curve=False)))

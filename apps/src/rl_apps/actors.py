@@ -145,6 +145,17 @@ class TrainerActor:
     def train_step(self, batch: Any, loss: Any) -> dict[str, float]:
         return self.backend.train_step(batch, loss)
 
+    def peak_memory(self) -> int | None:
+        """Peak CUDA memory allocated by this rank since the last call, then the peak is reset; None when
+        the rank trains on the CPU (a figure that cannot be measured is left out, not 0)."""
+        import torch
+
+        if self.config.train_device == "cpu" or not torch.cuda.is_available():
+            return None
+        peak = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+
     def update_weights(self, engine_urls: list[str], weight_version: str) -> float:
         """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent.
         A LoRA policy on the disk or tensor transport sends its adapter alone (`lora_serving.adapter_sync`)."""
@@ -247,7 +258,7 @@ class RolloutManager:
         self._state_before: tuple[int, dict[str, Any]] | None = None
 
     async def generate(self, rollout_id: int) -> dict[str, Any]:
-        """One rollout's scored samples (in group order), metrics and timing: from --load-debug-rollout-data,
+        """One rollout's scored samples (in group order), metrics, timing and wall time: from --load-debug-rollout-data,
         from --rollout-function-path, or from the default rollout (with --custom-generate-function-path
         generating each sample when given)."""
         from rl_core.debug_data import load_rollout, save_rollout
@@ -280,13 +291,16 @@ class RolloutManager:
                 )
             args = await self._slime_args() if self.sample_hooks != SampleHooks() else None
             samples, normalized_rewards = apply_sample_hooks(self.sample_hooks, args, groups, dropped, self.data_source)
+        # Generation and grading on this actor's clock (perf/rollout_time); none for a rollout read from disk.
+        rollout_time = None if self.config.load_debug_rollout_data is not None else time.perf_counter() - start
         if self.config.save_debug_rollout_data is not None:
             save_rollout(self.config.save_debug_rollout_data, rollout_id, samples)
         metrics = rollout_metrics(samples)
         metrics.update(extra)
         metrics.update(self.router.metrics())  # counters, faults, per-engine load and every middleware's snapshot()
         metrics.update({f"reward/{k}": float(v) for k, v in self.reward.stats.items()})
-        return {"samples": samples, "metrics": metrics, "timing": timing, "normalized_rewards": normalized_rewards}
+        return {"samples": samples, "metrics": metrics, "timing": timing, "normalized_rewards": normalized_rewards,
+                "rollout_time": rollout_time}
 
     async def evaluate(self) -> dict[str, float]:
         """Every --eval-prompt-data set, each prompt `n_samples_per_eval_prompt` times with the eval sampling

@@ -82,13 +82,20 @@ class Parts:
     def shutdown(self) -> None:
         import ray
 
-        for actor in [self.rollout, *self.trainers, *self.critics, *self.engines]:
-            if actor is None:
-                continue
-            try:
-                ray.get(actor.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - best effort: the actor's process may already be gone
-                pass
+        actors = [a for a in [self.rollout, *self.trainers, *self.critics, *self.engines] if a is not None]
+        # All at once: a trainer rank's shutdown waits in a barrier for its peers' (told one by one, rank 0
+        # would sit out the whole timeout before rank 1 heard of it).
+        calls = []
+        for actor in actors:
+            with contextlib.suppress(Exception):  # best effort: the actor's process may already be gone
+                calls.append(actor.shutdown.remote())
+        with contextlib.suppress(Exception):
+            ray.wait(calls, num_returns=len(calls), timeout=60)
+        # Their processes go now, not when the last handle is collected: a Ray cluster shared by several
+        # runs (a test session) must not fill up with the idle actors of finished ones.
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
 
 
 def _rank_zero_address(taken: int = 0) -> tuple[str, int]:
@@ -101,15 +108,23 @@ def _rank_zero_address(taken: int = 0) -> tuple[str, int]:
     return host, _free_port(host, taken=(taken,))
 
 
+def _workers_use_this_interpreter() -> None:
+    """Ray reads RAY_ENABLE_UV_RUN_RUNTIME_ENV (set off by `import rl_apps`) once, when ray is first
+    imported: a program that imported ray before rl_apps would still build a venv per run for the workers."""
+    from ray._private import ray_constants
+
+    if os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") == "0":
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+
+
 @contextlib.contextmanager
 def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Parts]:
     """Start Ray (unless already connected), reserve one placement group for every part, start the parts;
     on exit stop them, free the group, and stop Ray if this call started it. `trainers=False` places the
     engines and the rollout manager only (evaluation)."""
-    # Workers run in this interpreter's environment: Ray's `uv run` hook, read when ray is first imported,
-    # would otherwise copy the project and build a fresh venv for them.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
+
+    _workers_use_this_interpreter()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -123,7 +138,7 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     if owns_ray:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(sum(b["CPU"] for b in plan.bundles))), include_dashboard=False,
                  configure_logging=False)
-    rank_zero_address = ray.remote(_rank_zero_address)
+    on_one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
     try:
         check_fits(plan, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
         try:
@@ -146,24 +161,34 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
             ) from None
         on = lambda part: PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=part.bundle)  # noqa: E731
         placed = lambda part: dict(scheduling_strategy=on(part), **part.resources)  # noqa: E731
+        def rank_zero_address(part: Any, taken: int = 0) -> tuple[str, int]:
+            if on_one_node:  # the driver's loopback is every rank's: no task (and worker start) to ask it
+                return "127.0.0.1", _free_port(taken=(taken,))
+            return ray.get(ray.remote(_rank_zero_address).options(scheduling_strategy=on(part), num_cpus=0).remote(taken))
+
+        def start_trainers() -> None:
+            master_addr, master_port = rank_zero_address(plan.trainers[0]) if world else ("", 0)
+            parts.trainers = [
+                TrainerActor.options(**placed(part)).remote(config, "policy", rank, world, master_addr, master_port)
+                for rank, part in enumerate(plan.trainers)
+            ]
+            critic_addr, critic_port = rank_zero_address(plan.critics[0], master_port) if num_critics else ("", 0)
+            parts.critics = [
+                TrainerActor.options(**placed(part)).remote(config, "critic", rank, num_critics, critic_addr, critic_port)
+                for rank, part in enumerate(plan.critics)
+            ]
+
         parts.engines = [EngineActor.options(**placed(part)).remote(config, i) for i, part in enumerate(plan.engines)]
-        parts.engine_urls = ray.get([e.start.remote() for e in parts.engines])
-        master_addr, master_port = ray.get(rank_zero_address.options(scheduling_strategy=on(plan.trainers[0]), num_cpus=0).remote()) if world else ("", 0)
-        parts.trainers = [
-            TrainerActor.options(**placed(part)).remote(config, "policy", rank, world, master_addr, master_port)
-            for rank, part in enumerate(plan.trainers)
-        ]
-        critic_addr, critic_port = (
-            ray.get(rank_zero_address.options(scheduling_strategy=on(plan.critics[0]), num_cpus=0).remote(master_port)) if num_critics else ("", 0)
-        )
-        parts.critics = [
-            TrainerActor.options(**placed(part)).remote(config, "critic", rank, num_critics, critic_addr, critic_port)
-            for rank, part in enumerate(plan.critics)
-        ]
+        engines_up = [e.start.remote() for e in parts.engines]
+        if not config.colocate:  # the trainers build their models while the engines start
+            start_trainers()
+        parts.engine_urls = ray.get(engines_up)
+        if config.colocate:  # sharing a GPU, an engine sizes its KV cache from the memory free: it goes first
+            start_trainers()
         parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
         ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])
         parts.policy = TrainerGroup(parts.trainers) if parts.trainers else None
-        parts.critic = TrainerGroup(parts.critics) if parts.critics else None
+        parts.critic = TrainerGroup(parts.critics, role="critic") if parts.critics else None
         yield parts
     finally:
         parts.shutdown()

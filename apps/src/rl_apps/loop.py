@@ -28,6 +28,7 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
     start = resume(config, parts)
     offload_trainer(config, parts, True)
     evaluate_if_due(config, parts, eval_sink, start, before_training=True)
+    perf = LoopPerf(config, parts)
     in_flight = parts.rollout.generate.remote(start) if asynchronous and start < config.num_rollout else None
     for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
@@ -38,16 +39,17 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         else:
             result = ray.get(parts.rollout.generate.remote(rollout_id))
         samples, metrics, timing = result["samples"], dict(result["metrics"]), dict(result["timing"])
+        timing["wait_rollout"] = time.perf_counter() - step_start
+        perf.phase_done("rollout")
         if config.engine_restarts() and parts.engines:
             metrics["engines/restarts"] = float(sum(ray.get([e.restart_count.remote() for e in parts.engines])))
         swap_start = time.perf_counter()
         make_room_for_training(config, parts)
         timing["offload"] = time.perf_counter() - swap_start
-        if asynchronous:
-            timing["wait_rollout"] = time.perf_counter() - step_start
 
         if config.debug_rollout_only:  # slime's: generate and grade, never train
             timing["step"] = time.perf_counter() - step_start
+            metrics.update(perf.figures(samples, result, timing))
             log_rollout(sink, rollout_id, metrics, [], timing)
             continue
         if config.max_staleness is not None:
@@ -56,6 +58,7 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         train_metrics = rl_step(config, samples, parts.policy, critic=parts.critic, rollout_id=rollout_id,
                                 normalized_rewards=result.get("normalized_rewards"))
         timing["train"] = time.perf_counter() - train_start
+        perf.phase_done("train")
 
         swap_start = time.perf_counter()
         engines_take_memory_back(config, parts)
@@ -67,6 +70,7 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
                 ray.wait([in_flight], num_returns=1, timeout=None)
                 timing["wait_in_flight"] = time.perf_counter() - wait_start
             push_weights(config, parts, eval_sink, rollout_id + 1, timing)
+            perf.phase_done("update_weights")
         # Under async the rollout in flight has drawn its prompts already: a checkpoint keeps the data
         # position from before it, so a resumed run generates that rollout again (with the saved weights).
         save_if_due(config, parts, rollout_id, timing)
@@ -76,7 +80,52 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
         if not (config.offload_train or config.offload_rollout):
             del timing["offload"]
         timing["step"] = time.perf_counter() - step_start
+        metrics.update(perf.figures(samples, result, timing))
         log_rollout(sink, rollout_id, metrics, train_metrics, timing)
+
+
+class LoopPerf:
+    """slime's perf/* figures for each rollout (rl_apps.perf): the rollout manager's own clock for the
+    generation, the trainer groups' phase clocks, the loop's waits, and the policy ranks' peak GPU memory
+    in each phase (asked only when the policy trains on a GPU)."""
+
+    def __init__(self, config: TrainConfig, parts: Any) -> None:
+        from rl_apps.perf import read_hf_config
+
+        self.parts = parts
+        self.hf_config = read_hf_config(config.hf_checkpoint)
+        self.on_gpu = parts.policy is not None and config.train_device != "cpu" and _cuda_available()
+        self.rollout_gpus = (config.rollout_num_gpus or None) if config.rollout_device != "cpu" and _cuda_available() else None
+        self.peaks: dict[str, int | None] = {}
+        self.phase_done("start")
+
+    def phase_done(self, phase: str) -> None:
+        """Read the policy ranks' peak memory since the previous phase ended and attribute it to `phase`."""
+        if self.on_gpu:
+            self.peaks[phase] = self.parts.policy.peak_memory()
+
+    def figures(self, samples: list[Any], result: dict[str, Any], timing: dict[str, float]) -> dict[str, float]:
+        from rl_apps.perf import memory_perf, rollout_perf, step_perf, train_perf
+
+        out: dict[str, float] = {}
+        if result.get("rollout_time") is not None:  # not when replaying a saved rollout
+            out.update(rollout_perf(samples, result["rollout_time"], self.rollout_gpus))
+        for group in (self.parts.policy, self.parts.critic):
+            if group is not None:
+                out.update(train_perf(group.clock.take(), self.hf_config if group.role == "actor" else None,
+                                      len(group.actors)))
+        wait = timing["wait_rollout"] + timing.get("wait_in_flight", 0.0)
+        out.update(step_perf(timing["step"], wait, timing.get("train"), timing.get("weight_sync")))
+        self.peaks.pop("start", None)
+        out.update(memory_perf(self.peaks))
+        self.peaks = {}
+        return out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def drop_stale(samples: list[Any], version: int, max_staleness: int) -> float:

@@ -198,17 +198,17 @@ def trainer(config: SFTConfig, total_steps: int) -> Iterator[Any]:
 @contextlib.contextmanager
 def ray_trainers(config: SFTConfig, world: int, total_steps: int) -> Iterator[Any]:
     """`world` TrainerActor ranks in one placement group (a GPU each where there are GPUs), as a TrainerGroup."""
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # see rl_apps.cluster.placed_parts
     import ray
     import torch
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from rl_apps.actors import TrainerActor
-    from rl_apps.cluster import _free_port
+    from rl_apps.cluster import _free_port, _workers_use_this_interpreter
     from rl_apps.trainer_group import TrainerGroup
 
     resources = {"num_cpus": 1, "num_gpus": 1} if torch.cuda.is_available() and config.train_device != "cpu" else {"num_cpus": 1}
+    _workers_use_this_interpreter()
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(num_cpus=max(os.cpu_count() or 1, world), include_dashboard=False, configure_logging=False)
@@ -226,9 +226,8 @@ def ray_trainers(config: SFTConfig, world: int, total_steps: int) -> Iterator[An
         ]
         yield TrainerGroup(actors)
     finally:
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                ray.get(actor.shutdown.remote(), timeout=60)
+        with contextlib.suppress(Exception):  # all ranks at once: each one's shutdown waits for its peers'
+            ray.get([actor.shutdown.remote() for actor in actors], timeout=60)
         ray.util.remove_placement_group(group)
         if owns_ray:
             ray.shutdown()
