@@ -84,7 +84,7 @@ def resume(config: TrainConfig, parts: Any) -> int:
     if config.load is None:
         # The engines start from the base checkpoint: a policy that starts elsewhere (--lora-adapter-path), or
         # whose requests name its adapter (adapter-only sync), is sent before rollout 0.
-        if parts.engines and (adapter_sync(config) or config.lora_adapter_path is not None):
+        if parts is not None and parts.engines and (adapter_sync(config) or config.lora_adapter_path is not None):
             parts.policy.push_weights(parts.engine_urls, "default")
         return config.start_rollout_id or 0
     folder, state = find_checkpoint(config)

@@ -5,27 +5,19 @@
 - weights exported under TP=2 / PP=2 against the HF-named weights of the same step;
 - dist_checkpointing save/load, on the same layout and on another one.
 
-Ranks are forked from this process, which has already imported megatron-core (a spawned rank would
-re-import it, ~100 s on 2 cores); every distributed run has a deadline.
+Ranks are forked from a forkserver that has imported megatron-core once (see `run_ranks`); every
+distributed run has a deadline.
 """
 
 from __future__ import annotations
 
-import faulthandler
-import io
-import multiprocessing
-import os
-import queue
 import random
-import socket
-import time
-import traceback
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -50,84 +42,14 @@ from rl_core.sample import Sample
 from rl_core.train_batch import TrainBatch
 from rl_megatron import MegatronConfig, build_backend
 
+sys.path.insert(0, str(Path(__file__).parent))  # megatron_ranks beside this file, importable by the ranks too
+from megatron_ranks import run_ranks  # noqa: E402
+
 TEMPERATURE = 0.8
 RL_CONFIG = RLStepConfig(rollout_batch_size=2, n_samples_per_prompt=4)
 
 
 # --- forked ranks ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, results, args: tuple, timeout: float) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    # A rank that hangs says where (on stderr, which pytest shows with the failure).
-    faulthandler.dump_traceback_later(max(timeout - 5.0, 1.0), exit=False)
-    torch.set_num_threads(1)
-    try:
-        # The rank owns the process group, so backends built one after another in it share the group
-        # (re-creating a group on the same port races with its previous store).
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-        # As bytes: a tensor put on the queue travels as a shared-memory handle that dies with this process.
-        buffer = io.BytesIO()
-        torch.save(fn(rank, *args), buffer)
-        results.put((rank, buffer.getvalue(), None))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
-        results.put((rank, None, traceback.format_exc()))
-
-
-class RanksHung(TimeoutError):
-    pass
-
-
-def _run_ranks_once(world_size: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    port = _free_port()
-    procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, timeout))
-             for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    values: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(values) < world_size:
-            try:
-                rank, value, error = results.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(values))
-                raise RanksHung(f"ranks {missing} did not finish within {timeout:.0f} s") from None
-            if error is not None:
-                raise AssertionError(f"rank {rank} failed:\n{error}")
-            values[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [values[r] for r in range(world_size)]
-
-
-def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 90.0) -> list[Any]:
-    """`fn(rank, *args)` on `world_size` forked ranks; their return values by rank. Ranks still alive
-    after the deadline or after a peer failed are killed.
-
-    CI runs every package's tests in one process, whose other threads may hold a lock at the fork; a rank that
-    takes 300x its usual time there has been seen once in a few runs. Such a run is forked again once; a second
-    hang fails the test, with each hung rank's stack on stderr.
-    """
-    try:
-        return _run_ranks_once(world_size, fn, args, timeout)
-    except RanksHung as first:
-        print(f"run_ranks: {first}; forking the ranks again")
-        return _run_ranks_once(world_size, fn, args, timeout)
 
 
 # --- tiny models and a rollout ----------------------------------------------------------------------------
