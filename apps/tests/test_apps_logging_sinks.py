@@ -101,3 +101,21 @@ def test_logging_flags_without_their_sink_are_refused(tiny_task, run_cli, flags,
     code, err = run_cli(["--hf-checkpoint", str(tiny_task / "model"), "--prompt-data", str(tiny_task / "train.jsonl"),
                          "--rm-type", "math", *flags])
     assert code == 2 and message in err
+
+
+def test_the_wandb_group_gets_a_fresh_random_suffix_unless_it_is_disabled(tmp_path):
+    from types import SimpleNamespace
+
+    from rl_apps.metrics import wandb_group
+
+    def group(**flags):
+        fields = dict(wandb_group=None, output_dir=tmp_path / "run7", disable_wandb_random_suffix=False) | flags
+        return wandb_group(SimpleNamespace(**fields))
+
+    first, second = group(wandb_group="grp"), group(wandb_group="grp")
+    assert first != second
+    for name in (first, second):
+        prefix, suffix = name.rsplit("_", 1)
+        assert prefix == "grp" and len(suffix) == 8 and int(suffix, 16) >= 0
+    assert group(wandb_group="grp", disable_wandb_random_suffix=True) == "grp"
+    assert group(disable_wandb_random_suffix=True) == "run7"

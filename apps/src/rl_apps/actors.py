@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import ray
 
 from rl_apps.lora_serving import LORA_NAME, LoraPathMiddleware, adapter_sync, engine_lora_args
 from rl_apps.train_config import TrainConfig
+from rl_core.protocols import AdapterBackend, AdapterWeightTransport, ForwardModel
+
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
+
+    from rl_apps.engine_supervision import EngineSupervisor, HoldingForwarder
+    from rl_core.data_source import JsonlDataSource
+    from rl_core.protocols import WeightTransport
+    from rl_router import RouterClient
+    from rl_sglang.launcher import EngineProcess
 
 
 def _set_rank_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     """torch.distributed's env:// variables for this actor; Ray shows each actor only its own GPU, hence LOCAL_RANK 0."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                       LOCAL_RANK="0")
+
+
+_Actor = TypeVar("_Actor")
+
+
+def actor_class(cls: type[_Actor]) -> ActorClass[_Actor]:
+    """One of this module's classes as the Ray ActorClass its @ray.remote made it (mypy does not apply class
+    decorators): what `.options(...).remote(...)` is called on."""
+    return cast("ActorClass[_Actor]", cls)
 
 
 @ray.remote
@@ -26,12 +45,12 @@ class EngineActor:
     def __init__(self, config: TrainConfig, index: int) -> None:
         self.config = config
         self.index = index
-        self.process = None
-        self.supervisor = None
-        self.forwarder = None
+        self.process: EngineProcess | None = None
+        self.supervisor: EngineSupervisor | None = None
+        self.forwarder: HoldingForwarder | None = None
         self.bind_host, self.advertise_host = "127.0.0.1", "127.0.0.1"
 
-    def _launch(self, timeout_s: float) -> Any:
+    def _launch(self, timeout_s: float) -> EngineProcess:
         from rl_sglang.launcher import launch_engine
 
         args = {k: v for k, v in self.config.sglang_args.items() if k != "host"}
@@ -63,16 +82,16 @@ class EngineActor:
         self.bind_host, self.advertise_host = engine_hosts(
             self.config.sglang_args.get("host"), node_count=alive_node_count(), node_ip=ray.util.get_node_ip_address()
         )
-        self.process = self._launch(timeout_s)
+        process = self.process = self._launch(timeout_s)
         if not self.config.engine_restarts():
-            return self.process.url
+            return process.url
         from rl_apps.engine_supervision import EngineSupervisor, HoldingForwarder
         from rl_sglang.launcher import free_port, http_url
 
-        self.forwarder = HoldingForwarder(free_port(self.bind_host), host=self.bind_host, hold_s=timeout_s)
-        self.forwarder.open(int(self.process.url.rsplit(":", 1)[1]))
+        forwarder = self.forwarder = HoldingForwarder(free_port(self.bind_host), host=self.bind_host, hold_s=timeout_s)
+        forwarder.open(int(process.url.rsplit(":", 1)[1]))
         self.supervisor = EngineSupervisor(
-            self.process, self.forwarder, lambda: self._launch(timeout_s),
+            process, forwarder, lambda: self._launch(timeout_s),
             weights_dir=self.config.output_dir / "weights",
             max_restarts=self.config.rollout_max_engine_restarts,
             first_wait_s=self.config.rollout_health_check_first_wait,
@@ -80,7 +99,7 @@ class EngineActor:
             timeout_s=self.config.rollout_health_check_timeout,
             log=lambda line: print(f"engine {self.index}: {line}", flush=True),
         )
-        return http_url(self.advertise_host, self.forwarder.port)
+        return http_url(self.advertise_host, forwarder.port)
 
     def restart_count(self) -> int:
         """How often this engine's process was restarted."""
@@ -128,18 +147,18 @@ class TrainerActor:
     """One rank of a training backend (the policy or PPO's critic), built by the backend's factory from the
     run's config; the backend's result rank also pushes the policy's weights to the engines."""
 
-    def __init__(self, config: TrainConfig, role: str, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    def __init__(self, config: TrainConfig, role: Literal["policy", "critic"], rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         _set_rank_env(rank, world_size, master_addr, master_port)
         from rl_apps.backends import build_backend
 
         self.config = config
         self.backend = build_backend(config.backend_config(role))
-        self.transport = None
+        self.transport: WeightTransport | None = None
 
     def result_rank(self) -> int:
         return self.backend.result_rank
 
-    def forward(self, batch: Any, model: str) -> list[Any]:
+    def forward(self, batch: Any, model: ForwardModel) -> list[Any]:
         return self.backend.forward(batch, model)
 
     def train_step(self, batch: Any, loss: Any) -> dict[str, float]:
@@ -160,18 +179,26 @@ class TrainerActor:
         """Gather full weights (all ranks take part) and push them from the result rank; returns seconds spent.
         A LoRA policy on the disk or tensor transport sends its adapter alone (`lora_serving.adapter_sync`)."""
         start = time.perf_counter()
+        backend = self.backend
         adapter_only = adapter_sync(self.config)
-        weights = self.backend.adapter_weights() if adapter_only else self.backend.weights()
-        if int(os.environ["RANK"]) != self.backend.result_rank:
+        if adapter_only:
+            assert isinstance(backend, AdapterBackend), f"adapter_sync holds for LoRA only, which {type(backend).__name__} lacks"
+            weights = backend.adapter_weights()
+        else:
+            weights = backend.weights()
+        if int(os.environ["RANK"]) != backend.result_rank:
             for _ in weights:
                 pass
             return time.perf_counter() - start
         if self.transport is None:
             self.transport = self._make_transport(engine_urls)
+        transport = self.transport
         if adapter_only:
-            self.transport.update_adapter(LORA_NAME, self.backend.adapter_config(), weights, weight_version)
+            assert isinstance(backend, AdapterBackend) and isinstance(transport, AdapterWeightTransport), \
+                "adapter_sync holds for the disk and tensor transports only, which have LoRA routes"
+            transport.update_adapter(LORA_NAME, backend.adapter_config(), weights, weight_version)
         else:
-            self.transport.update(weights, weight_version)
+            transport.update(weights, weight_version)
         return time.perf_counter() - start
 
     def save(self, directory: str) -> None:
@@ -186,9 +213,9 @@ class TrainerActor:
     def save_hf(self, directory: str) -> None:
         from rl_apps.hf_export import save_hf
 
-        save_hf(self.backend, directory, self.config.hf_checkpoint, writer=int(os.environ["RANK"]) == self.backend.result_rank)
+        save_hf(self.backend, directory, self.config.hf_folder, writer=int(os.environ["RANK"]) == self.backend.result_rank)
 
-    def _make_transport(self, engine_urls: list[str]) -> Any:
+    def _make_transport(self, engine_urls: list[str]) -> WeightTransport:
         from rl_sglang.weight_sync import BroadcastWeightTransport, DiskWeightTransport
 
         if self.config.update_weight_transport == "disk":
@@ -203,7 +230,7 @@ class TrainerActor:
 
         from rl_apps.addresses import weight_sync_address
 
-        backend = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
+        backend: Literal["gloo", "nccl"] = "nccl" if torch.cuda.is_available() and self.config.train_device != "cpu" else "gloo"
         return BroadcastWeightTransport(engine_urls, weight_sync_address(engine_urls, ray.util.get_node_ip_address()),
                                         backend=backend)
 
@@ -252,7 +279,7 @@ class RolloutManager:
                    health_timeout_s=config.rollout_health_check_timeout, engine_timeout_s=request_timeout)
         )
         self.router_address = self.router.start()
-        self._client = None
+        self._client: RouterClient | None = None
         self._gateway: Any = None
         self._args: Any = None
         self._state_before: tuple[int, dict[str, Any]] | None = None
@@ -267,7 +294,7 @@ class RolloutManager:
         from rl_core.sample_hooks import SampleHooks, apply_sample_hooks
 
         if self.config.save is not None:  # only a checkpoint reads it; the state carries every buffered sample
-            self._state_before = (rollout_id, self.data_source.state_dict())
+            self._state_before = (rollout_id, self._prompts().state_dict())
         start = time.perf_counter()
         extra: dict[str, float] = {}
         normalized_rewards = None
@@ -282,7 +309,7 @@ class RolloutManager:
                 timing = {"generate_and_reward": time.perf_counter() - start}
             else:
                 groups, dropped, extra, timing = await default_rollout(
-                    await self._generator(self.config.sampling_params()), self.reward, self.data_source,
+                    await self._generator(self.config.sampling_params()), self.reward, self._prompts(),
                     num_groups=self.config.rollout_batch_size,
                     over_sampling_batch_size=self.config.over_sampling_batch_size,
                     sample_filter=self.sample_filter,
@@ -388,10 +415,15 @@ class RolloutManager:
         taken after rollout `rollout_id - 1` keeps, even when rollout `rollout_id` is already in flight."""
         if self._state_before is not None and self._state_before[0] == rollout_id:
             return self._state_before[1]
-        return self.data_source.state_dict()
+        return self._prompts().state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        self.data_source.load_state_dict(state)
+        self._prompts().load_state_dict(state)
+
+    def _prompts(self) -> JsonlDataSource:
+        """The --prompt-data source, which every command drawing training prompts requires (rl-eval has none)."""
+        assert self.data_source is not None, "training rollouts need --prompt-data, a required flag of rl-train"
+        return self.data_source
 
     async def shutdown(self) -> None:
         if self._gateway is not None:

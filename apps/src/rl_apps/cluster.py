@@ -98,7 +98,7 @@ class Parts:
                 ray.kill(actor)
 
 
-def _rank_zero_address(taken: int = 0) -> tuple[str, int]:
+def _rank_zero_address(taken: int) -> tuple[str, int]:
     """The node address of rank 0's bundle and a free port there: torch.distributed's rendezvous."""
     import ray
 
@@ -128,7 +128,7 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor
+    from rl_apps.actors import EngineActor, RolloutManager, TrainerActor, actor_class
     from rl_apps.addresses import alive_node_count, check_engine_host
     from rl_apps.trainer_group import TrainerGroup
 
@@ -169,23 +169,23 @@ def placed_parts(config: TrainConfig, *, trainers: bool = True) -> Iterator[Part
         def start_trainers() -> None:
             master_addr, master_port = rank_zero_address(plan.trainers[0]) if world else ("", 0)
             parts.trainers = [
-                TrainerActor.options(**placed(part)).remote(config, "policy", rank, world, master_addr, master_port)
+                actor_class(TrainerActor).options(**placed(part)).remote(config, "policy", rank, world, master_addr, master_port)
                 for rank, part in enumerate(plan.trainers)
             ]
             critic_addr, critic_port = rank_zero_address(plan.critics[0], master_port) if num_critics else ("", 0)
             parts.critics = [
-                TrainerActor.options(**placed(part)).remote(config, "critic", rank, num_critics, critic_addr, critic_port)
+                actor_class(TrainerActor).options(**placed(part)).remote(config, "critic", rank, num_critics, critic_addr, critic_port)
                 for rank, part in enumerate(plan.critics)
             ]
 
-        parts.engines = [EngineActor.options(**placed(part)).remote(config, i) for i, part in enumerate(plan.engines)]
+        parts.engines = [actor_class(EngineActor).options(**placed(part)).remote(config, i) for i, part in enumerate(plan.engines)]
         engines_up = [e.start.remote() for e in parts.engines]
         if not config.colocate:  # the trainers build their models while the engines start
             start_trainers()
         parts.engine_urls = ray.get(engines_up)
         if config.colocate:  # sharing a GPU, an engine sizes its KV cache from the memory free: it goes first
             start_trainers()
-        parts.rollout = RolloutManager.options(num_cpus=0).remote(config, parts.engine_urls)
+        parts.rollout = actor_class(RolloutManager).options(num_cpus=0).remote(config, parts.engine_urls)
         ray.get([a.__ray_ready__.remote() for a in [*parts.trainers, *parts.critics, parts.rollout]])
         parts.policy = TrainerGroup(parts.trainers) if parts.trainers else None
         parts.critic = TrainerGroup(parts.critics, role="critic") if parts.critics else None

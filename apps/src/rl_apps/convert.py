@@ -15,13 +15,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, Mapping, Sequence
 
 from pydantic import model_validator
 
 from rl_apps.cli import parse_config
 from rl_apps.train import InputError, exit_on_failure
 from rl_core.config import Section
+
+if TYPE_CHECKING:
+    from rl_core.protocols import TrainingBackend
+    from rl_megatron import MegatronBackend
 
 
 class ConvertConfig(Section):
@@ -50,6 +54,12 @@ class ConvertConfig(Section):
                 + (" ".join(f"--{n.replace('_', '-')}" for n in ("load", "save", "save_hf") if getattr(self, n)) or "neither")
             )
         return self
+
+    @property
+    def hf_folder(self) -> Path:
+        """--hf-checkpoint, which the validator requires."""
+        assert self.hf_checkpoint is not None, "ConvertConfig's validator requires --hf-checkpoint"
+        return self.hf_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,7 +91,7 @@ def _param_dtype(hf_checkpoint: Path) -> str:
 
 
 def check_inputs(config: ConvertConfig) -> Literal["fsdp", "megatron"]:
-    hf = Path(config.hf_checkpoint)
+    hf = Path(config.hf_folder)
     if not (hf / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {hf}: no config.json in that folder")
     if config.load is None:
@@ -103,32 +113,42 @@ def check_inputs(config: ConvertConfig) -> Literal["fsdp", "megatron"]:
 def run(config: ConvertConfig) -> Path:
     """Convert; returns the folder written."""
     kind = check_inputs(config)
-    hf = Path(config.hf_checkpoint)
+    hf = Path(config.hf_folder)
     common = dict(model_path=hf, device=config.train_device, param_dtype=_param_dtype(hf))
-    if kind == "megatron":
-        from rl_megatron import MegatronConfig, build_backend
-
-        # A converted or trained checkpoint may come from another layout; its optimizer is of no use here.
-        backend = build_backend(MegatronConfig(**common, no_load_optim=True))
+    if config.load is None:
+        assert config.save is not None, "ConvertConfig's validator requires --save without --load"
+        megatron = _megatron_backend(common)
+        try:
+            megatron.save(str(config.save), with_optimizer=False)
+        finally:
+            megatron.close()
+        out = Path(config.save)
     else:
-        from rl_fsdp import FSDPConfig
-        from rl_fsdp import build_backend as build_fsdp
+        from rl_apps.hf_export import save_hf
 
-        backend = build_fsdp(FSDPConfig(**{**common, "param_dtype": "float32"}))
-    try:
-        if config.load is None:
-            backend.save(str(config.save), with_optimizer=False)
-            out = Path(config.save)
+        assert config.save_hf is not None, "ConvertConfig's validator requires --save-hf with --load"
+        if kind == "megatron":
+            backend: TrainingBackend = _megatron_backend(common)
         else:
-            from rl_apps.hf_export import save_hf
+            from rl_fsdp import FSDPConfig
+            from rl_fsdp import build_backend as build_fsdp
 
+            backend = build_fsdp(FSDPConfig(**{**common, "param_dtype": "float32"}))
+        try:
             backend.load(str(checkpoint_folder(config.load)[0]))
             save_hf(backend, config.save_hf, hf, writer=int(os.environ.get("RANK", "0")) == backend.result_rank)
-            out = Path(config.save_hf)
-    finally:
-        backend.close()
+        finally:
+            backend.close()
+        out = Path(config.save_hf)
     print(f"rl-convert: wrote {out}", flush=True)
     return out
+
+
+def _megatron_backend(common: Mapping[str, object]) -> MegatronBackend:
+    from rl_megatron import MegatronConfig, build_backend
+
+    # A converted or trained checkpoint may come from another layout; its optimizer is of no use here.
+    return build_backend(MegatronConfig(**common, no_load_optim=True))
 
 
 if __name__ == "__main__":

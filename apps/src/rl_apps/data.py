@@ -13,7 +13,7 @@ def load_tokenizer(config: TrainConfig) -> Any:
     """The --hf-checkpoint tokenizer as saved (the engine loads it the same way)."""
     from rl_sglang.tokenizer import load_tokenizer as load_saved_tokenizer
 
-    return load_saved_tokenizer(config.hf_checkpoint)
+    return load_saved_tokenizer(config.hf_folder)
 
 
 def load_eval_rows(config: TrainConfig, tokenizer: Any | None = None) -> dict[str, list[Any]]:
@@ -36,6 +36,7 @@ def load_eval_rows(config: TrainConfig, tokenizer: Any | None = None) -> dict[st
 
 
 def build_data_source(config: TrainConfig, tokenizer: Any | None = None) -> JsonlDataSource:
+    assert config.prompt_data is not None, "a data source is built only where --prompt-data is given"
     rows = load_prompt_rows(
         config.prompt_data,
         input_key=config.input_key,

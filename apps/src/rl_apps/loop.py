@@ -33,7 +33,9 @@ def training_loop(config: TrainConfig, parts: Any, sink: Any, eval_sink: Any, *,
     for rollout_id in tqdm(range(start, config.num_rollout), desc="rollout", dynamic_ncols=True, file=sys.stdout):
         step_start = time.perf_counter()
         last = rollout_id + 1 == config.num_rollout
+        result: dict[str, Any]
         if asynchronous:
+            assert in_flight is not None, "the asynchronous loop keeps the next rollout in flight until the last"
             result = ray.get(in_flight)
             in_flight = None if last else parts.rollout.generate.remote(rollout_id + 1)
         else:
@@ -93,7 +95,7 @@ class LoopPerf:
         from rl_apps.perf import read_hf_config
 
         self.parts = parts
-        self.hf_config = read_hf_config(config.hf_checkpoint)
+        self.hf_config = read_hf_config(config.hf_folder)
         self.on_gpu = parts.policy is not None and config.train_device != "cpu" and _cuda_available()
         self.rollout_gpus = (config.rollout_num_gpus or None) if config.rollout_device != "cpu" and _cuda_available() else None
         self.peaks: dict[str, int | None] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -51,6 +52,15 @@ WANDB_MISSING = (
 )
 
 
+def wandb_group(config: Any) -> str:
+    """--wandb-group (else the output folder's name) with slime's random suffix unless
+    --disable-wandb-random-suffix; the suffix is ours, as wandb no longer exports its id generator."""
+    group = config.wandb_group or Path(config.output_dir).name
+    if config.disable_wandb_random_suffix:
+        return group
+    return f"{group}_{secrets.token_hex(4)}"
+
+
 class WandbRun:
     """One W&B run of `rl-train` (slime's --wandb-* flags); `sink(step_key)` gives a MetricSink logging into it.
 
@@ -65,9 +75,7 @@ class WandbRun:
         mode = config.wandb_mode
         if config.wandb_key is not None and mode not in ("offline", "disabled"):
             wandb.login(key=config.wandb_key)
-        group = config.wandb_group or Path(config.output_dir).name
-        if not config.disable_wandb_random_suffix:
-            group = f"{group}_{wandb.util.generate_id()}"
+        group = wandb_group(config)
         folder = Path(config.wandb_dir or config.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(

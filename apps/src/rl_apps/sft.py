@@ -32,12 +32,13 @@ def load_examples(config: SFTConfig) -> list[Any]:
     from rl_core.sft_data import load_sft_examples
     from rl_sglang.tokenizer import load_tokenizer
 
-    if not (Path(config.hf_checkpoint) / "config.json").is_file():
+    if not (config.hf_folder / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
-        tokenizer = load_tokenizer(config.hf_checkpoint)
+        tokenizer = load_tokenizer(config.hf_folder)
     except (OSError, ValueError) as e:
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no loadable tokenizer ({e})") from None
+    assert config.prompt_data is not None, "--prompt-data is a required flag of rl-sft, checked when the config is parsed"
     try:
         return load_sft_examples(
             config.prompt_data, tokenizer, input_key=config.input_key, response_key=config.response_key,
@@ -63,7 +64,7 @@ def check_inputs(config: SFTConfig) -> list[Any]:
         from rl_megatron import check_config, read_hf_config
 
         try:
-            check_config(config.backend_config(), read_hf_config(config.hf_checkpoint),
+            check_config(config.backend_config(), read_hf_config(config.hf_folder),
                          world_size=config.actor_num_gpus_per_node)
         except ValueError as e:
             raise InputError(str(e)) from None
@@ -187,7 +188,7 @@ def trainer(config: SFTConfig, total_steps: int) -> Iterator[Any]:
 
         backend = build_backend(backend_config)
         try:
-            yield LocalTrainer(backend, config.hf_checkpoint)
+            yield LocalTrainer(backend, config.hf_folder)
         finally:
             backend.close()
         return
@@ -203,7 +204,7 @@ def ray_trainers(config: SFTConfig, world: int, total_steps: int) -> Iterator[An
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rl_apps.actors import TrainerActor
+    from rl_apps.actors import TrainerActor, actor_class
     from rl_apps.cluster import _free_port, _workers_use_this_interpreter
     from rl_apps.trainer_group import TrainerGroup
 
@@ -218,7 +219,7 @@ def ray_trainers(config: SFTConfig, world: int, total_steps: int) -> Iterator[An
         ray.get(group.ready(), timeout=300)
         port = _free_port()
         actors = [
-            TrainerActor.options(
+            actor_class(TrainerActor).options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=r),
                 **resources,
             ).remote(_FixedSteps(config, total_steps), "policy", r, world, "127.0.0.1", port)

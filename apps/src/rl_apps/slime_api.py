@@ -28,6 +28,9 @@ class GenerateState:
     built once per model folder however often a generate function constructs it."""
 
     _by_model: dict[str, GenerateState] = {}
+    args: Any
+    tokenizer: Any
+    sampling_params: dict[str, Any]
 
     def __new__(cls, args: Any) -> GenerateState:
         key = str(args.hf_checkpoint)

@@ -54,7 +54,7 @@ def check_inputs(config: TrainConfig) -> None:
     from rl_router import load_middleware
     from rl_sglang.sglang_flags import check_sglang_args
 
-    if not (Path(config.hf_checkpoint) / "config.json").is_file():
+    if not (config.hf_folder / "config.json").is_file():
         raise InputError(f"--hf-checkpoint {config.hf_checkpoint}: no config.json in that folder")
     try:
         check_sglang_args(config.sglang_args)
@@ -117,6 +117,7 @@ def set_num_rollout_from_epochs(config: TrainConfig, num_prompts: int) -> None:
             f"--num-epoch: --prompt-data has {num_prompts} prompt(s), fewer than one rollout (--rollout-batch-size"
             f" {config.rollout_batch_size})"
         )
+    assert config.num_epoch is not None, "called only when --num-epoch is given"
     object.__setattr__(config, "num_rollout", config.num_epoch * per_epoch)
     if config.start_rollout_id is not None and config.start_rollout_id >= config.num_rollout:
         raise InputError(f"--start-rollout-id {config.start_rollout_id} >= the {config.num_rollout} rollouts of --num-epoch")

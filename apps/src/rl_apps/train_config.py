@@ -22,6 +22,12 @@ class ModelConfig(Section):
     hf_checkpoint: Path | None = None
     """Hugging Face model folder (config, tokenizer, weights) that both trainer and engines load."""
 
+    @property
+    def hf_folder(self) -> Path:
+        """--hf-checkpoint, which every command reading it requires (checked when its config is parsed)."""
+        assert self.hf_checkpoint is not None, "--hf-checkpoint is a required flag, checked when the config is parsed"
+        return self.hf_checkpoint
+
 
 class TrainerConfig(Section):
     help_section: ClassVar[str] = "trainer"
@@ -691,13 +697,15 @@ class TrainConfig(
         if self.critic_lr is None:
             object.__setattr__(self, "critic_lr", self.lr)
         world = self.actor_world_size()
-        if self.global_batch_size % world:
+        size = self.global_batch_size
+        assert size is not None, "BatchConfig's validator sets global_batch_size"
+        if size % world:
             samples = self.rollout_batch_size * self.n_samples_per_prompt
             raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) does not split over actor_num_nodes x"
+                f"global_batch_size ({size}) does not split over actor_num_nodes x"
                 f" actor_num_gpus_per_node ({world}) trainer ranks; for these ranks"
-                f" {nearest_divisors(samples, self.global_batch_size, 'global_batch_size', multiple_of=world)},"
-                f" for this batch on one node {nearest_divisors(self.global_batch_size, world, 'actor_num_gpus_per_node')}"
+                f" {nearest_divisors(samples, size, 'global_batch_size', multiple_of=world)},"
+                f" for this batch on one node {nearest_divisors(size, world, 'actor_num_gpus_per_node')}"
             )
         return self
 

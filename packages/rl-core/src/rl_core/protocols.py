@@ -121,6 +121,15 @@ class TrainingBackend(StepBackend, Protocol):
         ...
 
 
+@runtime_checkable
+class AdapterBackend(TrainingBackend, Protocol):
+    """A backend training a LoRA adapter, which it can hand out alone (peft's names and config)."""
+
+    def adapter_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def adapter_config(self) -> dict[str, Any]: ...
+
+
 class RewardInput(TypedDict):
     """What a reward function sees of one sample."""
 
@@ -137,10 +146,15 @@ class RewardModel(Protocol):
     """Scores a batch of responses; never raises for one bad sample: it gives a defined reward and reports
     the failure, so that the loop can stop a run whose rewards are mostly errors."""
 
-    last_failed: Sequence[int]
-    """Indices of the latest batch's items whose grading failed (raised, timed out, returned no number)."""
-    last_errors: Sequence[str]
-    """Messages of the latest batch's failures ('item i: TypeError: ...'), the first few at least."""
+    @property
+    def last_failed(self) -> Sequence[int]:
+        """Indices of the latest batch's items whose grading failed (raised, timed out, returned no number)."""
+        ...
+
+    @property
+    def last_errors(self) -> Sequence[str]:
+        """Messages of the latest batch's failures ('item i: TypeError: ...'), the first few at least."""
+        ...
 
     async def score_batch(self, items: Sequence[RewardInput]) -> list[float]: ...
 
@@ -186,3 +200,11 @@ class WeightTransport(Protocol):
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterWeightTransport(WeightTransport, Protocol):
+    """A transport that can also send a LoRA adapter alone (SGLang's LoRA routes)."""
+
+    def update_adapter(self, lora_name: str, config: dict[str, Any], named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       weight_version: str) -> None: ...

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from peft import PeftModel
 from torch import nn
 
 from rl_core.losses import TrainLoss
@@ -53,7 +54,9 @@ class FSDPBackend:
         if config.use_dynamic_batch_size:
             use_packed_attention(causal_lm)
         self.hf_config = causal_lm.config
-        self.vocab_size = causal_lm.get_input_embeddings().weight.shape[0]
+        embedding_weight = causal_lm.get_input_embeddings().weight
+        assert isinstance(embedding_weight, torch.Tensor), "a Hugging Face input embedding holds one weight tensor"
+        self.vocab_size = embedding_weight.shape[0]
         self.tied_aliases = tied_aliases(causal_lm) if config.head == "lm" else {}
         self.lora = config.uses_lora
         copy_reference = config.ref_model and not self.lora
@@ -84,8 +87,13 @@ class FSDPBackend:
         if self.reference is not None:
             yield self.reference
             return
-        with self.model.disable_adapter():
+        with self._peft().disable_adapter():
             yield self.model
+
+    def _peft(self) -> PeftModel:
+        """The policy as peft wrapped it: without a reference copy, and for the adapter, it is a LoRA one."""
+        assert isinstance(self.model, PeftModel), "only a LoRA policy (a PeftModel) serves as its own reference"
+        return self.model
 
     def _micro_batches(self, batch: TrainBatch, training: bool) -> list[MicroBatch]:
         validate_batch(batch, self.vocab_size)
@@ -168,7 +176,7 @@ class FSDPBackend:
         """With LoRA: the adapter's PEFT config, as adapter_config.json holds it."""
         if not self.lora:
             raise ValueError("adapter_config() needs LoRA: build the backend with lora_rank > 0 or lora_adapter_path")
-        return adapter_config(self.model)
+        return adapter_config(self._peft())
 
     def save_adapter(self, directory: str | Path) -> None:
         """With LoRA: a PEFT adapter folder from rank 0 (collective), which `lora_adapter_path` and

@@ -9,6 +9,7 @@ left out: they come from the model path, so a LoRA checkpoint holds only the ada
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -33,7 +34,7 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, dire
         raise FileNotFoundError(f"{directory}: not a training checkpoint (no .metadata file)")
     # The layout to fill, optimizer state included.
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_INTO_TRAINED)

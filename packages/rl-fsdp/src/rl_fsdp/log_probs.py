@@ -98,8 +98,10 @@ def response_log_probs(
     The response positions' logits go through a float32 softmax. Padding slots hold 0.
     """
     hidden = response_hidden_states(model, mb)
+    output_layer = model.get_output_embeddings  # a PreTrainedModel's, or the one a PeftModel passes on
+    assert callable(output_layer), f"{type(model).__name__} has no get_output_embeddings()"
     log_probs, entropy = chunked_log_probs(
-        model.get_output_embeddings(), hidden, mb.response_tokens[mb.response_valid], temperature,
+        output_layer(), hidden, mb.response_tokens[mb.response_valid], temperature,
         with_entropy=with_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size,
     )
     return _to_rows(mb, log_probs), _to_rows(mb, entropy)  # type: ignore[return-value]

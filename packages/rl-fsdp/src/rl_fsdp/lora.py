@@ -40,8 +40,9 @@ def wrap_with_lora(model: PreTrainedModel, config: BackendConfig) -> PeftModel:
     else:
         targets = _target_modules(model, config.lora_target_modules)
         lora_config = LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=targets, bias="none", task_type="CAUSAL_LM",
+            # peft annotates lora_alpha as int but scales by lora_alpha / r, which a float alpha keeps exact.
+            r=config.lora_rank, lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
+            lora_dropout=config.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM",
         )
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER)
@@ -103,6 +104,7 @@ def merged_weights(peft_model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if owner != module_name and owner in layers:
             if param == "weight":
                 layer = layers[owner]
+                assert isinstance(layer, LoraLinear), "_check_mergeable refuses LoRA on other layers than nn.Linear"
                 a = _full(state[f"{owner}.lora_A.{ADAPTER}.weight"]).float()
                 b = _full(state[f"{owner}.lora_B.{ADAPTER}.weight"]).float()
                 delta = (b @ a) * layer.scaling[ADAPTER]

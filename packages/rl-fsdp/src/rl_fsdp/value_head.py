@@ -32,8 +32,8 @@ class ValueModel(nn.Module):
         return self.value_head(hidden).sum(dim=-1, dtype=torch.float32)
 
 
-def response_values(model: ValueModel, mb: MicroBatch) -> torch.Tensor:
-    """Values [B, T] of the states before each response token (the position whose logits predict it, as
+def response_values(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Values [B, T] of a `ValueModel` (sharded or not) at the states before each response token (the position whose logits predict it, as
     for log-probs); padding slots hold 0."""
     values = mb.at_responses(model(**model_inputs(mb)))
     return torch.where(mb.response_valid, values, torch.zeros_like(values))

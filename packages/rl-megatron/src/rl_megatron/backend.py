@@ -15,7 +15,7 @@ import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, overload
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,10 @@ class _Fed:
     ref_log_probs: torch.Tensor | None = None
 
 
+@overload
+def _pad_to(t: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor: ...
+@overload
+def _pad_to(t: None, rows: int, cols: int | None = None) -> None: ...
 def _pad_to(t: torch.Tensor | None, rows: int, cols: int | None = None) -> torch.Tensor | None:
     if t is None:
         return None
@@ -314,10 +318,10 @@ class MegatronBackend:
     # --- the Protocol -------------------------------------------------------------------------------------
 
     def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
-        if model == "reference" and self.reference is None:
+        net = self.reference if model == "reference" else self.model
+        if net is None:
             raise ValueError("forward(model='reference') needs the reference model: set MegatronConfig.ref_model=True")
         self._check_onloaded()
-        net = self.reference if model == "reference" else self.model
         with on_cpu(self._cpu), torch.no_grad():
             fed, seq_len, rows = self._feed(batch)
             offsets = [0]

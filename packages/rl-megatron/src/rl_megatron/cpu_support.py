@@ -126,7 +126,7 @@ def on_cpu(enabled: bool = True) -> Iterator[None]:
                 _saved["random." + name] = getattr(megatron_random, name)
                 setattr(megatron_random, name, stub)
             _saved["Tensor.type"] = torch.Tensor.type
-            torch.Tensor.type = _cuda_type  # type: ignore[method-assign]
+            torch.Tensor.type = _cuda_type  # type: ignore[method-assign, assignment]
             _saved["all_to_all_single"] = torch.distributed.all_to_all_single
             torch.distributed.all_to_all_single = _all_to_all_with_list_splits
         _depth += 1

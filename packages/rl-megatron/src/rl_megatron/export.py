@@ -88,6 +88,7 @@ def _stage_full(model: nn.Module, item: ExportedTensor, device: torch.device) ->
     if not expert or parallel_state.get_expert_model_parallel_world_size() == 1:
         assert shard is not None
         return shard
+    assert item.expert_owner is not None, "an expert tensor names the expert-parallel rank that owns it"
     return _broadcast(shard, item.expert_owner, parallel_state.get_expert_model_parallel_group(), device)
 
 
@@ -96,6 +97,11 @@ def _broadcast(tensor: torch.Tensor | None, src_index: int, group, device: torch
     src = dist.get_global_rank(group, src_index)
     meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
     dist.broadcast_object_list(meta, src=src, group=group)
-    out = tensor.contiguous() if tensor is not None else torch.empty(meta[0][0], dtype=meta[0][1], device=device)
+    if tensor is not None:
+        out = tensor.contiguous()
+    else:
+        shape_dtype = meta[0]
+        assert shape_dtype is not None, "broadcast_object_list gave every member the source's shape and dtype"
+        out = torch.empty(shape_dtype[0], dtype=shape_dtype[1], device=device)
     dist.broadcast(out, src=src, group=group)
     return out

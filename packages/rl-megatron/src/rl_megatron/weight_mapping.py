@@ -253,13 +253,13 @@ def megatron_tensor_to_hf(name: str, tensor: Tensor, config: TransformerShape) -
         return [(HFMoENames(c, int(parts[2])).router, _expect(name, tensor, (c.num_experts, c.hidden_size)))]
     if suffix.startswith("mlp.experts.local_experts."):
         expert, kind = suffix.removeprefix("mlp.experts.local_experts.").split(".", 1)
-        gate, up, down = HFMoENames(c, int(parts[2])).expert(int(expert))
+        gate_name, up_name, down_name = HFMoENames(c, int(parts[2])).expert(int(expert))
         h, ffn = c.hidden_size, c.moe_ffn_hidden_size
         if kind == "linear_fc1.weight":
             g, u = _expect(name, tensor, (2 * ffn, h)).chunk(2, dim=0)
-            return [(gate, g), (up, u)]
+            return [(gate_name, g), (up_name, u)]
         if kind == "linear_fc2.weight":
-            return [(down, _expect(name, tensor, (h, ffn)))]
+            return [(down_name, _expect(name, tensor, (h, ffn)))]
     if suffix == "mlp.linear_fc1.weight":
         gate, up = _expect(name, tensor, (2 * c.ffn_hidden_size, c.hidden_size)).chunk(2, dim=0)
         return [(hf + "mlp.gate_proj.weight", gate), (hf + "mlp.up_proj.weight", up)]
