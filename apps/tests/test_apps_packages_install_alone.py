@@ -1,4 +1,8 @@
-"""Each package installs into a fresh venv with only its own dependencies, and its tests pass there."""
+"""Each package installs into a fresh venv with only its own dependencies, and its tests pass there.
+
+There every test module is collected (so each import it makes is checked against the package's declared
+dependencies) and the quick tests run; the `slow` ones run in the workspace suite on the same code, and
+running them twice cost CI about three minutes."""
 
 import os
 import shutil
@@ -44,5 +48,5 @@ def test_package_tests_pass_with_only_its_dependencies(package, tmp_path):
     if package in TORCH_FREE:
         sh(str(python), "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
     # Run from the package folder so its own pytest configuration applies.
-    sh(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not multi_gpu and not sglang", "tests",
+    sh(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu and not multi_gpu and not sglang and not slow", "tests",
        cwd=REPO / "packages" / package)

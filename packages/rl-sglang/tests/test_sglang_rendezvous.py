@@ -51,7 +51,11 @@ for shape in shapes:
     buffer = torch.empty(shape, dtype=torch.float32)
     torch.distributed.broadcast(buffer, src=0, group=group)
     received.append(buffer.tolist())
-print(json.dumps({"rank": rank, "received": received, "helper": where}))
+print(json.dumps({"rank": rank, "received": received, "helper": where}), flush=True)
+# Leave without running gloo's destructors: its threads, still up at interpreter exit, can abort the process
+# ("terminate called without an active exception") after the work is done; SGLang keeps the group for its life.
+import os
+os._exit(0)
 """
 
 
