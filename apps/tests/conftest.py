@@ -71,6 +71,18 @@ def score(*, prompt, response, label, metadata):
 
 
 @pytest.fixture
+def config(tiny_task):
+    """A TrainConfig builder for the tiny task: its model, prompts and the math grader, unless a flag says otherwise."""
+    from rl_apps.train_config import TrainConfig
+
+    def build(**flags):
+        values = dict(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math")
+        return TrainConfig(**{**values, **flags})
+
+    return build
+
+
+@pytest.fixture
 def tiny_run_config(tiny_task):
     """`build(out, config_class=TrainConfig, **overrides)`: a 3-rollout CPU run over `tiny_task` (4 prompts x 4
     samples, 3 response tokens, a graded digit reward), writing to `out`."""

@@ -11,17 +11,6 @@ def base_args(task):
     return ["--hf-checkpoint", str(task / "model"), "--prompt-data", str(task / "train.jsonl"), "--rm-type", "math"]
 
 
-@pytest.fixture
-def config(tiny_task):
-    from rl_apps.train_config import TrainConfig
-
-    def build(**flags):
-        values = dict(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math")
-        return TrainConfig(**{**values, **flags})
-
-    return build
-
-
 def test_an_unknown_flag_gets_one_line_with_the_closest_known_flag_and_a_pointer_to_help(tiny_task, run_cli):
     code, err = run_cli(base_args(tiny_task) + ["--rollout-batch-sz", "4"])
     assert code == 2

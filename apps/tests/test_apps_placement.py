@@ -8,16 +8,6 @@ from pydantic import ValidationError
 from rl_apps.placement import PlacementError, check_fits, plan_placement
 
 
-@pytest.fixture
-def config(tiny_task):
-    from rl_apps.train_config import TrainConfig
-
-    def build(**flags):
-        return TrainConfig(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math", **flags)
-
-    return build
-
-
 def total(bundles, kind):
     return sum(b.get(kind, 0.0) for b in bundles)
 

@@ -5,17 +5,6 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture
-def config(tiny_task):
-    from rl_apps.train_config import TrainConfig
-
-    def build(**flags):
-        values = dict(hf_checkpoint=tiny_task / "model", prompt_data=tiny_task / "train.jsonl", rm_type="math")
-        return TrainConfig(**{**values, **flags})
-
-    return build
-
-
 def test_with_no_micro_batch_flag_fsdp_trains_on_token_budget_micro_batches(config):
     policy = config().backend_config("policy")
     assert policy.use_dynamic_batch_size and policy.max_tokens_per_gpu == 16384
