@@ -3,10 +3,12 @@ step, in one run, at equal shapes: a Qwen3-0.6B-shaped model (random init, bf16)
 
 Phases (--phases): `hf_baseline` (bench_megatron.py's: the whole batch in one forward, float32 log-softmax
 over the response positions); `fsdp_default` (FSDPConfig with no micro-batch flag: token-budget micro-batches,
-packed); `fsdp_chunked` (the same with --log-probs-chunk-size 4096); `fsdp_recompute` (the default with
-activation checkpointing); `fsdp_mbs8` / `fsdp_mbs1` (padded micro-batches of 8 / 1 samples, the path
-before dynamic batching and the old default). Each reports tokens/s (B x T over the mean of the timed
-steps after warm-up) and, on CUDA, peak allocated memory.
+packed, decoder layers and log-probs compiled on CUDA); `fsdp_eager` (the same with torch_compile off, the
+default before it); `fsdp_chunked` (the default with --log-probs-chunk-size 4096); `fsdp_recompute` (the
+default with activation checkpointing); `fsdp_varied` (the default on samples of eight different lengths,
+1,024-3,840 tokens, the same 16k tokens in all: packed rows of unequal samples, as RL batches are);
+`fsdp_mbs8` / `fsdp_mbs1` (padded micro-batches of 8 / 1 samples). Each reports tokens/s (tokens over the
+mean of the timed steps after warm-up) and, on CUDA, peak allocated memory.
 
     PYTHONPATH=packages/rl-core/src:packages/rl-fsdp/src python bench/train/bench_fsdp.py --out result.json
     # on a CPU, tiny shapes, to check that it runs:
@@ -24,7 +26,10 @@ import time
 import torch
 from bench_megatron import qwen3_06b_shape, train_batch
 
-PHASES = ("hf_baseline", "fsdp_default", "fsdp_chunked", "fsdp_recompute", "fsdp_mbs8", "fsdp_mbs1")
+PHASES = ("hf_baseline", "fsdp_default", "fsdp_eager", "fsdp_chunked", "fsdp_recompute", "fsdp_varied", "fsdp_mbs8",
+          "fsdp_mbs1")
+VARIED_LENGTHS = (1024, 1536, 2048, 2560, 1280, 1792, 2304, 3840)
+"""fsdp_varied's sample lengths (16,384 tokens, as 8 x 2,048), each with a 512-token prompt."""
 
 
 def tiny_shape():
@@ -34,6 +39,18 @@ def tiny_shape():
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512,
     )
+
+
+def varied_batch(lengths: tuple[int, ...], prompt: int, vocab: int):
+    """A batch of samples of the given total lengths, each `prompt` tokens of prompt and the rest response."""
+    from rl_core.train_batch import TrainBatch
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    responses = [n - prompt for n in lengths]
+    advantages = torch.randn(len(lengths), generator=gen).tolist()
+    return TrainBatch(tokens=tokens, response_lengths=responses, loss_masks=[[1] * r for r in responses],
+                      advantages=[[a] * r for a, r in zip(advantages, responses)])
 
 
 def _sync(device: torch.device) -> None:
@@ -57,6 +74,8 @@ def timed(step, device: torch.device, warmup: int, steps: int) -> tuple[float, f
 
 
 def _release(device: torch.device) -> None:
+    """Free what a phase held, compiled graphs included (each phase starts as a fresh process would)."""
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -98,6 +117,7 @@ def fsdp_backend(config, batch, device: torch.device, dtype: str, warmup: int, s
         backend_config = FSDPConfig(model_path=model_dir, device=device.type, param_dtype=dtype, lr=1e-6, **flags)
         backend = build_backend(backend_config)
         loss = PolicyLoss()
+        compiled = backend.compiled
         try:
             seconds, peak = timed(lambda: backend.train_step(batch, loss), device, warmup, steps)
         finally:
@@ -107,7 +127,7 @@ def fsdp_backend(config, batch, device: torch.device, dtype: str, warmup: int, s
     tokens = sum(len(t) for t in batch.tokens)
     chosen = {name: getattr(backend_config, name) for name in (
         "use_dynamic_batch_size", "max_tokens_per_gpu", "micro_batch_size", "log_probs_chunk_size", "gradient_checkpointing")}
-    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak, **chosen}
+    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak, **chosen, "compiled": compiled}
 
 
 def main() -> None:
@@ -131,9 +151,13 @@ def main() -> None:
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     results: dict = {"shape": "tiny" if args.tiny else "qwen3-0.6b", "batch": batch_size, "seq": seq, "response": response,
                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": dtype}
+    lengths = tuple(n * seq // 2048 for n in VARIED_LENGTHS)
+    varied = varied_batch(lengths, seq - response, config.vocab_size)
     phases = {
         "hf_baseline": lambda: hf_baseline(config, batch, device, getattr(torch, dtype), args.warmup, args.steps),
         "fsdp_default": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps),
+        "fsdp_eager": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, torch_compile=False),
+        "fsdp_varied": lambda: fsdp_backend(config, varied, device, dtype, args.warmup, args.steps),
         "fsdp_chunked": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, log_probs_chunk_size=4096),
         "fsdp_recompute": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, gradient_checkpointing=True),
         "fsdp_mbs8": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, micro_batch_size=8),

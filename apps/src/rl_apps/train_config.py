@@ -72,6 +72,9 @@ class TrainerConfig(Section):
     """Compute dtype of the trainer; master weights and optimizer state stay float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass to save memory (--recompute-granularity full)."""
+    torch_compile: bool = True
+    """Compile the trainer's decoder layers and log-prob function with torch.compile on CUDA (the first step
+    pays the compilation; --no-torch-compile runs eagerly); no effect on a CPU trainer."""
     use_dynamic_batch_size: bool | None = None
     """Micro-batches formed by a token budget (--max-tokens-per-gpu), samples packed without padding
     (default on --train-backend fsdp unless --micro-batch-size is given; megatron refuses it)."""
@@ -256,6 +259,7 @@ def trainer_backend_config(config: Any, *, total_steps: int, **role_fields: Any)
         device=config.train_device,
         param_dtype=config.param_dtype,
         gradient_checkpointing=config.gradient_checkpointing,
+        torch_compile=config.torch_compile,
     )
     if config.train_backend == "megatron":
         from rl_megatron import MegatronConfig

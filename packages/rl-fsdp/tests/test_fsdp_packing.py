@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.losses import PolicyLoss
 from rl_core.micro_batches import make_micro_batch
+from rl_core.train_batch import TrainBatch
 from rl_fsdp import FSDPBackend, FSDPConfig
 from rl_fsdp.log_probs import chunked_log_probs, model_inputs
-from rl_fsdp.packed_attention import use_packed_attention
+from rl_fsdp.packed_attention import packed_samples, use_packed_attention
 
 WORKER = Path(__file__).with_name("_fsdp_worker.py")
 LINEAR_ADAM = dict(lr=0.5, adam_eps=1.0, param_dtype="float32")
@@ -21,18 +22,41 @@ LINEAR_ADAM = dict(lr=0.5, adam_eps=1.0, param_dtype="float32")
 LOSS = PolicyLossConfig(use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
 
 
-def test_packed_forward_in_float64_equals_each_sample_run_alone(tied_dir, make_batch):
+def equal_length_runs(batch: TrainBatch) -> TrainBatch:
+    """`batch` with its samples 1-3 cut to sample 1's length: runs of one length (batched into one SDPA
+    call) beside lengths that differ."""
+    length = len(batch.tokens[1])
+    tokens = [t if i not in (2, 3) else (t * length)[:length] for i, t in enumerate(batch.tokens)]
+    responses = [min(r, len(t) - 1) for r, t in zip(batch.response_lengths, tokens)]
+    return TrainBatch(tokens=tokens, response_lengths=responses, loss_masks=[m[:r] for m, r in zip(batch.loss_masks, responses)],
+                      advantages=[a[:r] for a, r in zip(batch.advantages, responses)])
+
+
+@pytest.mark.parametrize("runs", [False, True])
+def test_packed_forward_in_float64_equals_each_sample_run_alone(tied_dir, make_batch, runs):
     model = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float64)
     use_packed_attention(model)
-    batch = make_batch(4, seed=5)
-    mb = make_micro_batch(batch, [0, 1, 2, 3], torch.device("cpu"), pack=True)
+    batch = make_batch(5, seed=5)
+    batch = equal_length_runs(batch) if runs else batch
+    mb = make_micro_batch(batch, list(range(5)), torch.device("cpu"), pack=True)
     assert mb.input_ids.shape == (1, sum(len(t) for t in batch.tokens))
-    packed = model(**model_inputs(mb)).logits[0]
+    with packed_samples(mb):
+        packed = model(**model_inputs(mb)).logits[0]
     start = 0
     for tokens in batch.tokens:
         alone = model(input_ids=torch.tensor([tokens])).logits[0]
         torch.testing.assert_close(packed[start : start + len(tokens)], alone, atol=1e-12, rtol=0)
         start += len(tokens)
+
+
+def test_a_forward_of_another_micro_batch_inside_an_open_packed_layout_is_refused(tied_dir, make_batch):
+    model = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float64)
+    use_packed_attention(model)
+    batch = make_batch(3, seed=2)
+    mb = make_micro_batch(batch, [0, 1, 2], torch.device("cpu"), pack=True)
+    other = make_micro_batch(batch, [0, 1], torch.device("cpu"), pack=True)
+    with packed_samples(mb), pytest.raises(RuntimeError, match="open packed layout"):
+        model(**model_inputs(other))
 
 
 def test_chunked_log_probs_entropy_and_gradients_equal_the_unchunked_ones():
@@ -70,9 +94,11 @@ def test_packed_chunked_balanced_step_equals_the_padded_one(tied_dir, make_batch
     batch = make_batch(6, seed=11)
     loss = dataclasses.replace(LOSS, aggregation=aggregation)
     padded = one_step(tied_dir, batch, loss, micro_batch_size=2)
-    # A 20-token budget packs the 6 samples (6-12 tokens) into several micro-batches of 1-3 samples.
+    # A 20-token budget packs the 6 samples (6-12 tokens) into several micro-batches of 1-3 samples; the
+    # backward pass recomputes each layer's packed attention.
     packed = one_step(tied_dir, batch, loss, use_dynamic_batch_size=True, max_tokens_per_gpu=20,
-                      log_probs_max_tokens_per_gpu=30, balance_data=True, log_probs_chunk_size=3)
+                      log_probs_max_tokens_per_gpu=30, balance_data=True, log_probs_chunk_size=3,
+                      gradient_checkpointing=True)
     for want, got in zip(padded[0], packed[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for key in ("loss", "pg_loss", "entropy", "kl_loss", "grad_norm"):

@@ -74,6 +74,9 @@ class BackendConfig(BaseModel):
     """Compute dtype of forward/backward; master weights, gradient reduction and optimizer state stay float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (slime's --recompute-granularity full)."""
+    torch_compile: bool = True
+    """Compile each decoder layer's forward and the log-prob function with torch.compile, on CUDA only (on a
+    CPU the eager path runs)."""
     lora_rank: int = Field(0, ge=0)
     """Rank of the LoRA adapters trained instead of the full weights; 0: full fine-tuning. The base stays
     frozen, the KL reference is the base with adapters off (no second copy), the engines get merged weights."""

@@ -24,7 +24,7 @@ from rl_fsdp.distributed import join_world
 from rl_fsdp.log_probs import response_log_probs
 from rl_fsdp.lora import adapter_config, adapter_weights, merged_weights, wrap_with_lora, write_adapter
 from rl_fsdp.model_loading import enable_activation_checkpointing, load_hf_model, shard_model, tied_aliases
-from rl_fsdp.packed_attention import use_packed_attention
+from rl_fsdp.packed_attention import packed_samples, use_packed_attention
 from rl_fsdp.training import clip_and_step, gather_per_token, make_optimizer, sum_over_ranks
 from rl_fsdp.value_head import ValueModel, response_values
 from rl_fsdp.weights import gather_named_weights, write_hf_checkpoint
@@ -75,8 +75,13 @@ class FSDPBackend:
         self.device, self.rank, self.world_size = self._world.device, self._world.rank, self._world.size
         mesh = self._world.mesh
         param_dtype = _DTYPES[config.param_dtype]
-        self.model = shard_model(model, mesh, param_dtype, layer_classes)
-        self.reference = shard_model(reference, mesh, param_dtype, layer_classes) if reference is not None else None
+        self.compiled = config.torch_compile and self.device.type == "cuda"
+        """Decoder layers and log-probs through torch.compile (CUDA only: on a CPU it needs a C++ toolchain and
+        buys little)."""
+        self.model = shard_model(model, mesh, param_dtype, layer_classes, self.compiled)
+        self.reference = (
+            shard_model(reference, mesh, param_dtype, layer_classes, self.compiled) if reference is not None else None
+        )
         self.optimizer = make_optimizer(self.model, config)
         self.steps = 0
         """Optimizer steps taken, which the learning-rate schedule reads; kept in checkpoints."""
@@ -110,7 +115,10 @@ class FSDPBackend:
             else:
                 temperature = self.config.rollout_temperature
                 chunk = self.config.log_probs_chunk_size
-                compute = lambda mb: response_log_probs(net, mb, temperature, False, chunk_size=chunk)[0]  # noqa: E731
+                compiled = self.compiled
+                compute = lambda mb: response_log_probs(  # noqa: E731
+                    net, mb, temperature, False, chunk_size=chunk, compiled=compiled
+                )[0]
             return gather_per_token(batch, self._micro_batches(batch, training=False), compute, self.device, self.world_size)
 
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
@@ -121,11 +129,13 @@ class FSDPBackend:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         self.model.train()
         for mb in micro_batches:
-            value, metrics = loss(loss_inputs(mb, denominators, **self._outputs(mb, loss)))
-            # The loss is this rank's share of the global-batch loss, so the single-process gradient is the
-            # sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which gloo
-            # lacks), so scale by the world size.
-            (value * self.world_size).backward()
+            # Open through the backward pass too, which recomputes checkpointed layers' packed attention.
+            with packed_samples(mb):
+                value, metrics = loss(loss_inputs(mb, denominators, **self._outputs(mb, loss)))
+                # The loss is this rank's share of the global-batch loss, so the single-process gradient is
+                # the sum over ranks; FSDP averages instead (a sum-only divide factor needs PREMUL_SUM, which
+                # gloo lacks), so scale by the world size.
+                (value * self.world_size).backward()
             for key, metric in metrics.items():
                 sums[key] += metric.float()
         result = sum_over_ranks(sums, self.world_size)
@@ -147,12 +157,15 @@ class FSDPBackend:
             return {"values": response_values(self.model, mb)}
         temperature, chunk = self.config.rollout_temperature, self.config.log_probs_chunk_size
         log_probs, entropy = response_log_probs(
-            self.model, mb, temperature, "entropy" in loss.needs, entropy_grad=loss.entropy_grad, chunk_size=chunk
+            self.model, mb, temperature, "entropy" in loss.needs, entropy_grad=loss.entropy_grad, chunk_size=chunk,
+            compiled=self.compiled,
         )
         outputs: dict[str, torch.Tensor | None] = {"log_probs": log_probs, "entropy": entropy}
         if "ref_log_probs" in loss.needs:
             with torch.no_grad(), self._reference() as reference:
-                outputs["ref_log_probs"], _ = response_log_probs(reference, mb, temperature, False, chunk_size=chunk)
+                outputs["ref_log_probs"], _ = response_log_probs(
+                    reference, mb, temperature, False, chunk_size=chunk, compiled=self.compiled
+                )
         return outputs
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 The LM head runs on the response positions only (prompt positions get no logits), and with a chunk size
 on that many tokens at a time: in a train step each chunk is recomputed in the backward pass, so one
-chunk's [chunk, vocab] logits is the most that ever exists.
+chunk's [chunk, vocab] logits is the most that ever exists. Compiled (on CUDA), the float32 cast, the
+log-softmax and the gather fuse into the head's output, so no float32 copy of the logits exists either.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from rl_core.algorithms.policy_loss import entropy_from_logits
 from rl_core.micro_batches import MicroBatch
-from rl_fsdp.packed_attention import packed_forward_kwargs
+from rl_fsdp.packed_attention import packed_samples
 
 
 def model_inputs(mb: MicroBatch) -> dict:
-    """Keyword arguments of a Hugging Face forward over `mb`, packed or padded."""
-    return dict(
-        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False,
-        **packed_forward_kwargs(mb),
-    )
+    """Keyword arguments of a Hugging Face forward over `mb`, packed or padded (a packed one is run inside
+    `packed_samples(mb)`)."""
+    return dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids, use_cache=False)
 
 
 def response_hidden_states(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
@@ -33,7 +32,8 @@ def response_hidden_states(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
         # FSDP2 warns that one of the outputs (the embeddings' hidden state) is a view, which an in-place op
         # would detach from its backward hook; only the last hidden state is used, out of place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=1)
+        with packed_samples(mb):
+            out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=1)
     return mb.at_responses(out.hidden_states[-1])[mb.response_valid]
 
 
@@ -50,6 +50,9 @@ def _token_log_probs(
     return log_probs, entropy
 
 
+_compiled_token_log_probs = torch.compile(_token_log_probs)
+
+
 def chunked_log_probs(
     head: nn.Module,
     hidden: torch.Tensor,
@@ -59,17 +62,20 @@ def chunked_log_probs(
     with_entropy: bool,
     entropy_grad: bool = False,
     chunk_size: int = -1,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(head(hidden) / temperature)[tokens] over [M, hidden] -> [M] (and entropy [M]),
-    `chunk_size` rows at a time (-1: all at once); with gradients, each chunk is recomputed in backward."""
+    `chunk_size` rows at a time (-1: all at once); with gradients, each chunk is recomputed in backward.
+    `compiled`: through torch.compile (the same values, fused kernels)."""
+    token_log_probs = _compiled_token_log_probs if compiled else _token_log_probs
     size = hidden.shape[0] if chunk_size < 0 else chunk_size
     if size >= hidden.shape[0]:
-        return _token_log_probs(head, hidden, tokens, temperature, with_entropy, entropy_grad)
+        return token_log_probs(head, hidden, tokens, temperature, with_entropy, entropy_grad)
     recompute = torch.is_grad_enabled()
     parts = []
     for start in range(0, hidden.shape[0], size):
         args = (head, hidden[start : start + size], tokens[start : start + size], temperature, with_entropy, entropy_grad)
-        parts.append(checkpoint(_token_log_probs, *args, use_reentrant=False) if recompute else _token_log_probs(*args))
+        parts.append(checkpoint(token_log_probs, *args, use_reentrant=False) if recompute else token_log_probs(*args))
     log_probs = torch.cat([p[0] for p in parts])
     entropy = torch.cat([p[1] for p in parts]) if with_entropy else None  # type: ignore[misc]
     return log_probs, entropy
@@ -90,6 +96,7 @@ def response_log_probs(
     with_entropy: bool,
     entropy_grad: bool = False,
     chunk_size: int = -1,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, T] of the response tokens under softmax(logits / temperature), and optionally entropy
     (differentiable only with `entropy_grad`, i.e. when an entropy bonus is in the loss: else it would
@@ -102,6 +109,6 @@ def response_log_probs(
     assert callable(output_layer), f"{type(model).__name__} has no get_output_embeddings()"
     log_probs, entropy = chunked_log_probs(
         output_layer(), hidden, mb.response_tokens[mb.response_valid], temperature,
-        with_entropy=with_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size,
+        with_entropy=with_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size, compiled=compiled,
     )
     return _to_rows(mb, log_probs), _to_rows(mb, entropy)  # type: ignore[return-value]

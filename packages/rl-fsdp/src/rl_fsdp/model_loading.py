@@ -52,11 +52,15 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 
 def shard_model(
-    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, layer_classes: set[str] | None = None
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, layer_classes: set[str] | None = None,
+    compile_layers: bool = False,
 ) -> nn.Module:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, head); float32 master
     weights and gradient reduction, `param_dtype` compute. `layer_classes` defaults to the Hugging Face
-    model's `_no_split_modules` (a wrapper such as the critic passes its body's)."""
+    model's `_no_split_modules` (a wrapper such as the critic passes its body's).
+
+    `compile_layers`: each decoder layer's forward goes through torch.compile, which fuses its norms,
+    rotary embedding, activation and residual adds; FSDP's hooks (gathering the layer's weights) stay eager."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if layer_classes is None:
         layer_classes = set(getattr(model, "_no_split_modules", None) or ())
@@ -64,6 +68,8 @@ def shard_model(
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
     for module in model.modules():
         if type(module).__name__ in layer_classes:
+            if compile_layers:
+                module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -1,15 +1,25 @@
 """Attention over packed micro-batches: each sample attends causally within itself only.
 
 A Hugging Face model takes it as an attention implementation registered with transformers'
-AttentionInterface; the micro-batch's sample bounds reach it through the forward's keyword arguments,
-which transformers hands every attention call. With flash-attn installed (CUDA, half precision) it is
-flash-attn's variable-length kernel; otherwise one causal SDPA call per sample, which on a GPU runs SDPA's
-own flash kernel and needs no [N, N] mask. Padded (unpacked) calls go to transformers' SDPA unchanged.
+AttentionInterface. Which samples a packed row holds is set by `packed_samples(mb)` around the forward
+and backward passes, not passed through the model's keyword arguments: a compiled decoder layer would
+otherwise specialise (and recompile) on every micro-batch's sample bounds. The attention itself runs
+eagerly (a graph break in a compiled layer).
+
+Kernels, fastest first: flash-attn's variable-length kernel where installed (CUDA, half precision);
+samples of one length as one batched causal SDPA call (SDPA's flash kernel on a GPU, no [N, N] mask);
+torch's own variable-length flash attention (`torch.nn.attention.varlen`, CUDA, half precision) when the
+lengths differ; otherwise one batched SDPA call per run of equal lengths. Padded (unpacked) calls go to
+transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import inspect
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +31,59 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from rl_core.micro_batches import MicroBatch
 
 ATTENTION_NAME = "rl_packed_sdpa"
-_BOUNDS_KEY = "packed_sample_bounds"
-"""Keyword of the sample start offsets as Python ints (no device-to-host copy in every layer)."""
 
 try:
     from flash_attn import flash_attn_varlen_func
-except ImportError:  # flash-attn is optional: per-sample SDPA instead
+except ImportError:  # flash-attn is optional
     flash_attn_varlen_func = None
 
 
+def _torch_varlen() -> tuple[Callable[..., Any] | None, dict[str, Any], bool]:
+    """torch's varlen attention, the keyword that makes it causal, and whether it takes GQA heads (its
+    signature changed between torch releases)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}, False
+    params = inspect.signature(varlen_attn).parameters
+    causal: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN, _VARLEN_CAUSAL, _VARLEN_GQA = _torch_varlen()
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each sample of a packed row starts."""
+
+    bounds: tuple[int, ...]
+    """Start offsets of the samples and the row's length, as Python ints (no device-to-host copy per layer)."""
+    cu_seqlens: torch.Tensor
+    """The same offsets, int32 on the row's device (what variable-length kernels take)."""
+    max_seqlen: int
+
+
+_layout: PackedLayout | None = None
+"""The open packed layout. A module global, not a context variable: the backward pass (which recomputes
+checkpointed layers) runs on autograd's own threads."""
+
+
+@contextlib.contextmanager
+def packed_samples(mb: MicroBatch) -> Iterator[None]:
+    """Attention of the forward and backward passes run inside attends within each sample of `mb` (a packed
+    micro-batch; a padded one opens nothing)."""
+    global _layout
+    previous = _layout
+    if mb.cu_seqlens is not None:
+        _layout = PackedLayout(mb.sample_offsets, mb.cu_seqlens, mb.max_seqlen)
+    try:
+        yield
+    finally:
+        _layout = previous
+
+
+@torch.compiler.disable
 def packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -42,35 +96,78 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query [1, Hq, N, D], key/value [1, Hkv, N, D] ->
     output [1, N, Hq, D]."""
-    bounds = kwargs.pop(_BOUNDS_KEY, None)
-    if bounds is None:
+    layout = _layout
+    if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1 or query.shape[2] != layout.bounds[-1]:
+        raise RuntimeError(
+            f"packed attention got {query.shape[0]} x {query.shape[2]} tokens while the open packed layout holds one"
+            f" row of {layout.bounds[-1]}: a forward of another micro-batch inside packed_samples()"
+        )
     window = kwargs.get("sliding_window")
-    longest = max(end - start for start, end in zip(bounds, bounds[1:]))
-    if window is not None and longest > window:
+    if window is not None and layout.max_seqlen > window:
         raise ValueError(
-            f"a packed sample of {longest} tokens is longer than this model's sliding window ({window}), which"
+            f"a packed sample of {layout.max_seqlen} tokens is longer than this model's sliding window ({window}), which"
             " packed attention does not apply: turn off use_dynamic_batch_size (--micro-batch-size)"
         )
     if kwargs.get("softcap") is not None:
         raise ValueError("packed attention has no logit soft-capping: turn off use_dynamic_batch_size (--micro-batch-size)")
     dropout = dropout if module.training else 0.0
-    if flash_attn_varlen_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        cu_seqlens = kwargs["cu_seq_lens_q"]
-        out = flash_attn_varlen_func(
-            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-            cu_seqlens, cu_seqlens, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True,
+    return _attend(query[0], key[0], value[0], layout, dropout, scaling).unsqueeze(0), None
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout, dropout: float, scaling: float | None
+) -> torch.Tensor:
+    """query [Hq, N, D], key/value [Hkv, N, D] -> [N, Hq, D], causal within each sample."""
+    half_on_gpu = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if flash_attn_varlen_func is not None and half_on_gpu:
+        return flash_attn_varlen_func(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), layout.cu_seqlens, layout.cu_seqlens,
+            layout.max_seqlen, layout.max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=True,
         )
-        return out.unsqueeze(0), None
-    gqa = query.shape[1] != key.shape[1]
-    pieces = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa,
-        )
-        for start, end in zip(bounds, bounds[1:])
-    ]
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+    lengths = [end - start for start, end in zip(layout.bounds, layout.bounds[1:])]
+    runs = [(length, len(list(group))) for length, group in groupby(lengths)]
+    if len(runs) > 1 and _VARLEN is not None and half_on_gpu and dropout == 0.0:
+        return _torch_varlen_attention(query, key, value, layout, scaling)
+    pieces, start = [], 0
+    for length, count in runs:
+        end = start + length * count
+        pieces.append(_batched_causal(query[:, start:end], key[:, start:end], value[:, start:end], count, dropout, scaling))
+        start = end
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _batched_causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, count: int, dropout: float, scaling: float | None
+) -> torch.Tensor:
+    """`count` consecutive samples of one length as one batched SDPA call: [H, count * L, D] -> [count * L, Hq, D]."""
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        heads, tokens, dim = x.shape
+        return x.view(heads, count, tokens // count, dim).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(
+        rows(query), rows(key), rows(value), dropout_p=dropout, is_causal=True, scale=scaling,
+        enable_gqa=query.shape[0] != key.shape[0],
+    )
+    return out.transpose(1, 2).reshape(-1, query.shape[0], query.shape[2])
+
+
+def _torch_varlen_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout, scaling: float | None
+) -> torch.Tensor:
+    assert _VARLEN is not None
+    groups = query.shape[0] // key.shape[0]
+    extra: dict[str, Any] = dict(_VARLEN_CAUSAL, scale=scaling)
+    if groups > 1 and _VARLEN_GQA:
+        extra["enable_gqa"] = True
+    elif groups > 1:
+        key, value = key.repeat_interleave(groups, dim=0), value.repeat_interleave(groups, dim=0)
+    return _VARLEN(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), layout.cu_seqlens, layout.cu_seqlens,
+        layout.max_seqlen, layout.max_seqlen, **extra,
+    )
 
 
 AttentionInterface.register(ATTENTION_NAME, packed_attention)
@@ -88,17 +185,3 @@ def use_packed_attention(model: PreTrainedModel) -> None:
             f" {type(model).__name__} uses {current!r}: turn it off (--micro-batch-size)"
         )
     model.set_attn_implementation(ATTENTION_NAME)
-
-
-def packed_forward_kwargs(mb: MicroBatch) -> dict[str, Any]:
-    """What a model's forward needs beyond its inputs to attend within each sample of a packed `mb`
-    (nothing for a padded one). The names flash-attn's path reads, plus the bounds as Python ints."""
-    if mb.cu_seqlens is None:
-        return {}
-    return {
-        "cu_seq_lens_q": mb.cu_seqlens,
-        "cu_seq_lens_k": mb.cu_seqlens,
-        "max_length_q": mb.max_seqlen,
-        "max_length_k": mb.max_seqlen,
-        _BOUNDS_KEY: mb.sample_offsets,
-    }

@@ -23,16 +23,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def make_optimizer(model: nn.Module, config: BackendConfig) -> torch.optim.Optimizer:
     """AdamW (Megatron's adam: decoupled weight decay) or SGD with weight decay, as --optimizer says, over
-    the trainable parameters only (no optimizer state for a frozen base)."""
+    the trainable parameters only (no optimizer state for a frozen base); on CUDA, torch's fused kernels
+    (one launch for all parameters, the same update)."""
     params = trainable_parameters(model)
+    fused = params[0].is_cuda if params else False
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     return torch.optim.AdamW(
         params,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
+        fused=fused or None,
     )
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from rl_core.micro_batches import MicroBatch
 from rl_fsdp.log_probs import model_inputs
+from rl_fsdp.packed_attention import packed_samples
 
 
 class ValueModel(nn.Module):
@@ -35,5 +36,6 @@ class ValueModel(nn.Module):
 def response_values(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Values [B, T] of a `ValueModel` (sharded or not) at the states before each response token (the position whose logits predict it, as
     for log-probs); padding slots hold 0."""
-    values = mb.at_responses(model(**model_inputs(mb)))
+    with packed_samples(mb):
+        values = mb.at_responses(model(**model_inputs(mb)))
     return torch.where(mb.response_valid, values, torch.zeros_like(values))
