@@ -16,6 +16,7 @@ from rl_sglang.weight_sync import (
     DiskWeightTransport,
     TensorWeightTransport,
 )
+from rl_sglang.weight_sync.common import _buckets
 
 PROMPT = [5, 9, 14, 3]
 PAYLOAD = {
@@ -135,14 +136,14 @@ async def test_tensor_transport_sends_tied_weights_once_in_the_engines_dtype(cli
     named[1] = ("lm_head.weight", named[0][1])  # tied: the same tensor under two names
     sent: list[list[str]] = []
     transport = TensorWeightTransport([engine.url], timeout_s=60)
-    original = transport._send_bucket
+    original = transport._prepare_bucket
 
     def spy(bucket, layouts, *args, **kwargs):
         sent.append([name for name, _ in bucket])
         assert layouts == [(1, torch.float32)]  # read from /server_info
         return original(bucket, layouts, *args, **kwargs)
 
-    transport._send_bucket = spy
+    transport._prepare_bucket = spy
     try:
         await asyncio.wait_for(asyncio.to_thread(transport.update, named, "tied"), 60)
     finally:
@@ -196,3 +197,13 @@ async def test_broadcast_of_flattened_buckets_updates_served_weights(client, eng
         await _assert_serves(client, other_weights_dir, ref, "f1")
     finally:
         await asyncio.wait_for(asyncio.to_thread(transport.close), 60)
+
+
+def test_buckets_are_sized_in_the_dtype_the_engines_get():
+    named = [(f"w{i}", torch.zeros(256)) for i in range(6)] + [("steps", torch.zeros(256, dtype=torch.int32))]
+    as_is = [[n for n, _ in b] for b in _buckets(named, 2048)]
+    in_bf16 = [[n for n, _ in b] for b in _buckets(named, 2048, sent_dtypes=[torch.bfloat16])]
+    assert as_is == [["w0", "w1"], ["w2", "w3"], ["w4", "w5"], ["steps"]]  # 1 KiB each in float32
+    assert in_bf16 == [["w0", "w1", "w2", "w3"], ["w4", "w5", "steps"]]  # floats at 512 B, the int32 at 1 KiB
+    # An engine that takes the tensors as they are counts them as they are.
+    assert [[n for n, _ in b] for b in _buckets(named, 2048, sent_dtypes=[torch.bfloat16, None])] == as_is

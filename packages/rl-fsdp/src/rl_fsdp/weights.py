@@ -20,10 +20,13 @@ MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def gather_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every state-dict entry under its Hugging Face name, all-gathered one at a time (collective)."""
+    """Every state-dict entry under its Hugging Face name, all-gathered one at a time (collective). On one
+    rank a shard is the whole tensor: taken as it is, without DTensor's redistribution (about 0.1 ms of
+    Python per tensor, 35 ms for a 0.6B model's 311)."""
     for name, value in model.state_dict().items():
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        yield name, full.detach()
+        if isinstance(value, DTensor):
+            value = value.to_local() if value.device_mesh.size() == 1 else value.full_tensor()
+        yield name, value.detach()
 
 
 def _shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -38,14 +38,20 @@ class _BackgroundLoop:
 
 
 def _buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *, split_on_dtype: bool = False
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *, split_on_dtype: bool = False,
+    sent_dtypes: Sequence[torch.dtype | None] = (),
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets of about `bucket_bytes`; with `split_on_dtype` a bucket holds one dtype (SGLang
-    refuses a flattened broadcast whose tensors would sit at unaligned byte offsets)."""
+    refuses a flattened broadcast whose tensors would sit at unaligned byte offsets). Floating-point
+    tensors are counted at the widest of `sent_dtypes` they will be cast to (None: as they are)."""
+    widest = max((d.itemsize for d in sent_dtypes if d is not None), default=None)
+    if None in sent_dtypes:
+        widest = None
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+        itemsize = widest if widest is not None and tensor.is_floating_point() else tensor.element_size()
+        nbytes = tensor.numel() * itemsize
         new_dtype = split_on_dtype and bucket and bucket[-1][1].dtype != tensor.dtype
         if bucket and (size + nbytes > bucket_bytes or new_dtype):
             yield bucket

@@ -3,7 +3,8 @@ through /update_weights_from_tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from concurrent.futures import Future
 from typing import Any, Literal
 
 import torch
@@ -22,11 +23,17 @@ from rl_sglang.weight_sync.common import (
 )
 
 
+async def _answered(calls: list[Coroutine[Any, Any, Any]], keep_alive: list[Any]) -> None:
+    """Await one bucket's engine calls, holding its memory until every engine has answered (they read it in place)."""
+    await _gather_raising(calls)
+    del keep_alive
+
+
 class TensorWeightTransport(_SessionTransport):
     """Colocated sync: hands the engines the trainer's tensors by handle (CUDA IPC on GPU, shared
     memory file descriptors on CPU) through /update_weights_from_tensor, one serialized entry per
-    engine TP rank, in buckets of about `bucket_bytes` (`load_format="flattened_bucket"`: one
-    uint8 tensor per bucket), inside a weight-update session. Each bucket stays referenced until
+    engine TP rank, in buckets of about `bucket_bytes` in the dtype sent (`load_format="flattened_bucket"`:
+    one uint8 tensor per bucket), inside a weight-update session. Each bucket stays referenced until
     every engine has answered, since the engines read the memory in place."""
 
     def __init__(
@@ -46,23 +53,38 @@ class TensorWeightTransport(_SessionTransport):
         self._adapters_loaded: set[str] = set()
 
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str) -> None:
+        """Bucket by bucket, sized in the dtype sent; each bucket is gathered and copied while the engines
+        load the one before (one bucket in flight at a time, in order)."""
         layouts = self._engine_layouts()
-        buckets = _buckets(_once_per_storage(named_tensors), self.bucket_bytes)
+        sent_dtypes = [dtype for _, dtype in layouts]
+        buckets = _buckets(_once_per_storage(named_tensors), self.bucket_bytes, sent_dtypes=sent_dtypes)
         sent: list[int] = []
 
         def send_all() -> None:
+            in_flight: Future[Any] | None = None
             for bucket, last in _with_last(buckets):
-                self._send_bucket(bucket, layouts, weight_version if last else None, flush_cache=last)
+                calls, keep_alive = self._prepare_bucket(bucket, layouts, weight_version if last else None, flush_cache=last)
+                if in_flight is not None:
+                    try:
+                        in_flight.result()
+                    except BaseException:
+                        for call in calls:
+                            call.close()  # never sent
+                        raise
+                in_flight = self._loop.submit(_answered(calls, keep_alive))
                 sent.append(len(bucket))
+            if in_flight is not None:
+                in_flight.result()
 
         self._update_in_session(send_all)
         if not sent:
             raise ValueError("update got no tensors to send")
 
-    def _send_bucket(
+    def _prepare_bucket(
         self, bucket: list[tuple[str, torch.Tensor]], layouts: list[tuple[int, torch.dtype | None]],
         weight_version: str | None, *, flush_cache: bool,
-    ) -> None:
+    ) -> tuple[list[Coroutine[Any, Any, Any]], list[Any]]:
+        """The engine calls for one bucket (not yet awaited), and the memory they hand over by handle."""
         keep_alive: list[Any] = []
         by_dtype: dict[torch.dtype | None, Any] = {}
         calls = []
@@ -77,8 +99,7 @@ class TensorWeightTransport(_SessionTransport):
                     entries, load_format=self.load_format, flush_cache=flush_cache, weight_version=weight_version
                 )
             )
-        self._loop.run(_gather_raising(calls))
-        del keep_alive  # every engine has answered: it no longer reads this memory
+        return calls, keep_alive
 
     def update_adapter(self, lora_name: str, config: dict[str, Any], named_tensors: Iterable[tuple[str, torch.Tensor]],
                        weight_version: str) -> None:
