@@ -30,8 +30,8 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
         written = await generate_turn(args, sample, {**sampling_params, "max_new_tokens": TURN_TOKENS})
         if written is None:
             return sample  # aborted, or no room left in --rollout-max-context-len
-        if turn == 0:
-            append_observation(args, sample, calculator(sample.prompt))  # loss mask 0, log-prob 0
+        if turn == 0 and not append_observation(args, sample, calculator(sample.prompt)):  # loss mask 0, log-prob 0
+            return sample  # TRUNCATED: the tool's answer filled --rollout-max-context-len
     sample.status = Sample.Status.TRUNCATED if written.finish_reason == "length" else Sample.Status.COMPLETED
     return sample
 

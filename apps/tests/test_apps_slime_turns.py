@@ -121,3 +121,26 @@ async def test_a_turn_asks_for_no_more_new_tokens_than_the_context_has_room_for(
     assert turn.finish_reason == "length" and len(sample.tokens) == 10
     assert await generate_turn(args, sample, SAMPLING) is None and sample.status is Sample.Status.TRUNCATED
     assert len(engine.payloads) == 1  # no call with no room
+
+
+async def test_an_observation_past_the_context_limit_is_cut_to_fit_and_truncates_the_sample(serve):
+    observation = " <information>doc 1: the tower is in paris.</information> "
+    args, engine, tokenizer = await serve(["ab", "cd"], max_context=20)
+    sample = Sample(prompt="q", tokens=encode(tokenizer, "q: "))
+    await generate_turn(args, sample, SAMPLING)  # 5 tokens
+    assert append_observation(args, sample, " <i>x</i> ") is True  # 10 more: 15, room left
+    assert sample.status is Sample.Status.PENDING
+    assert append_observation(args, sample, observation) is False
+    # Its first 5 tokens (the room left) joined the response; the sample is full and truncated.
+    assert sample.tokens[-5:] == encode(tokenizer, observation)[:5] and len(sample.tokens) == 20
+    assert sample.response == "ab <i>x</i> " + observation[:5] and sample.loss_mask == [1, 1] + [0] * 15
+    assert sample.status is Sample.Status.TRUNCATED and sample.rollout_log_probs[-15:] == [0.0] * 15
+    assert await generate_turn(args, sample, SAMPLING) is None and len(engine.payloads) == 1
+
+
+async def test_an_observation_that_exactly_fills_the_context_is_kept_whole_and_truncates_the_sample(serve):
+    args, engine, tokenizer = await serve(["ab"], max_context=10)
+    sample = Sample(prompt="q", tokens=encode(tokenizer, "q: "))
+    await generate_turn(args, sample, SAMPLING)
+    assert append_observation(args, sample, " <x> ") is False  # 3 + 2 + 5 = 10
+    assert sample.response == "ab <x> " and len(sample.tokens) == 10 and sample.status is Sample.Status.TRUNCATED

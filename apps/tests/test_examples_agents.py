@@ -15,6 +15,7 @@ from rl_apps.metrics import read_metrics
 from rl_apps.train import run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CONTEXT = 110  # the search agent's --rollout-max-context-len: prompts take 57-77 tokens, an observation 37-157
 
 RECORDER = '''
 import json
@@ -123,7 +124,7 @@ def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_p
     config, rows, rollouts, calls = train_example(
         tiny_run_config, tmp_path, model, prompt_data=EXAMPLES / "search_r1" / "questions.jsonl",
         custom_generate_function_path=f"{path}:generate", custom_rm_path=f"{path}:reward_func",
-        rollout_max_response_len=12, max_turns=3)
+        rollout_max_response_len=12, max_turns=3, rollout_max_context_len=CONTEXT)
     # Trained: a group whose rewards all agree (an untrained policy rarely answers) has no gradient.
     assert len(rows) == 2 and any(row["train/grad_norm"] > 0 for row in rows)
 
@@ -132,13 +133,14 @@ def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_p
     tokenizer = load_tokenizer(str(model))
     corpus = [json.loads(line)["text"] for line in (EXAMPLES / "search_r1" / "corpus.jsonl").read_text().splitlines()]
     invalid = tokenizer(example.INVALID, add_special_tokens=False)["input_ids"]
-    searches = 0
+    searches = filled = 0
     for rollout in rollouts:
         assert len(rollout) == 16
         for sample in rollout:
             prompt = tokenizer(example.PROMPT.format(question=sample["prompt"]), add_special_tokens=False)["input_ids"]
             response = sample["tokens"][len(prompt):]
             assert sample["tokens"][:len(prompt)] == prompt and len(response) == sample["response_length"]
+            assert len(sample["tokens"]) <= CONTEXT
             runs = segments(sample["loss_mask"])
             assert runs[0][2] == 1 and [m for _, _, m in runs] == [1, 0] * (len(runs) // 2) + [1] * (len(runs) % 2)
             assert len([r for r in runs if r[2] == 1]) <= 3  # --max-turns 3
@@ -151,13 +153,17 @@ def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_p
                     continue
                 assert all(lp == 0.0 for lp in sample["rollout_log_probs"][start:end])
                 action = re.search(r"<(search|answer)>(.*?)</\1>", turn, re.DOTALL)
+                if action is not None:
+                    assert action.group(1) == "search"
+                    observation = example.information(action.group(2))
+                shown = tokenizer(observation, add_special_tokens=False)["input_ids"] if action is not None else invalid
+                if end == len(response):  # only an observation that reached --rollout-max-context-len ends a response
+                    assert len(sample["tokens"]) == CONTEXT and sample["status"] == "truncated"
+                    shown, filled = shown[:end - start], filled + 1  # its head, as much as fitted
+                assert response[start:end] == shown
                 if action is None:
-                    assert response[start:end] == invalid
                     continue
-                assert action.group(1) == "search"
                 searches += 1
-                observation = example.information(action.group(2))
-                assert response[start:end] == tokenizer(observation, add_special_tokens=False)["input_ids"]
                 passages = re.fullmatch(r" <information>(.*)</information> ", observation, re.DOTALL).group(1)
                 words = set(re.findall(r"[a-z0-9]+", action.group(2).lower()))
                 found = [p for p in re.split(r" ?doc \d: ", passages) if p]
@@ -173,6 +179,7 @@ def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_p
             assert sample["reward"] == expected
             assert sample["status"] == ("completed" if answered else "truncated")
     assert searches >= 2  # the retrieval branch ran (about 10 expected), not only invalid actions
+    assert filled >= 1  # and observations reached --rollout-max-context-len
 
 
 def test_the_search_r1_example_ranks_passages_by_bm25_and_grades_by_exact_match():

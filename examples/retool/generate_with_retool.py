@@ -86,7 +86,8 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
             break  # out of tokens mid-action, or out of turns
         # The sandbox blocks for up to its timeout: off the event loop, which serves the other samples.
         observation = await asyncio.to_thread(interpreter, action.group(2)) if action is not None else INVALID
-        append_observation(args, sample, observation)
+        if not append_observation(args, sample, observation):
+            return sample  # TRUNCATED: the output filled --rollout-max-context-len
     sample.status = Sample.Status.TRUNCATED  # out of turns or tokens before an answer
     return sample
 

@@ -96,7 +96,8 @@ async def generate(args, sample: Sample, sampling_params) -> Sample:
             return sample
         if written.finish_reason == "length" or turn + 1 == max_turns:
             break  # out of tokens mid-action, or out of turns (no observation: nothing would read it)
-        append_observation(args, sample, information(action.group(2)) if action is not None else INVALID)
+        if not append_observation(args, sample, information(action.group(2)) if action is not None else INVALID):
+            return sample  # TRUNCATED: the observation filled --rollout-max-context-len
     sample.status = Sample.Status.TRUNCATED  # out of turns or tokens before an answer
     return sample
 

@@ -119,10 +119,26 @@ async def generate_turn(args: Any, sample: Sample, sampling_params: dict[str, An
     return Turn(text=text, finish_reason="stop" if stopped else meta["finish_reason"]["type"])
 
 
-def append_observation(args: Any, sample: Sample, observation: str) -> None:
-    """Append a tool's or environment's text to the response with loss mask 0 (the policy did not write it)."""
-    ids = GenerateState(args).tokenizer(observation, add_special_tokens=False)["input_ids"]
+def append_observation(args: Any, sample: Sample, observation: str) -> bool:
+    """Append a tool's or environment's text to the response with loss mask 0 (the policy did not write it);
+    returns whether another turn can follow.
+
+    Prompt plus response stays within `--rollout-max-context-len`, as training's batches expect: an
+    observation that reaches it is cut to the room left (its head, what the policy would read first; slime's
+    retool example cuts the same way), and the sample, with nothing more fitting, is TRUNCATED (False).
+    """
+    tokenizer = GenerateState(args).tokenizer
+    ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+    limit = args.rollout_max_context_len
+    if limit is None or len(sample.tokens) + len(ids) < limit:
+        sample.append_response_tokens(args, tokens=ids, trainable=False, text=observation)
+        return True
+    if len(sample.tokens) + len(ids) > limit:
+        ids = ids[:max(0, limit - len(sample.tokens))]
+        observation = tokenizer.decode(ids)
     sample.append_response_tokens(args, tokens=ids, trainable=False, text=observation)
+    sample.status = Sample.Status.TRUNCATED
+    return False
 
 
 def _through_first_stop(tokenizer: Any, tokens: list[int], stop: Sequence[str]) -> int | None:
