@@ -7,11 +7,12 @@ Run it with rl-train (the quickstart's model and prompts "a+b="):
 
 Turn 1: the policy writes a few tokens. Then a calculator tool answers with the sum, and those tool tokens
 join the response with loss mask 0 (the policy did not sample them, so they are not trained on). Turn 2:
-the policy answers, seeing the tool's output in its context. Only the imports differ from slime's API
-(`slime.utils.types`, `slime.utils.http_utils`, `slime.rollout.sglang_rollout`).
+the policy answers, seeing the tool's output in its context. `generate_turn` is one call to `/generate`
+(slime's `post` with `return_logprob`, the sampled tokens appended with their log-probs);
+`append_observation` tokenises the tool's text and appends it with loss mask 0.
 """
 
-from rl_apps.slime_api import GenerateState, Sample, post
+from rl_apps.slime_api import GenerateState, Sample, append_observation, generate_turn
 
 TURN_TOKENS = 2
 
@@ -23,30 +24,15 @@ def calculator(prompt: str) -> str:
 
 
 async def generate(args, sample: Sample, sampling_params) -> Sample:
-    state = GenerateState(args)
-    url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate"
-    sample.tokens = state.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    sample.tokens = GenerateState(args).tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
     for turn in range(2):
-        payload = {
-            "input_ids": sample.tokens,
-            "sampling_params": {**sampling_params, "max_new_tokens": TURN_TOKENS},
-            "return_logprob": True,
-        }
-        output = await post(url, payload)
-        meta = output["meta_info"]
-        if meta["finish_reason"]["type"] == "abort":
-            sample.status = Sample.Status.ABORTED
-            return sample
-        # Exactly the tokens the engine sampled, with their log-probs: never re-tokenise the text.
-        tokens = [entry[1] for entry in meta["output_token_logprobs"]]
-        log_probs = [entry[0] for entry in meta["output_token_logprobs"]]
-        sample.append_response_tokens(args, tokens=tokens, log_probs=log_probs, trainable=True, meta_info=meta,
-                                      text=output["text"])
-        if turn == 0:
-            observation = calculator(sample.prompt)
-            observation_ids = state.tokenizer(observation, add_special_tokens=False)["input_ids"]
-            sample.append_response_tokens(args, tokens=observation_ids, trainable=False, text=observation)
-    sample.status = Sample.Status.TRUNCATED if meta["finish_reason"]["type"] == "length" else Sample.Status.COMPLETED
+        # The engine's sampled tokens join the response with their log-probs (loss mask 1).
+        written = await generate_turn(args, sample, {**sampling_params, "max_new_tokens": TURN_TOKENS})
+        if written is None:
+            return sample  # aborted, or no room left in --rollout-max-context-len
+        if turn == 0 and not append_observation(args, sample, calculator(sample.prompt)):  # loss mask 0, log-prob 0
+            return sample  # TRUNCATED: the tool's answer filled --rollout-max-context-len
+    sample.status = Sample.Status.TRUNCATED if written.finish_reason == "length" else Sample.Status.COMPLETED
     return sample
 
 

@@ -112,6 +112,94 @@ def tiny_run_config(tiny_task):
     return build
 
 
+ENGINE_RECORDER = '''
+import json
+
+class Recorder:
+    """Router middleware: every engine call's input tokens, sampled tokens and log-probs, one JSON line each."""
+
+    async def __call__(self, request, call_next):
+        answer = await call_next(request)
+        with open({path!r}, "a") as f:
+            f.write(json.dumps({{"input_ids": request.payload.get("input_ids"), "output_ids": answer.get("output_ids"),
+                                "log_probs": [e[0] for e in answer["meta_info"].get("output_token_logprobs") or []]}}) + "\\n")
+        return answer
+'''
+
+
+def loss_mask_runs(mask: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, mask value) of each run of equal loss-mask values."""
+    runs, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            runs.append((start, i, mask[start]))
+            start = i
+    return runs
+
+
+class RecordedRun:
+    """A finished rl-train run: its config, metric rows, the samples of each rollout as they went to training,
+    and every engine call as rl-router's middleware saw it (by the input tokens it was sent)."""
+
+    def __init__(self, config, rows: list[dict], rollouts: list[list[dict]], calls: dict[tuple[int, ...], list[dict]]):
+        self.config, self.rows, self.rollouts, self.calls = config, rows, rollouts, calls
+
+    def policy_turn(self, sample: dict, start: int, end: int, whole: bool = False) -> dict:
+        """The response tokens [start, end) are a prefix (with `whole`: all) of what one engine call, sent
+        exactly the tokens before them, sampled, with the engine's log-probs; returns that call."""
+        tokens, prompt_length = sample["tokens"], len(sample["tokens"]) - sample["response_length"]
+        turn = tokens[prompt_length + start:prompt_length + end]
+        log_probs = sample["rollout_log_probs"][start:end]
+        # The samples of a group send the same first context; batched differently, their log-probs of the
+        # same token may differ in the last bits: the turn's call is the one with its tokens and log-probs.
+        matching = [c for c in self.calls.get(tuple(tokens[:prompt_length + start]), [])
+                    if (c["output_ids"] if whole else c["output_ids"][:len(turn)]) == turn
+                    and c["log_probs"][:len(turn)] == log_probs]
+        assert matching, "a trained turn that no engine call sampled with these log-probs"
+        assert all(lp < 0 for lp in log_probs)
+        return matching[0]
+
+    def turns(self, sample: dict, whole: bool = False) -> list[tuple[int, int, int]]:
+        """The sample's loss-mask runs (start, end, mask), checked: it opens with the policy's tokens, each
+        mask-1 run was sampled by an engine call (`policy_turn`) and each mask-0 run has log-prob 0."""
+        runs = loss_mask_runs(sample["loss_mask"])
+        assert runs and runs[0][2] == 1 and len(sample["rollout_log_probs"]) == sample["response_length"]
+        for start, end, mask in runs:
+            if mask == 1:
+                self.policy_turn(sample, start, end, whole)
+            else:
+                assert all(lp == 0.0 for lp in sample["rollout_log_probs"][start:end])
+        return runs
+
+
+@pytest.fixture
+def recorded_run(tiny_run_config, tmp_path):
+    """`recorded_run(**overrides)`: a 2-rollout run of `tiny_run_config` with every rollout's samples saved and
+    a router middleware recording every engine call; returns its RecordedRun."""
+    import json
+
+    from rl_apps.metrics import read_metrics
+    from rl_apps.train import run
+
+    def train(**overrides) -> RecordedRun:
+        calls_file, recorder = tmp_path / "engine_calls.jsonl", tmp_path / "recorder.py"
+        recorder.write_text(ENGINE_RECORDER.format(path=str(calls_file)))
+        debug = tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl"
+        config = tiny_run_config(tmp_path / "run", **{"num_rollout": 2, **overrides}, save_debug_rollout_data=str(debug),
+                                 router_middleware_paths=[f"{recorder}:Recorder"], use_tensorboard=False,
+                                 save_reward_curve=False)
+        rows = read_metrics(run(config))
+        rollouts = [[json.loads(line) for line in (tmp_path / "rollouts" / f"rollout_{i}.jsonl").read_text().splitlines()]
+                    for i in range(config.num_rollout)]
+        calls: dict[tuple[int, ...], list[dict]] = {}
+        for line in calls_file.read_text().splitlines():
+            call = json.loads(line)
+            calls.setdefault(tuple(call["input_ids"]), []).append(call)
+        return RecordedRun(config, rows, rollouts, calls)
+
+    return train
+
+
 @pytest.fixture
 def run_cli():
     """Runs rl-train's main() in-process and returns (exit code, stderr text)."""

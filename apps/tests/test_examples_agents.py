@@ -1,6 +1,7 @@
 """The agent examples (examples/search_r1, examples/retool, examples/multi_agent) train through rl-train on
 CPU for 2 rollouts: each saved sample is the engines' sampled tokens (mask 1, their log-probs, as recorded
-at the router) interleaved with tool or environment tokens (mask 0, log-prob 0) that the test recomputes."""
+at the router: conftest's `recorded_run`) interleaved with tool or environment tokens (mask 0, log-prob 0)
+that the test recomputes."""
 
 from __future__ import annotations
 
@@ -11,25 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_apps.metrics import read_metrics
-from rl_apps.train import run
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-RECORDER = '''
-import json
-
-class Recorder:
-    """Router middleware: every engine call's input tokens, sampled tokens and log-probs, one JSON line each."""
-
-    async def __call__(self, request, call_next):
-        answer = await call_next(request)
-        with open({path!r}, "a") as f:
-            f.write(json.dumps({{"input_ids": request.payload.get("input_ids"), "output_ids": answer.get("output_ids"),
-                                "log_probs": [e[0] for e in answer["meta_info"].get("output_token_logprobs") or []]}}) + "\\n")
-        return answer
-'''
-
+CONTEXT = 110  # the search agent's --rollout-max-context-len: prompts take 57-77 tokens, an observation 37-157
 
 def load_example(relative: str):
     spec = importlib.util.spec_from_file_location(f"example_{Path(relative).stem}", EXAMPLES / relative)
@@ -70,94 +54,50 @@ def tagged_model(tiny_task, tmp_path_factory):
     return build
 
 
-def train_example(tiny_run_config, tmp_path, model, **overrides):
-    """Two rollouts through rl-train with a router middleware recording every engine call; returns (config,
-    metric rows, saved samples per rollout, engine calls by their input tokens)."""
-    calls_file = tmp_path / "engine_calls.jsonl"
-    recorder = tmp_path / "recorder.py"
-    recorder.write_text(RECORDER.format(path=str(calls_file)))
-    debug = tmp_path / "rollouts" / "rollout_{rollout_id}.jsonl"
-    config = tiny_run_config(tmp_path / "run", hf_checkpoint=model, num_rollout=2, save_debug_rollout_data=str(debug),
-                             router_middleware_paths=[f"{recorder}:Recorder"], use_tensorboard=False,
-                             save_reward_curve=False, **overrides)
-    rows = read_metrics(run(config))
-    rollouts = [[json.loads(line) for line in (tmp_path / "rollouts" / f"rollout_{i}.jsonl").read_text().splitlines()]
-                for i in (0, 1)]
-    calls: dict[tuple[int, ...], list[dict]] = {}
-    for line in calls_file.read_text().splitlines():
-        call = json.loads(line)
-        calls.setdefault(tuple(call["input_ids"]), []).append(call)
-    return config, rows, rollouts, calls
-
-
-def segments(mask: list[int]) -> list[tuple[int, int, int]]:
-    """(start, end, mask value) of each run of equal loss-mask values."""
-    runs, start = [], 0
-    for i in range(1, len(mask) + 1):
-        if i == len(mask) or mask[i] != mask[start]:
-            runs.append((start, i, mask[start]))
-            start = i
-    return runs
-
-
-def check_policy_turn(sample, calls, start, end) -> dict:
-    """The response tokens [start, end) are a prefix of what one engine call, sent exactly the tokens before
-    them, sampled, with the engine's log-probs; returns that call."""
-    tokens, prompt_length = sample["tokens"], len(sample["tokens"]) - sample["response_length"]
-    turn = tokens[prompt_length + start:prompt_length + end]
-    log_probs = sample["rollout_log_probs"][start:end]
-    # The samples of a group send the same first context; batched differently, their log-probs of the
-    # same token may differ in the last bits: the turn's call is the one with its tokens and log-probs.
-    matching = [c for c in calls[tuple(tokens[:prompt_length + start])]
-                if c["output_ids"][:len(turn)] == turn and c["log_probs"][:len(turn)] == log_probs]
-    assert matching, "a trained turn that no engine call sampled with these log-probs"
-    assert all(lp < 0 for lp in log_probs)
-    return matching[0]
-
-
 def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_passages_masked(
-        tiny_run_config, tagged_model, tmp_path):
+        recorded_run, tagged_model):
     example = load_example("search_r1/generate_with_search.py")
     path = EXAMPLES / "search_r1" / "generate_with_search.py"
     model = tagged_model({"<search>": 2.5, "</search>": 2.5, "<answer>": 2.0, "</answer>": 2.0})
-    config, rows, rollouts, calls = train_example(
-        tiny_run_config, tmp_path, model, prompt_data=EXAMPLES / "search_r1" / "questions.jsonl",
-        custom_generate_function_path=f"{path}:generate", custom_rm_path=f"{path}:reward_func",
-        rollout_max_response_len=12, max_turns=3)
+    recorded = recorded_run(hf_checkpoint=model, prompt_data=EXAMPLES / "search_r1" / "questions.jsonl",
+                            custom_generate_function_path=f"{path}:generate", custom_rm_path=f"{path}:reward_func",
+                            rollout_max_response_len=12, max_turns=3, rollout_max_context_len=CONTEXT)
     # Trained: a group whose rewards all agree (an untrained policy rarely answers) has no gradient.
-    assert len(rows) == 2 and any(row["train/grad_norm"] > 0 for row in rows)
+    assert len(recorded.rows) == 2 and any(row["train/grad_norm"] > 0 for row in recorded.rows)
 
     from rl_sglang.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(model))
     corpus = [json.loads(line)["text"] for line in (EXAMPLES / "search_r1" / "corpus.jsonl").read_text().splitlines()]
     invalid = tokenizer(example.INVALID, add_special_tokens=False)["input_ids"]
-    searches = 0
-    for rollout in rollouts:
+    searches = filled = 0
+    for rollout in recorded.rollouts:
         assert len(rollout) == 16
         for sample in rollout:
             prompt = tokenizer(example.PROMPT.format(question=sample["prompt"]), add_special_tokens=False)["input_ids"]
             response = sample["tokens"][len(prompt):]
             assert sample["tokens"][:len(prompt)] == prompt and len(response) == sample["response_length"]
-            runs = segments(sample["loss_mask"])
-            assert runs[0][2] == 1 and [m for _, _, m in runs] == [1, 0] * (len(runs) // 2) + [1] * (len(runs) % 2)
+            assert len(sample["tokens"]) <= CONTEXT
+            runs = recorded.turns(sample)
             assert len([r for r in runs if r[2] == 1]) <= 3  # --max-turns 3
             for start, end, mask in runs:
                 if mask == 1:
-                    check_policy_turn(sample, calls, start, end)
                     turn = tokenizer.decode(response[start:end])
                     # A turn stops at its first closing tag (the engine sampled on; the rest is not kept).
                     assert all(tag not in tokenizer.decode(response[start:end - 1]) for tag in ("</search>", "</answer>"))
                     continue
-                assert all(lp == 0.0 for lp in sample["rollout_log_probs"][start:end])
                 action = re.search(r"<(search|answer)>(.*?)</\1>", turn, re.DOTALL)
+                if action is not None:
+                    assert action.group(1) == "search"
+                    observation = example.information(action.group(2))
+                shown = tokenizer(observation, add_special_tokens=False)["input_ids"] if action is not None else invalid
+                if end == len(response):  # only an observation that reached --rollout-max-context-len ends a response
+                    assert len(sample["tokens"]) == CONTEXT and sample["status"] == "truncated"
+                    shown, filled = shown[:end - start], filled + 1  # its head, as much as fitted
+                assert response[start:end] == shown
                 if action is None:
-                    assert response[start:end] == invalid
                     continue
-                assert action.group(1) == "search"
                 searches += 1
-                observation = example.information(action.group(2))
-                assert response[start:end] == tokenizer(observation, add_special_tokens=False)["input_ids"]
                 passages = re.fullmatch(r" <information>(.*)</information> ", observation, re.DOTALL).group(1)
                 words = set(re.findall(r"[a-z0-9]+", action.group(2).lower()))
                 found = [p for p in re.split(r" ?doc \d: ", passages) if p]
@@ -173,6 +113,7 @@ def test_the_search_r1_example_trains_on_the_policys_tokens_with_the_retrieved_p
             assert sample["reward"] == expected
             assert sample["status"] == ("completed" if answered else "truncated")
     assert searches >= 2  # the retrieval branch ran (about 10 expected), not only invalid actions
+    assert filled >= 1  # and observations reached --rollout-max-context-len
 
 
 def test_the_search_r1_example_ranks_passages_by_bm25_and_grades_by_exact_match():
@@ -198,39 +139,36 @@ def test_the_retool_example_runs_code_in_rl_rewards_sandbox_as_a_notebook_cell()
     assert example.answer_score("1,591", "1591") == 1.0 and example.answer_score("12", "1591") == example.FORMAT_SCORE
 
 
-def test_the_retool_example_trains_with_the_interpreter_output_masked(tiny_run_config, tagged_model, tmp_path):
+def test_the_retool_example_trains_with_the_interpreter_output_masked(recorded_run, tagged_model):
     import subprocess
     import sys
 
     example = load_example("retool/generate_with_retool.py")
     path = EXAMPLES / "retool" / "generate_with_retool.py"
     model = tagged_model({"<code>": 2.5, "</code>": 2.5, "<answer>": 2.0, "</answer>": 2.0})
-    config, rows, rollouts, calls = train_example(
-        tiny_run_config, tmp_path, model, prompt_data=EXAMPLES / "retool" / "problems.jsonl",
-        custom_generate_function_path=f"{path}:generate", custom_rm_path=f"{path}:reward_func",
-        rollout_max_response_len=12, max_turns=3)
+    recorded = recorded_run(hf_checkpoint=model, prompt_data=EXAMPLES / "retool" / "problems.jsonl",
+                            custom_generate_function_path=f"{path}:generate", custom_rm_path=f"{path}:reward_func",
+                            rollout_max_response_len=12, max_turns=3)
     # Trained: a group whose rewards all agree (an untrained policy rarely answers) has no gradient.
-    assert len(rows) == 2 and any(row["train/grad_norm"] > 0 for row in rows)
+    assert len(recorded.rows) == 2 and any(row["train/grad_norm"] > 0 for row in recorded.rows)
 
     from rl_sglang.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(model))
     invalid = tokenizer(example.INVALID, add_special_tokens=False)["input_ids"]
     runs_of_code = 0
-    for rollout in rollouts:
+    for rollout in recorded.rollouts:
         assert len(rollout) == 16
         for sample in rollout:
             prompt = tokenizer(example.PROMPT.format(problem=sample["prompt"]), add_special_tokens=False)["input_ids"]
             response = sample["tokens"][len(prompt):]
             assert sample["tokens"][:len(prompt)] == prompt
-            runs = segments(sample["loss_mask"])
-            assert [m for _, _, m in runs][:1] == [1] and sum(m for _, _, m in runs) <= 3  # --max-turns 3
+            runs = recorded.turns(sample)
+            assert sum(m for _, _, m in runs) <= 3  # --max-turns 3
             for start, end, mask in runs:
                 if mask == 1:
-                    check_policy_turn(sample, calls, start, end)
                     turn = tokenizer.decode(response[start:end])
                     continue
-                assert all(lp == 0.0 for lp in sample["rollout_log_probs"][start:end])
                 action = re.search(r"<(code|answer)>(.*?)</\1>", turn, re.DOTALL)
                 if action is None:
                     assert response[start:end] == invalid
@@ -248,23 +186,20 @@ def test_the_retool_example_trains_with_the_interpreter_output_masked(tiny_run_c
     assert runs_of_code >= 2  # the sandbox ran (about 10 expected) the policy's code, not only invalid actions
 
 
-def test_the_multi_agent_example_trains_a_solver_and_a_reviser_on_one_policy(tiny_run_config, tiny_task, tmp_path):
+def test_the_multi_agent_example_trains_a_solver_and_a_reviser_on_one_policy(recorded_run, tiny_task):
     path = EXAMPLES / "multi_agent" / "rollout_with_two_roles.py"
-    config, rows, rollouts, calls = train_example(
-        tiny_run_config, tmp_path, tiny_task / "model", rollout_function_path=f"{path}:generate_rollout",
-        custom_rm_path=f"{path}:reward_func")
-    assert len(rows) == 2 and all(row["train/grad_norm"] > 0 for row in rows)
+    recorded = recorded_run(rollout_function_path=f"{path}:generate_rollout", custom_rm_path=f"{path}:reward_func")
+    assert len(recorded.rows) == 2 and all(row["train/grad_norm"] > 0 for row in recorded.rows)
 
     from rl_sglang.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_task / "model"))
-    for rollout in rollouts:
+    for rollout in recorded.rollouts:
         # 4 solver groups then 4 reviser groups of 4, as they went to training.
         assert [s["metadata"]["role"] for s in rollout] == ["solver"] * 16 + ["reviser"] * 16
         drafts = {s["index"]: s for s in rollout[:16]}
         for sample in rollout:
-            assert sample["loss_mask"] == [1] * sample["response_length"] and not sample["remove_sample"]
-            check_policy_turn(sample, calls, 0, sample["response_length"])
+            assert recorded.turns(sample) == [(0, sample["response_length"], 1)] and not sample["remove_sample"]
             response = tokenizer.decode(sample["tokens"][-sample["response_length"]:], skip_special_tokens=True)
             if sample["metadata"]["role"] == "solver":
                 text = f"solve: {sample['prompt']} answer: "

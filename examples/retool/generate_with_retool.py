@@ -12,8 +12,8 @@ rl-rewards' sandbox (the one the `code` reward uses: a child process with its ow
 the machine allows one, memory/CPU/file-size limits and a timeout), as a notebook cell: the value of a
 last bare expression is printed; an error prints its last traceback line. The output joins the response
 as `<interpreter>...</interpreter>` with loss mask 0 (the policy did not write it). `<answer>...</answer>`
-ends the episode; the reward is 1 when it equals the label as a number. Only the imports differ from a
-slime generate function.
+ends the episode; the reward is 1 when it equals the label as a number. The turn loop is the search
+example's (examples/search_r1/generate_with_search.py), through `generate_turn` and `append_observation`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from rl_apps.slime_api import GenerateState, Sample, post
+from rl_apps.slime_api import GenerateState, Sample, append_observation, generate_turn
 from rl_rewards.sandbox import SandboxLimits, run_python_sandboxed
 
 DEFAULT_MAX_TURNS = 4  # when the run gives no --max-turns
@@ -66,56 +66,28 @@ def interpreter(code: str) -> str:
     return f" <interpreter>{run_code(code)}</interpreter> "
 
 
-def kept_tokens(tokenizer, tokens: list[int]) -> int:
-    """How many sampled tokens to keep: up to and including the first closing tag, or all of them (see
-    examples/search_r1/generate_with_search.py: the embedded engine has no stop strings)."""
-    if not any(tag in tokenizer.decode(tokens) for tag in CLOSING_TAGS):
-        return len(tokens)
-    low, high = 1, len(tokens)
-    while low < high:
-        middle = (low + high) // 2
-        if any(tag in tokenizer.decode(tokens[:middle]) for tag in CLOSING_TAGS):
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
 async def generate(args, sample: Sample, sampling_params) -> Sample:
     if args.partial_rollout:
         raise ValueError("generate_with_retool does not continue partial samples: run without --partial-rollout")
-    state = GenerateState(args)
-    url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate"
     max_turns = getattr(args, "max_turns", None) or DEFAULT_MAX_TURNS
-    sample.tokens = state.tokenizer(PROMPT.format(problem=sample.prompt), add_special_tokens=False)["input_ids"]
+    tokenizer = GenerateState(args).tokenizer
+    sample.tokens = tokenizer(PROMPT.format(problem=sample.prompt), add_special_tokens=False)["input_ids"]
     for turn in range(max_turns):
-        params = dict(sampling_params)
-        if args.rollout_max_context_len is not None:
-            room = args.rollout_max_context_len - len(sample.tokens)
-            if room <= 0:
-                break
-            params["max_new_tokens"] = min(params["max_new_tokens"], room)
-        output = await post(url, {"input_ids": sample.tokens, "sampling_params": params, "return_logprob": True})
-        meta = output["meta_info"]
-        if meta["finish_reason"]["type"] == "abort":
-            sample.status = Sample.Status.ABORTED
-            return sample
-        tokens = [entry[1] for entry in meta["output_token_logprobs"]]
-        log_probs = [entry[0] for entry in meta["output_token_logprobs"]]
-        keep = kept_tokens(state.tokenizer, tokens)
-        text = state.tokenizer.decode(tokens[:keep])
-        sample.append_response_tokens(args, tokens=tokens[:keep], log_probs=log_probs[:keep], meta_info=meta, text=text)
-        action = ACTION.search(text)
+        # The policy writes until its first closing tag; its tokens join the response with their log-probs.
+        written = await generate_turn(args, sample, sampling_params, stop=CLOSING_TAGS)
+        if written is None:
+            return sample  # aborted, or no room left in --rollout-max-context-len
+        action = ACTION.search(written.text)
         if action is not None and action.group(1) == "answer":
             sample.metadata["answer"] = action.group(2)
             sample.status = Sample.Status.COMPLETED
             return sample
-        if (meta["finish_reason"]["type"] == "length" and not any(tag in text for tag in CLOSING_TAGS)) or turn + 1 == max_turns:
-            break  # out of tokens before any closing tag (cut mid-action), or out of turns
+        if written.finish_reason == "length" or turn + 1 == max_turns:
+            break  # out of tokens mid-action, or out of turns
         # The sandbox blocks for up to its timeout: off the event loop, which serves the other samples.
         observation = await asyncio.to_thread(interpreter, action.group(2)) if action is not None else INVALID
-        observation_ids = state.tokenizer(observation, add_special_tokens=False)["input_ids"]
-        sample.append_response_tokens(args, tokens=observation_ids, trainable=False, text=observation)
+        if not append_observation(args, sample, observation):
+            return sample  # TRUNCATED: the output filled --rollout-max-context-len
     sample.status = Sample.Status.TRUNCATED  # out of turns or tokens before an answer
     return sample
 

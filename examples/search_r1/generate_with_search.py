@@ -6,12 +6,13 @@ Run it with rl-train on the shipped questions (any model; the README of examples
                  --custom-generate-function-path examples/search_r1/generate_with_search.py:generate \
                  --custom-rm-path examples/search_r1/generate_with_search.py:reward_func --max-turns 3
 
-Each turn the policy writes until its first `</search>` or `</answer>`. `<search>query</search>` gets the
-best passages of `corpus.jsonl` (BM25, in plain Python: no server, no download) back as
+Each turn the policy writes until its first `</search>` or `</answer>` (`generate_turn` posts the context to
+`/generate` and keeps the sampled tokens up to the tag, with their log-probs). `<search>query</search>` gets
+the best passages of `corpus.jsonl` (BM25, in plain Python: no server, no download) back as
 `<information>...</information>`; `<answer>...</answer>` ends the episode; anything else gets a short
-"invalid action" note and another turn. The passages and notes join the response with loss mask 0: the
-policy did not sample them, so it is not trained on them. The reward is exact match on the answer.
-Only the imports differ from a slime generate function.
+"invalid action" note and another turn. The passages and notes join the response with loss mask 0
+(`append_observation`): the policy did not sample them, so it is not trained on them. The reward is exact
+match on the answer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from rl_apps.slime_api import GenerateState, Sample, post
+from rl_apps.slime_api import GenerateState, Sample, append_observation, generate_turn
 
 CORPUS = Path(__file__).with_name("corpus.jsonl")
 TOP_K = 2
@@ -77,62 +78,26 @@ def information(query: str) -> str:
     return f" <information>{body}</information> "
 
 
-def kept_tokens(tokenizer, tokens: list[int]) -> int:
-    """How many sampled tokens to keep: up to and including the first closing tag, or all of them.
-
-    SGLang would stop at the tags itself (`"stop": list(CLOSING_TAGS)`), which the embedded engine does not
-    implement; cutting the sampled tokens at a token boundary keeps what remains exactly as sampled, with
-    its log-probs (the later tokens never influenced the earlier ones)."""
-    text = tokenizer.decode(tokens)
-    if not any(tag in text for tag in CLOSING_TAGS):
-        return len(tokens)
-    low, high = 1, len(tokens)  # the shortest prefix whose text holds a tag (containment grows with length)
-    while low < high:
-        middle = (low + high) // 2
-        if any(tag in tokenizer.decode(tokens[:middle]) for tag in CLOSING_TAGS):
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
 async def generate(args, sample: Sample, sampling_params) -> Sample:
     if args.partial_rollout:
         raise ValueError("generate_with_search does not continue partial samples: run without --partial-rollout")
-    state = GenerateState(args)
-    url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate"
     max_turns = getattr(args, "max_turns", None) or DEFAULT_MAX_TURNS
-    sample.tokens = state.tokenizer(PROMPT.format(question=sample.prompt), add_special_tokens=False)["input_ids"]
+    tokenizer = GenerateState(args).tokenizer
+    sample.tokens = tokenizer(PROMPT.format(question=sample.prompt), add_special_tokens=False)["input_ids"]
     for turn in range(max_turns):
-        params = dict(sampling_params)
-        if args.rollout_max_context_len is not None:
-            room = args.rollout_max_context_len - len(sample.tokens)
-            if room <= 0:
-                sample.status = Sample.Status.TRUNCATED
-                return sample
-            params["max_new_tokens"] = min(params["max_new_tokens"], room)
-        output = await post(url, {"input_ids": sample.tokens, "sampling_params": params, "return_logprob": True})
-        meta = output["meta_info"]
-        if meta["finish_reason"]["type"] == "abort":
-            sample.status = Sample.Status.ABORTED
-            return sample
-        tokens = [entry[1] for entry in meta["output_token_logprobs"]]
-        log_probs = [entry[0] for entry in meta["output_token_logprobs"]]
-        keep = kept_tokens(state.tokenizer, tokens)
-        text = state.tokenizer.decode(tokens[:keep])
-        sample.append_response_tokens(args, tokens=tokens[:keep], log_probs=log_probs[:keep], meta_info=meta, text=text)
-        action = ACTION.search(text)
+        # The policy writes until its first closing tag; its tokens join the response with their log-probs.
+        written = await generate_turn(args, sample, sampling_params, stop=CLOSING_TAGS)
+        if written is None:
+            return sample  # aborted, or no room left in --rollout-max-context-len
+        action = ACTION.search(written.text)
         if action is not None and action.group(1) == "answer":
             sample.metadata["answer"] = action.group(2)  # what the reward grades
             sample.status = Sample.Status.COMPLETED
             return sample
-        if meta["finish_reason"]["type"] == "length" and not any(tag in text for tag in CLOSING_TAGS):
-            break  # out of tokens before any closing tag: cut mid-action
-        if turn + 1 == max_turns:
-            break  # no observation after the last turn: nothing would read it
-        observation = information(action.group(2)) if action is not None else INVALID
-        observation_ids = state.tokenizer(observation, add_special_tokens=False)["input_ids"]
-        sample.append_response_tokens(args, tokens=observation_ids, trainable=False, text=observation)
+        if written.finish_reason == "length" or turn + 1 == max_turns:
+            break  # out of tokens mid-action, or out of turns (no observation: nothing would read it)
+        if not append_observation(args, sample, information(action.group(2)) if action is not None else INVALID):
+            return sample  # TRUNCATED: the observation filled --rollout-max-context-len
     sample.status = Sample.Status.TRUNCATED  # out of turns or tokens before an answer
     return sample
 

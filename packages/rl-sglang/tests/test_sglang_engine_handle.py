@@ -17,14 +17,14 @@ def test_each_event_loops_http_client_is_closed_when_that_loop_ends_and_none_is_
         loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
         request = GenerateRequest([5, 9, 14], {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}, f"r{index}-")
         answer = await engine.generate(request)
-        sessions.append(engine._generators[loop].engine._session)
+        sessions.append(engine._client._sessions[loop])
         return answer.output_ids
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with EngineHandle(model_dir, device="cpu", sglang_args={"max_running_requests": 2}, startup_timeout_s=180) as engine:
             outputs = [asyncio.run(rollout(engine, i)) for i in range(3)]
-            assert engine._generators == {}  # every loop's client went with its loop
+            assert engine._client._sessions == {}  # every loop's session went with its loop
         gc.collect()
     assert outputs == [ref.greedy(model_dir, [5, 9, 14], 4)] * 3
     assert len({id(s) for s in sessions}) == 3 and all(s.closed for s in sessions)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -16,34 +17,47 @@ from rl_sglang.errors import EngineError
 
 
 class SGLangClient:
-    """One SGLang server. The aiohttp session is made lazily inside the running loop (and remade if
-    a different loop calls), so the client may be built outside any loop."""
+    """One SGLang server. The client may be built outside any loop and used from several: each event loop
+    that calls it gets an aiohttp session of its own, made lazily and closed when that loop shuts down (a
+    trainer may call asyncio.run once per rollout), or by `close` on that loop."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 600, health_timeout_s: float = 30):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._lifetimes: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
 
     def __repr__(self) -> str:
         return f"SGLangClient({self.base_url!r})"
 
     async def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._session_loop is not loop:
-            # limit=0: no cap on connections; a rollout sends all its requests at once
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=0)
-            )
-            self._session_loop = loop
-        return self._session
+        if loop not in self._sessions:
+            lifetime = self._lifetimes[loop] = self._session_lifetime(loop)
+            await anext(lifetime)
+        return self._sessions[loop]
+
+    async def _session_lifetime(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+        """Holds `loop`'s session until the generator is closed: by `close`, or by the loop's shutdown
+        (asyncio.run closes every async generator begun on its loop while the loop still runs, which is
+        when an HTTP session can still be closed)."""
+        # limit=0: no cap on connections; a rollout sends all its requests at once
+        session = self._sessions[loop] = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=0)
+        )
+        try:
+            yield
+        finally:
+            self._sessions.pop(loop, None)
+            self._lifetimes.pop(loop, None)
+            await session.close()
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
-        self._session_loop = None
+        """Close the running loop's session (the next call on this loop opens a new one)."""
+        lifetime = self._lifetimes.get(asyncio.get_running_loop())
+        if lifetime is not None:
+            await lifetime.aclose()
 
     async def _request(self, method: str, route: str, payload: dict[str, Any] | None = None) -> Any:
         session = await self._get_session()

@@ -3,8 +3,6 @@ rl-core's rollout, and the weight transports that reach it."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,31 +35,13 @@ class EngineHandle:
         self.process: EngineProcess = launch_engine(engine_type, str(model_path), sglang_args=args)
         self.process.wait_until_healthy(startup_timeout_s)
         self.url = self.process.url
-        self._generators: dict[asyncio.AbstractEventLoop, SGLangGenerate] = {}
-        self._lifetimes: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = {}
+        self._client = SGLangClient(self.url)
+        self._generate = SGLangGenerate(self._client)
 
     async def generate(self, request: GenerateRequest) -> GenerateAnswer:
-        """rl-core's GenerateFn on this engine (one HTTP client per event loop that calls it, closed when
-        that loop shuts down: a trainer may call asyncio.run once per rollout)."""
-        loop = asyncio.get_running_loop()
-        generate = self._generators.get(loop)
-        if generate is None:
-            lifetime = self._lifetimes[loop] = self._client_lifetime(loop, SGLangClient(self.url))
-            await anext(lifetime)
-            generate = self._generators[loop]
-        return await generate(request)
-
-    async def _client_lifetime(self, loop: asyncio.AbstractEventLoop, client: SGLangClient) -> AsyncGenerator[None, None]:
-        """Holds `loop`'s client until the generator is closed: by `aclose`, or by the loop's shutdown
-        (asyncio.run closes every async generator begun on its loop while the loop still runs, which is
-        when an HTTP session can still be closed)."""
-        self._generators[loop] = SGLangGenerate(client)
-        try:
-            yield
-        finally:
-            self._generators.pop(loop, None)
-            self._lifetimes.pop(loop, None)
-            await client.close()
+        """rl-core's GenerateFn on this engine (its HTTP client keeps one session per event loop that calls
+        it, closed when that loop shuts down: a trainer may call asyncio.run once per rollout)."""
+        return await self._generate(request)
 
     def transport(self, kind: Literal["disk", "broadcast", "tensor"] = "broadcast", **options: Any) -> Any:
         """A WeightTransport to this engine: safetensors in `options['folder']`, a process-group broadcast,
@@ -78,10 +58,8 @@ class EngineHandle:
         self.process.terminate()
 
     async def aclose(self) -> None:
-        """Close the HTTP client of the running event loop, then stop the engine."""
-        lifetime = self._lifetimes.get(asyncio.get_running_loop())
-        if lifetime is not None:
-            await lifetime.aclose()
+        """Close the HTTP session of the running event loop, then stop the engine."""
+        await self._client.close()
         self.close()
 
     def __enter__(self) -> EngineHandle:
