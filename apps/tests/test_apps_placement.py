@@ -87,3 +87,20 @@ def test_a_request_larger_than_the_cluster_is_refused_naming_what_was_asked_and_
         check_fits(plan, [{"CPU": 4.0, "GPU": 2.0}] * 4)
     with pytest.raises(PlacementError, match=r"need 3 CPU but the cluster has 2"):
         check_fits(plan_placement(config(rollout_num_engines=2), on_gpu=False), [{"CPU": 2.0}])
+
+
+def test_each_embedded_engine_gets_rows_for_its_share_of_a_rollout_unless_the_flag_says_otherwise(config):
+    from rl_apps.train_config import EMBEDDED_ENGINE_DEFAULT_ROWS, MAX_EMBEDDED_ROWS
+
+    rows = lambda cfg: cfg.sglang_args.get("max_running_requests")  # noqa: E731
+    # the loop's rollout: 32 prompts x 8 samples in flight at once, all on one engine
+    assert rows(config(rollout_batch_size=32, n_samples_per_prompt=8)) == 32 * 8
+    # over-sampled rounds send more; several engines split them (rounded up)
+    assert rows(config(rollout_batch_size=32, over_sampling_batch_size=48, n_samples_per_prompt=8)) == 48 * 8
+    assert rows(config(rollout_batch_size=32, n_samples_per_prompt=8, rollout_num_engines=3)) == -(-(32 * 8) // 3)
+    # never fewer than the engine's own default, never more than the cap
+    assert rows(config(rollout_batch_size=2, n_samples_per_prompt=2)) == EMBEDDED_ENGINE_DEFAULT_ROWS
+    assert rows(config(rollout_batch_size=4096, n_samples_per_prompt=8)) == MAX_EMBEDDED_ROWS
+    # the user's --sglang-max-running-requests wins; SGLang sizes its own
+    assert rows(config(rollout_batch_size=32, n_samples_per_prompt=8, sglang_args={"max_running_requests": 16})) == 16
+    assert rows(config(engine_type="sglang", rollout_batch_size=32, n_samples_per_prompt=8)) is None

@@ -335,6 +335,12 @@ class RolloutEngineConfig(Section):
     """Any `--sglang-X value` flag, passed to SGLang as `--X value`."""
 
 
+EMBEDDED_ENGINE_DEFAULT_ROWS = 64
+"""The embedded engine's own --max-running-requests default (rl_sglang.embedded): rl-train never gives it fewer."""
+MAX_EMBEDDED_ROWS = 4096
+"""The most requests rl-train lets one embedded engine run at once by default: its request-to-token table
+(rows x context length x 4 bytes) stays within a few GiB even at a 128k context."""
+
 _ISOLATABLE_REWARDS = ", ".join(n for n in reward_registry.names() if reward_registry.takes_option(n, "isolate"))
 
 
@@ -814,4 +820,17 @@ class TrainConfig(
             engines = self.actor_world_size() if self.colocate else 1
         object.__setattr__(self, "rollout_num_engines", engines)
         object.__setattr__(self, "rollout_num_gpus", engines * per_engine)
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_engine_rows(self) -> TrainConfig:
+        """The embedded engine runs at most --max-running-requests at once (its own default, 64): a rollout
+        larger than that went through in waves, each finished request letting one waiting request in, so nearly
+        every decode step also ran a prefill for the newcomers (measured: 4x the forward passes of one batch).
+        Unless --sglang-max-running-requests says otherwise, each engine gets rows for its share of a rollout
+        (SGLang derives its own default from the KV pool's size, not from a fixed 64)."""
+        if self.engine_type == "embedded" and "max_running_requests" not in self.sglang_args:
+            in_flight = (self.over_sampling_batch_size or self.rollout_batch_size) * self.n_samples_per_prompt
+            rows = min(MAX_EMBEDDED_ROWS, max(EMBEDDED_ENGINE_DEFAULT_ROWS, -(-in_flight // (self.rollout_num_engines or 1))))
+            object.__setattr__(self, "sglang_args", {**self.sglang_args, "max_running_requests": rows})
         return self

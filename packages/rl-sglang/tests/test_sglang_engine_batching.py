@@ -87,6 +87,27 @@ async def test_the_samples_of_one_prompt_prefill_it_once_and_flush_cache_forgets
     assert pool.allocator.available + engine.runner.prefix_cache.evictable_tokens == pool.tokens  # nothing leaked
 
 
+async def test_server_info_counts_the_steps_rows_and_tokens_a_batch_of_requests_took(client, engine):
+    before = (await asyncio.wait_for(client.get_server_info(), 10))["internal_states"][0]
+    prompts = [[3, 4, 5, 6], [3, 4, 5, 6], [9, 10], [11, 12, 13]]
+    lengths = [5, 3, 7, 4]
+    answers = await asyncio.wait_for(asyncio.gather(*(
+        client.generate({"input_ids": p, "sampling_params": {**GREEDY, "max_new_tokens": n}}) for p, n in zip(prompts, lengths)
+    )), 60)  # fmt: skip
+    after = (await asyncio.wait_for(client.get_server_info(), 10))["internal_states"][0]
+    delta = {k: after[k] - before[k] for k in after}
+    assert [a["meta_info"]["completion_tokens"] for a in answers] == lengths
+    cached = sum(a["meta_info"]["cached_tokens"] for a in answers)
+    assert delta["requests"] == len(prompts)
+    # a request's first token comes from its prefill step, every other one from a decode step
+    assert delta["decode_rows"] == sum(n - 1 for n in lengths)
+    assert delta["decode_steps"] >= max(lengths) - 1
+    assert delta["prefill_tokens"] == sum(len(p) for p in prompts) - cached
+    assert delta["cached_tokens"] == cached
+    assert 0 < delta["model_s"] <= delta["step_s"]
+    assert after["last_submit_monotonic_s"] > before["last_submit_monotonic_s"]
+
+
 async def test_aborting_the_request_that_fills_a_shared_prompt_hands_the_prompt_to_a_sibling(model_dir, ref):
     engine, client = await _serve(model_dir, chunked_prefill_size=2)  # the filler's prefill spans many steps
     try:

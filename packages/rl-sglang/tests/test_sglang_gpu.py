@@ -145,3 +145,27 @@ def test_the_decode_kernel_in_bf16_on_cuda_equals_sdpa_over_the_gathered_cache()
             q[i][:, None].float(), k[idx].transpose(0, 1).float(), v[idx].transpose(0, 1).float(), enable_gqa=True
         )[:, 0]
         assert (out[i].float() - expected).abs().max().item() < 2e-2
+
+
+async def test_a_whole_rollout_sent_at_once_runs_as_one_batch_not_in_waves(model_dir):
+    """The sync loop's shape (32 prompts x 8 samples, 64 new tokens) with rows for all of it, as rl-train now
+    gives the engine: the decode batch averages above the 64 rows of the engine's own default (waves of 64 cannot)."""
+    engine = EmbeddedEngine(str(model_dir), device="cuda", dtype="bfloat16", seed=0, max_running_requests=256)
+    await asyncio.wait_for(engine.start(), 180)
+    client = SGLangClient(engine.url, timeout_s=120)
+    try:
+        prompts = [[3 + p % 40, 4 + p % 7, 5, 6 + p % 11] for p in range(32)]
+        params = {"temperature": 1.0, "max_new_tokens": 64, "ignore_eos": True}
+        before = (await client.get_server_info())["internal_states"][0]
+        answers = await asyncio.wait_for(asyncio.gather(*(
+            client.generate({"input_ids": prompts[i // 8], "sampling_params": params, "return_logprob": True}) for i in range(256)
+        )), 120)  # fmt: skip
+        after = (await client.get_server_info())["internal_states"][0]
+    finally:
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)
+    assert all(len(a["output_ids"]) == 64 for a in answers)
+    steps, rows = after["decode_steps"] - before["decode_steps"], after["decode_rows"] - before["decode_rows"]
+    assert rows == 256 * 63
+    assert rows / steps > 64, f"{steps} decode steps for 256 requests: the batch ran in waves or ramped up slowly"
+    assert after["prefill_steps"] - before["prefill_steps"] <= 32

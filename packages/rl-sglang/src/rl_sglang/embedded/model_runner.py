@@ -6,7 +6,6 @@ change always lands between two forward passes."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -87,7 +86,6 @@ class ModelRunner:
             logger.warning("--context-length %d exceeds the model's max_position_embeddings %d", self.context_length, model_context)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.weight_version = "default"
-        self.decode_seconds = 0.0  # time spent inside decode(), for the scheduler's stats
         self._sampling: tuple[object, SamplingBatch | None] = (None, None)
         self.weight_generation = 0  # bumped by every weight change: cached prefixes are stale then
         self.released_tags: set[str] = set()
@@ -205,15 +203,12 @@ class ModelRunner:
     ) -> tuple[list[int], list[float]]:
         """One token for each row: `last_tokens[i]` goes in at `positions[i]` (its K/V to `slots[i]`).
         Steps with the same `batch_key` (same requests, same order) reuse one `SamplingBatch`."""
-        started = time.perf_counter()
         logits = self._decode_logits(rows, positions, last_tokens, slots)
         if batch_key is None or self._sampling[0] != batch_key:
             self._sampling = (batch_key, SamplingBatch(params, self.device))
         assert self._sampling[1] is not None, "set above on the first step"
         tokens, logprobs = sample(logits, self._sampling[1], self.generator)
-        answer = self._to_host(tokens, logprobs)
-        self.decode_seconds += time.perf_counter() - started
-        return answer
+        return self._to_host(tokens, logprobs)
 
     def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at) -> torch.Tensor:
         assert self.pool is not None, "generation runs only while the KV pool exists"

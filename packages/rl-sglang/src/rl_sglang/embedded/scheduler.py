@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from typing import Any, Callable, TypeVar
 
@@ -59,6 +59,26 @@ class Request:
         return self.future.done()
 
 
+@dataclass
+class SchedulerCounters:
+    """Cumulative figures since start (served in /server_info's `internal_states`): two snapshots around a
+    rollout say how many forward passes it took and where the engine's time went."""
+
+    requests: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    step_s: float = 0.0  # prefill and decode steps, the scheduler's bookkeeping for them included
+    model_s: float = 0.0  # of which on the model thread (forward, sampling, the wait for the device)
+    idle_s: float = 0.0  # waiting for requests (or for KV slots)
+    last_submit_monotonic_s: float = 0.0  # time.monotonic() of the latest request's arrival
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
 class Scheduler:
     def __init__(self, runner: ModelRunner, max_running_requests: int):
         self.runner = runner
@@ -80,9 +100,10 @@ class Scheduler:
         self._batch_empty = asyncio.Event()
         self._batch_empty.set()
         self._task: asyncio.Task[None] | None = None
-        self._stats = {"decode_steps": 0, "decode_rows": 0, "decode_s": 0.0, "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0, "cached_tokens": 0}
-        self._runner_decode_s = runner.decode_seconds
-        self._stats_at = time.monotonic()
+        self.counters = SchedulerCounters()
+        self._idle_since: float | None = None
+        self._logged = SchedulerCounters()
+        self._logged_at = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -104,6 +125,18 @@ class Scheduler:
         """Run `fn` on the model thread, i.e. strictly between two generation steps."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _model_step(self, fn: Callable[..., T], *args: Any) -> T:
+        """`on_model_thread` for a generation step, its time on the thread counted in `model_s`."""
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.counters.model_s += time.perf_counter() - started
+
+        return await self.on_model_thread(timed)
+
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, rid: str, input_ids: list[int], params: SamplingParams, return_logprob: bool) -> Request:
@@ -113,6 +146,8 @@ class Scheduler:
         request.limit = min(params.max_new_tokens, self.runner.context_length - len(input_ids))
         request.stops = params.stop_token_ids | (frozenset() if params.ignore_eos else self.runner.eos_token_ids)
         self._by_rid[rid] = request
+        self.counters.requests += 1
+        self.counters.last_submit_monotonic_s = request.created_at
         request.future.add_done_callback(lambda _: self._forget(request))
         if params.max_new_tokens == 0:
             self._finish(request, {"type": "length", "length": 0})
@@ -179,25 +214,35 @@ class Scheduler:
             if not self._prefilling and not self._decoding:
                 self._work.clear()
                 if not self._waiting:
-                    await self._work.wait()
+                    await self._wait_for_work()
                 else:  # nothing fits until something else changes (an abort, a resume)
-                    await self._idle()
+                    await self._wait_for_work(0.05)
                 continue
+            started = time.perf_counter()
             if self._prefilling:
-                started = time.perf_counter()
                 await self._run(self._prefill_step)
-                self._stats["prefill_s"] += time.perf_counter() - started
             if self._decoding and not self._holds:
-                started = time.perf_counter()
                 await self._run(self._decode_step)
-                self._stats["decode_s"] += time.perf_counter() - started
+            self.counters.step_s += time.perf_counter() - started
             self._log_stats()
 
-    async def _idle(self) -> None:
+    def counters_now(self) -> dict[str, float]:
+        """`counters`, the idle time of a wait still under way included (a snapshot between two rollouts
+        must not hand the first rollout's tail of idling to the next)."""
+        now = self.counters.as_dict()
+        if self._idle_since is not None:
+            now["idle_s"] += time.perf_counter() - self._idle_since
+        return now
+
+    async def _wait_for_work(self, timeout_s: float | None = None) -> None:
+        started = self._idle_since = time.perf_counter()
         try:
-            await asyncio.wait_for(self._work.wait(), 0.05)
+            await asyncio.wait_for(self._work.wait(), timeout_s)
         except asyncio.TimeoutError:
             pass
+        finally:
+            self.counters.idle_s += time.perf_counter() - started
+            self._idle_since = None
 
     async def _run(self, step: Callable[[], Any]) -> None:
         self._stepping = True
@@ -244,7 +289,7 @@ class Scheduler:
                 request.cached_tokens = shared
                 request.table_pending = True
                 pool.assign(torch.full((shared,), request.row), torch.arange(shared), _ready_slots(entry))
-                self._stats["cached_tokens"] += shared
+                self.counters.cached_tokens += shared
             else:
                 request.entry = cache.open(request.input_ids)
                 request.filling = request.entry is not None
@@ -295,11 +340,11 @@ class Scheduler:
             request.table_pending = False
         sample_at = [i for i, (r, take) in enumerate(batch) if r.kv_len + take == len(r.input_ids)]
         params = [batch[i][0].params for i in sample_at]
-        tokens, logprobs = await self.on_model_thread(
+        tokens, logprobs = await self._model_step(
             self.runner.extend, rows, prefix_lens, chunks, slots, sample_at, params, table_writes
         )
-        self._stats["prefill_steps"] += 1
-        self._stats["prefill_tokens"] += len(slots)
+        self.counters.prefill_steps += 1
+        self.counters.prefill_tokens += len(slots)
         for request, take in batch:
             request.kv_len += take
         for i, token, logprob in zip(sample_at, tokens, logprobs):
@@ -324,12 +369,12 @@ class Scheduler:
         rows = [r.row for r in batch]
         positions = [r.kv_len for r in batch]
         pool.assign(torch.tensor(rows, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), slots)
-        tokens, logprobs = await self.on_model_thread(
+        tokens, logprobs = await self._model_step(
             self.runner.decode, rows, positions, [r.output_ids[-1] for r in batch], slots,
             [r.params for r in batch], (self._decode_version, len(batch)),
         )  # fmt: skip
-        self._stats["decode_steps"] += 1
-        self._stats["decode_rows"] += len(batch)
+        self.counters.decode_steps += 1
+        self.counters.decode_rows += len(batch)
         for request, token, logprob in zip(batch, tokens, logprobs):  # the hot loop: kept lean
             request.kv_len += 1
             if request.finished:  # aborted while the step ran
@@ -388,21 +433,22 @@ class Scheduler:
 
     def _log_stats(self) -> None:
         now = time.monotonic()
-        if now - self._stats_at < STATS_EVERY_S:
+        if now - self._logged_at < STATS_EVERY_S:
             return
-        s, elapsed = self._stats, now - self._stats_at
-        steps = max(1, s["decode_steps"])
-        in_runner = self.runner.decode_seconds - self._runner_decode_s
-        self._runner_decode_s = self.runner.decode_seconds
+        c, last, elapsed = self.counters, self._logged, now - self._logged_at
+        steps = max(1, c.decode_steps - last.decode_steps)
+        rows = c.decode_rows - last.decode_rows
         logger.info(
-            "last %.0f s: %d decode steps (mean batch %.1f, %.0f tok/s, %.1f ms a step, %.1f ms of it in ModelRunner.decode), "
-            "%d prefill steps (%d tokens, %.2f s), %d prompt tokens from the prefix cache; running %d, waiting %d, free KV slots %d",
-            elapsed, s["decode_steps"], s["decode_rows"] / steps, s["decode_rows"] / elapsed, s["decode_s"] / steps * 1e3,
-            in_runner / steps * 1e3, s["prefill_steps"], s["prefill_tokens"], s["prefill_s"], s["cached_tokens"],
-            self.running_count, len(self._waiting), self.runner.pool.allocator.available if self.runner.pool is not None else 0,
+            "last %.0f s: %d decode steps (mean batch %.1f, %.0f tok/s), %d prefill steps (%d tokens), %.2f s in steps of"
+            " which %.2f s on the model thread, %.2f s idle, %d prompt tokens from the prefix cache; running %d, waiting %d,"
+            " free KV slots %d",
+            elapsed, c.decode_steps - last.decode_steps, rows / steps, rows / elapsed, c.prefill_steps - last.prefill_steps,
+            c.prefill_tokens - last.prefill_tokens, c.step_s - last.step_s, c.model_s - last.model_s, c.idle_s - last.idle_s,
+            c.cached_tokens - last.cached_tokens, self.running_count, len(self._waiting),
+            self.runner.pool.allocator.available if self.runner.pool is not None else 0,
         )
-        self._stats = dict.fromkeys(s, 0)
-        self._stats_at = now
+        self._logged = replace(c)
+        self._logged_at = now
 
     def _finish(self, request: Request, finish_reason: dict[str, Any]) -> None:
         if request.done:

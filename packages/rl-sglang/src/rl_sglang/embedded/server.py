@@ -285,6 +285,8 @@ class EmbeddedEngine:
                 "held": sorted(self.scheduler.holds),
                 "released_memory_tags": sorted(self.runner.released_tags),
                 "weight_update_groups": sorted(self.weights.groups),
+                # SGLang's list of per-scheduler live states; here the one scheduler's cumulative counters
+                "internal_states": [self.scheduler.counters_now()],
             }
         )
 
