@@ -74,6 +74,8 @@ class BackendConfig(BaseModel):
     """Compute dtype of forward/backward; master weights, gradient reduction and optimizer state stay float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (slime's --recompute-granularity full)."""
+    torch_compile: bool = True
+    """Compile each decoder layer's forward and the log-prob function with torch.compile, on CUDA only (on a CPU the eager path runs)."""
     lora_rank: int = Field(0, ge=0)
     """Rank of the LoRA adapters trained instead of the full weights; 0: full fine-tuning. The base stays
     frozen, the KL reference is the base with adapters off (no second copy), the engines get merged weights."""
@@ -92,6 +94,8 @@ class BackendConfig(BaseModel):
     """Whether the backend implements the lora_* fields; those that do not refuse them."""
     supports_dynamic_batch_size: ClassVar[bool] = False
     """Whether the backend implements use_dynamic_batch_size, balance_data and log_probs_chunk_size."""
+    supports_log_probs_chunk_size: ClassVar[bool] = False
+    """Whether a backend without supports_dynamic_batch_size still implements log_probs_chunk_size."""
     unsupported_batching_reason: ClassVar[str] = "it is not implemented there"
     """Why a backend without supports_dynamic_batch_size refuses those fields (part of the error)."""
 
@@ -108,7 +112,8 @@ class BackendConfig(BaseModel):
             dynamic = self.supports_dynamic_batch_size and "micro_batch_size" not in self.model_fields_set
         wanted: list[str] = ["use_dynamic_batch_size"] if dynamic else []
         wanted += ["balance_data"] if self.balance_data else []
-        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 else []
+        chunking = self.supports_dynamic_batch_size or self.supports_log_probs_chunk_size
+        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 and not chunking else []
         if not self.supports_dynamic_batch_size and wanted:
             names = ", ".join(wanted)
             raise ValueError(f"{names}: not supported by the {self.type!r} backend: {self.unsupported_batching_reason}")
