@@ -113,6 +113,19 @@ def _finalize_summed_grads(model, num_tokens=None, **kwargs):
     return finalize_model_grads(model, None, **kwargs)
 
 
+def _use_fused_adam(optimizer) -> None:
+    """Switch the torch AdamW that megatron-core falls back to without Apex/TransformerEngine (foreach
+    kernels on CUDA, a per-tensor loop on a CPU) to torch's fused kernel, on its float32 master weights:
+    one kernel per group of tensors, the same update. Adam reads these flags from each group at step time;
+    a state dict saved either way loads either way (torch moves `step` to the parameter's device)."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            inner.defaults.update(foreach=False, fused=True)
+            for group in inner.param_groups:
+                group.update(foreach=False, fused=True)
+
+
 class MegatronBackend:
     """A Hugging Face Llama/Qwen2/Qwen3 model trained as a megatron-core GPTModel over every rank of the
     default process group. All public methods are collectives."""
@@ -180,6 +193,7 @@ class MegatronBackend:
             self.tf_config.finalize_model_grads_func = _finalize_summed_grads
             self.tf_config.no_sync_func = self.model.no_sync
             self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.model])
+            _use_fused_adam(self.optimizer)
             self.steps = 0
             self._offloader = Offloader()
 
