@@ -13,6 +13,7 @@ float32 copy of the logits; their backward recomputes from the bfloat16 logits).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -70,17 +71,13 @@ def _all_parts(
 _Parts = tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor],
                Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 _EAGER: _Parts = (_peak, _normaliser_and_target, _entropy_part, _all_parts)
-_compiled: _Parts | None = None
 
 
-def _parts(compiled: bool) -> _Parts:
-    """The local parts, eager or through torch.compile (built once per process, compiled at first call)."""
-    global _compiled
-    if not compiled:
-        return _EAGER
-    if _compiled is None:
-        _compiled = tuple(torch.compile(part) for part in _EAGER)  # type: ignore[assignment]
-    return _compiled
+@functools.cache
+def _compiled_parts() -> _Parts:
+    """The local parts through torch.compile (wrapped once per process, compiled at first call)."""
+    peak, normaliser_and_target, entropy_part, all_parts = _EAGER
+    return torch.compile(peak), torch.compile(normaliser_and_target), torch.compile(entropy_part), torch.compile(all_parts)
 
 
 def vocab_parallel_log_probs(
@@ -97,7 +94,7 @@ def vocab_parallel_log_probs(
     """log softmax(logits / temperature)[target] and the entropy of that distribution, over [..., V/TP]
     logits whose last dim covers vocabulary ids vocab_start.. of this rank. Ids at or past `vocab_size`
     (Megatron's padding rows) get probability 0. `compiled`: the local parts through torch.compile."""
-    peak_of, normaliser_and_target, entropy_part, all_parts = _parts(compiled)
+    peak_of, normaliser_and_target, entropy_part, all_parts = _compiled_parts() if compiled else _EAGER
     width = logits.shape[-1]
     padding: torch.Tensor | None = torch.arange(vocab_start, vocab_start + width, device=logits.device) >= vocab_size
     if not bool(padding.any()):  # type: ignore[union-attr]
