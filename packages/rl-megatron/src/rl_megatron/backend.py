@@ -204,7 +204,7 @@ class MegatronBackend:
         load_stage(model, state)
         if self.config.head == "lm" and model.post_process:
             emit_hidden_states(model)
-        if self._compiled:
+        if self._compiled and self.config.transformer_impl == "local":  # TransformerEngine's layers are fused already
             compile_layers(model)
         return model.to(self.device)
 

@@ -20,10 +20,10 @@ def _drop_warnings_inside_compiled_code() -> None:
     if _warnings_substituted:
         return
 
-    @torch.compiler.substitute_in_graph(warnings.warn, skip_signature_check=True)
     def _ignored(*args, **kwargs) -> None:
         return None
 
+    torch.compiler.substitute_in_graph(warnings.warn, skip_signature_check=True)(_ignored)
     _warnings_substituted = True
 
 
