@@ -2,19 +2,23 @@
 equal shapes: a Qwen3-0.6B-shaped model (random init, bf16), a global batch of B x T tokens.
 
 Both steps run the policy-gradient surrogate over the response tokens' log-probs (the backend through
-rl-core's PolicyLoss, the baseline as -(A * log p) over the same tokens). Reports tokens/s (B x T per step,
-mean of the timed steps after warm-up) and peak allocated GPU memory of each phase.
+rl-core's PolicyLoss, the baseline as -(A * log p) over the same tokens). Phases (--phases): `hf_baseline`
+(bench_fsdp.py's); `megatron_mbs8` / `megatron_mbs4` (micro-batches of 8 / 4 samples, the backend's defaults:
+torch_compile on, the LM head at the response positions only); `megatron_mbs8_chunked` (log-probs 4,096
+tokens at a time); `megatron_mbs8_eager` (torch_compile off, the gain of compiling in the same run). Each
+reports tokens/s (B x T over the mean of the timed steps after warm-up) and, on CUDA, peak allocated memory.
 
     PYTHONPATH=packages/rl-core/src:packages/rl-megatron/src python bench/train/bench_megatron.py --out result.json
+    # on a CPU, tiny shapes, to check that it runs:
+    PYTHONPATH=packages/rl-core/src:packages/rl-megatron/src python bench/train/bench_megatron.py --tiny
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import tempfile
-import time
 
 import torch
 
@@ -40,101 +44,75 @@ def train_batch(batch: int, seq: int, response: int, vocab: int):
     )
 
 
-def timed(step, warmup: int, steps: int) -> tuple[float, float]:
-    """Seconds per step (mean over `steps` after `warmup`) and peak allocated GiB over all of them."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
+def megatron_backend(config, batch, device: torch.device, dtype: str, warmup: int, steps: int, **flags) -> dict:
+    from bench_fsdp import _release, timed  # the device-aware timer and clean-up (bench_fsdp imports this module)
 
-
-def hf_baseline(config, batch, warmup: int, steps: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-    ids = torch.tensor(batch.tokens, device="cuda")
-    response = batch.response_lengths[0]
-    targets = ids[:, -response:]
-    advantages = torch.tensor([a[0] for a in batch.advantages], device="cuda")[:, None]
-
-    def step():
-        logits = model(input_ids=ids).logits[:, -response - 1 : -1].float()
-        log_probs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-        loss = -(advantages * log_probs).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    seconds, peak = timed(step, warmup, steps)
-    del model, optimizer
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"seconds_per_step": seconds, "tokens_per_s": ids.numel() / seconds, "peak_gib": peak}
-
-
-def megatron_backend(config, batch, micro_batch_size: int, warmup: int, steps: int, **flags) -> dict:
     from rl_core.losses import PolicyLoss
     from rl_megatron import MegatronConfig, build_backend
 
     with tempfile.TemporaryDirectory() as model_dir:
         config.save_pretrained(model_dir)  # config.json only: the backend random-inits as HF does
-        backend = build_backend(
-            MegatronConfig(
-                model_path=model_dir, device="cuda", param_dtype="bfloat16", lr=1e-6, clip_grad=1.0,
-                micro_batch_size=micro_batch_size, **flags,
-            )
-        )
-        loss = PolicyLoss()
-        seconds, peak = timed(lambda: backend.train_step(batch, loss), warmup, steps)
+        backend_config = MegatronConfig(model_path=model_dir, device=device.type, param_dtype=dtype, lr=1e-6, clip_grad=1.0, **flags)
+        backend = build_backend(backend_config)
+        try:
+            loss = PolicyLoss()
+            seconds, peak = timed(lambda: backend.train_step(batch, loss), device, warmup, steps)
+        finally:
+            backend.close()
     tokens = sum(len(t) for t in batch.tokens)
-    backend.close()
     del backend
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak, "micro_batch_size": micro_batch_size, **flags}
+    _release(device)
+    chosen = {name: getattr(backend_config, name) for name in ("micro_batch_size", "log_probs_chunk_size", "torch_compile")}
+    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak, **chosen}
+
+
+PHASES = ("hf_baseline", "megatron_mbs8", "megatron_mbs4", "megatron_mbs8_chunked", "megatron_mbs8_eager")
 
 
 def main() -> None:
+    from bench_fsdp import _release, hf_baseline, tiny_shape
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--response", type=int, default=1536)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on 4 x 64 tokens, on the CPU if no GPU")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--response", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    config = qwen3_06b_shape()
-    batch = train_batch(args.batch, args.seq, args.response, config.vocab_size)
-    results: dict = {"shape": "qwen3-0.6b", "batch": args.batch, "seq": args.seq, "response": args.response,
-                     "gpu": torch.cuda.get_device_name()}
-
-    def record(name, fn):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = tiny_shape() if args.tiny else qwen3_06b_shape()
+    batch_size, seq, response = (4, 64, 48) if args.tiny else (8, 2048, 1536)
+    batch_size, seq, response = args.batch or batch_size, args.seq or seq, args.response or response
+    batch = train_batch(batch_size, seq, response, config.vocab_size)
+    # bf16 compute on GPUs (float32 master weights, gradients and Adam state in the backend); float32 on a CPU.
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    results: dict = {"shape": "tiny" if args.tiny else "qwen3-0.6b", "batch": batch_size, "seq": seq, "response": response,
+                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": dtype}
+    chunk = 32 if args.tiny else 4096  # as bench_fsdp.py's fsdp_chunked: 3 chunks of a micro-batch of 8 x 1536
+    run = functools.partial(megatron_backend, config, batch, device, dtype, args.warmup, args.steps)
+    phases = {
+        "hf_baseline": lambda: hf_baseline(config, batch, device, getattr(torch, dtype), args.warmup, args.steps),
+        "megatron_mbs8": lambda: run(micro_batch_size=8),
+        "megatron_mbs4": lambda: run(micro_batch_size=4),
+        "megatron_mbs8_chunked": lambda: run(micro_batch_size=8, log_probs_chunk_size=chunk),
+        "megatron_mbs8_eager": lambda: run(micro_batch_size=8, torch_compile=False),
+    }
+    for name in args.phases:
         try:
-            results[name] = fn()
+            results[name] = phases[name]()
         except Exception as error:  # noqa: BLE001 - one failed phase should not hide the others' figures
             results[name] = {"error": f"{type(error).__name__}: {error}"[:800]}
-            gc.collect()
-            torch.cuda.empty_cache()
+            _release(device)
+        if "tokens_per_s" in results[name] and "tokens_per_s" in results.get("hf_baseline", {}):
+            results[name]["vs_hf"] = results[name]["tokens_per_s"] / results["hf_baseline"]["tokens_per_s"]
         print(name, json.dumps(results[name]), flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
-
-    record("hf_baseline", lambda: hf_baseline(config, batch, args.warmup, args.steps))
-    for mbs in args.micro_batch_sizes:
-        record(f"megatron_mbs{mbs}", lambda mbs=mbs: megatron_backend(config, batch, mbs, args.warmup, args.steps))
 
 
 if __name__ == "__main__":

@@ -92,3 +92,15 @@ def test_dynamic_batch_size_is_the_default_unless_a_micro_batch_size_is_given():
 def test_contradicting_or_unsupported_batching_fields_are_refused_by_name(cls, fields, named):
     with pytest.raises(ValueError, match=named):
         cls(model_path=".", **fields)
+
+
+class FixedChunked(Fixed):
+    supports_log_probs_chunk_size: ClassVar[bool] = True
+
+
+def test_a_backend_without_dynamic_batches_may_still_chunk_its_log_probs():
+    assert FixedChunked(model_path=".", log_probs_chunk_size=64).log_probs_chunk_size == 64
+    with pytest.raises(ValueError, match="use_dynamic_batch_size"):
+        FixedChunked(model_path=".", use_dynamic_batch_size=True)
+    with pytest.raises(ValueError, match="log_probs_chunk_size: not supported by the 'fixed' backend"):
+        Fixed(model_path=".", log_probs_chunk_size=64)

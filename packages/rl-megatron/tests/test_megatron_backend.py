@@ -152,7 +152,7 @@ def _config(model_dir: Path, **overrides: Any) -> MegatronConfig:
     return MegatronConfig(**{**settings, **overrides})
 
 
-def _forward_and_step(rank: int, config: MegatronConfig, offload: bool = False) -> dict[str, Any]:
+def _forward_and_step(rank: int, config: MegatronConfig, offload: bool = False, rl_config: RLStepConfig = RL_CONFIG) -> dict[str, Any]:
     """Log-probs, one GRPO step through rl_step, and the exported weights (every rank iterates them);
     with `offload`, the backend gives its memory away and takes it back between the forward and the step."""
     backend = build_backend(config)
@@ -164,7 +164,7 @@ def _forward_and_step(rank: int, config: MegatronConfig, offload: bool = False) 
         with pytest.raises(RuntimeError, match="call onload"):
             backend.forward(_batch(samples))
         backend.onload()
-    metrics = rl_step(RL_CONFIG, samples, backend)
+    metrics = rl_step(rl_config, samples, backend)
     weights = {name: tensor.clone() for name, tensor in backend.weights()}
     protocol = isinstance(backend, TrainingBackend) and isinstance(backend, StepBackend)
     backend.close()
@@ -199,7 +199,8 @@ class PlainHFBackend:
 
     def train_step(self, batch: TrainBatch, loss: TrainLoss) -> dict[str, float]:
         mb, log_probs, entropy = self._log_probs(batch)
-        value, metrics = loss(loss_inputs(mb, batch_denominators(batch), log_probs=log_probs, entropy=entropy.detach()))
+        entropy = entropy if loss.entropy_grad else entropy.detach()
+        value, metrics = loss(loss_inputs(mb, batch_denominators(batch), log_probs=log_probs, entropy=entropy))
         value.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad or float("inf"))
         self.optimizer.step()
@@ -291,6 +292,23 @@ def test_two_rank_layouts_give_the_one_process_log_probs_step_and_hf_weights(lay
     results = run_ranks(2, _forward_and_step, _config(model_dirs[family], **overrides))
     for result in results:  # results are complete on every rank, not only on result_rank
         _assert_matches(result, hf_reference(family))
+
+
+def test_log_probs_in_chunks_with_an_entropy_bonus_give_the_plain_pytorch_step_under_tp2_with_sequence_parallelism(model_dirs, hf_reference):
+    from transformers import AutoModelForCausalLM
+
+    rl_config = RL_CONFIG.model_copy(update={"entropy_coef": 0.5})
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["qwen3"], dtype=torch.float32, attn_implementation="eager")
+    plain = PlainHFBackend(model, torch.optim.SGD(model.parameters(), lr=0.5), clip_grad=0.0)
+    log_probs = plain.forward(_batch(scored_samples()))
+    expected = {"log_probs": log_probs, "metrics": rl_step(rl_config, scored_samples(), plain)[-1],
+                "weights": {k: v.detach() for k, v in model.state_dict().items()}}
+    without = hf_reference("qwen3")["metrics"]["train/grad_norm"]
+    assert expected["metrics"]["train/grad_norm"] != pytest.approx(without, rel=1e-3), "the entropy bonus must change the step"
+    # Micro-batches of 2 samples hold 4 to 14 response tokens: chunks of 3, the last one shorter.
+    config = _config(model_dirs["qwen3"], tensor_model_parallel_size=2, sequence_parallel=True, log_probs_chunk_size=3)
+    for result in run_ranks(2, _forward_and_step, config, False, rl_config):
+        _assert_matches(result, expected)
 
 
 @pytest.mark.parametrize("granularity", ["full", "selective"])

@@ -95,6 +95,8 @@ class BackendConfig(BaseModel):
     """Whether the backend implements the lora_* fields; those that do not refuse them."""
     supports_dynamic_batch_size: ClassVar[bool] = False
     """Whether the backend implements use_dynamic_batch_size, balance_data and log_probs_chunk_size."""
+    supports_log_probs_chunk_size: ClassVar[bool] = False
+    """Whether a backend without supports_dynamic_batch_size still implements log_probs_chunk_size."""
     unsupported_batching_reason: ClassVar[str] = "it is not implemented there"
     """Why a backend without supports_dynamic_batch_size refuses those fields (part of the error)."""
 
@@ -111,7 +113,8 @@ class BackendConfig(BaseModel):
             dynamic = self.supports_dynamic_batch_size and "micro_batch_size" not in self.model_fields_set
         wanted: list[str] = ["use_dynamic_batch_size"] if dynamic else []
         wanted += ["balance_data"] if self.balance_data else []
-        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 else []
+        chunking = self.supports_dynamic_batch_size or self.supports_log_probs_chunk_size
+        wanted += ["log_probs_chunk_size"] if self.log_probs_chunk_size != -1 and not chunking else []
         if not self.supports_dynamic_batch_size and wanted:
             names = ", ".join(wanted)
             raise ValueError(f"{names}: not supported by the {self.type!r} backend: {self.unsupported_batching_reason}")

@@ -32,6 +32,7 @@ from rl_core.micro_batches import MicroBatch, batch_denominators, loss_inputs, r
 from rl_core.protocols import ForwardModel
 from rl_core.train_batch import TrainBatch
 from rl_megatron.checkpoint import load_checkpoint, save_checkpoint
+from rl_megatron.compiled import compile_layers
 from rl_megatron.config import MegatronConfig
 from rl_megatron.cpu_support import on_cpu
 from rl_megatron.distributed import join_process_group, resolve_device
@@ -39,8 +40,8 @@ from rl_megatron.export import export_plan, gather_full
 from rl_megatron.gpt_model import HFWeights, build_gpt, load_stage, padded_vocab_size, stage_state, transformer_config
 from rl_megatron.hf_config import check_config, read_hf_config
 from rl_megatron.layers import cp_positions
+from rl_megatron.lm_head import emit_hidden_states, head_input, head_log_probs, output_weight
 from rl_megatron.offload import Offloader, training_tensors
-from rl_megatron.vocab_parallel import vocab_parallel_log_probs
 from rl_megatron.weight_mapping import megatron_tensor_to_hf
 
 
@@ -70,6 +71,9 @@ class _Fed:
     targets: torch.Tensor
     padding: torch.Tensor
     """True at padding positions (MoE routers leave them out of the load-balancing losses)."""
+    head_index: torch.Tensor
+    """[N] flat indices into this rank's [B, S_local] positions that predict a response token: the LM head
+    runs there only."""
     ref_log_probs: torch.Tensor | None = None
 
 
@@ -109,6 +113,19 @@ def _finalize_summed_grads(model, num_tokens=None, **kwargs):
     return finalize_model_grads(model, None, **kwargs)
 
 
+def _use_fused_adam(optimizer) -> None:
+    """Switch the torch AdamW that megatron-core falls back to without Apex/TransformerEngine (foreach
+    kernels on CUDA, a per-tensor loop on a CPU) to torch's fused kernel, on its float32 master weights:
+    one kernel per group of tensors, the same update. Adam reads these flags from each group at step time;
+    a state dict saved either way loads either way (torch moves `step` to the parameter's device)."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            inner.defaults.update(foreach=False, fused=True)
+            for group in inner.param_groups:
+                group.update(foreach=False, fused=True)
+
+
 class MegatronBackend:
     """A Hugging Face Llama/Qwen2/Qwen3 model trained as a megatron-core GPTModel over every rank of the
     default process group. All public methods are collectives."""
@@ -121,6 +138,8 @@ class MegatronBackend:
         self.shape = check_config(config, self.hf_config)
         self.device = resolve_device(config.device)
         self._cpu = self.device.type == "cpu"
+        self._compiled = config.torch_compile and not self._cpu
+        """torch.compile on the decoder layers and the log-prob parts (CUDA only: a CPU runs them eager)."""
         with on_cpu(self._cpu):
             self._owns_group = join_process_group(self.device)
             check_config(config, self.hf_config, world_size=dist.get_world_size())
@@ -174,6 +193,7 @@ class MegatronBackend:
             self.tf_config.finalize_model_grads_func = _finalize_summed_grads
             self.tf_config.no_sync_func = self.model.no_sync
             self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.model])
+            _use_fused_adam(self.optimizer)
             self.steps = 0
             self._offloader = Offloader()
 
@@ -182,6 +202,10 @@ class MegatronBackend:
     def _build(self, tf_config, state):
         model = build_gpt(self.config, self.shape, self.hf_config, tf_config)
         load_stage(model, state)
+        if self.config.head == "lm" and model.post_process:
+            emit_hidden_states(model)
+        if self._compiled and self.config.transformer_impl == "local":  # TransformerEngine's layers are fused already
+            compile_layers(model)
         return model.to(self.device)
 
     def _wrap(self, model):
@@ -218,47 +242,53 @@ class MegatronBackend:
         )
         longest = max(mb.input_ids.shape[1] for mb in micro_batches)
         seq_len = -(-longest // multiple) * multiple
-        rows = c.micro_batch_size if c.pipeline_model_parallel_size > 1 else None
+        pipeline_rows = c.micro_batch_size if c.pipeline_model_parallel_size > 1 else None
         fed = []
         for mb in micro_batches:
-            mb = _pad_micro_batch(mb, rows or mb.input_ids.shape[0], seq_len)
+            mb = _pad_micro_batch(mb, pipeline_rows or mb.input_ids.shape[0], seq_len)
             targets = torch.nn.functional.pad(mb.input_ids[:, 1:], (0, 1))
             tokens, positions, padding = mb.input_ids, mb.position_ids, mb.attention_mask == 0
             if c.context_parallel_size > 1:
                 mine = cp_positions(seq_len // c.context_parallel_size, self.cp_rank, c.context_parallel_size, self.device)
                 tokens, positions, targets, padding = tokens[:, mine], positions[:, mine], targets[:, mine], padding[:, mine]
+            # Positions whose next token is a response token (index_put: a padded response slot points at 0 too).
+            wanted = torch.zeros_like(mb.input_ids, dtype=torch.bool)
+            row_of = torch.arange(wanted.shape[0], device=self.device)[:, None].expand_as(mb.response_positions)
+            wanted[row_of[mb.response_valid], mb.response_positions[mb.response_valid]] = True
+            if c.context_parallel_size > 1:
+                wanted = wanted[:, mine]
+            head_index = wanted.reshape(-1).nonzero()[:, 0]
             ref = None
             if ref_log_probs is not None:
                 ref = torch.zeros_like(mb.loss_mask)
                 for row, i in enumerate(mb.sample_indices):
                     ref[row, : batch.response_lengths[i]] = ref_log_probs[i].to(self.device)
-            fed.append(_Fed(mb, tokens.contiguous(), positions.contiguous(), targets.contiguous(), padding.contiguous(), ref))
-        return fed, seq_len, rows or c.micro_batch_size
+            fed.append(_Fed(mb, tokens.contiguous(), positions.contiguous(), targets.contiguous(), padding.contiguous(), head_index, ref))
+        return fed, seq_len, pipeline_rows or c.micro_batch_size
 
-    def _response_outputs(self, fed: _Fed, logits: torch.Tensor, entropy: bool, entropy_grad: bool):
-        """[B, T] log-probs (and entropy) of the response tokens from this rank's vocab-parallel logits."""
-        mb = fed.mb
-        cp = self.config.context_parallel_size
-        if cp == 1:
-            # Only the positions that predict response tokens go through the float32 softmax.
-            index = mb.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-            logits, targets = logits.gather(1, index), mb.response_tokens
-        else:
-            targets = fed.targets
-        log_probs, ent = vocab_parallel_log_probs(
-            logits,
-            targets,
+    def _response_outputs(self, fed: _Fed, hidden: torch.Tensor, gpt, entropy: bool, entropy_grad: bool):
+        """[B, T] log-probs (and entropy) of the response tokens: the vocab-parallel head on the [B, S_local, H]
+        final hidden states at the positions that predict them only."""
+        rows, local, width = hidden.shape
+        log_probs, ent = head_log_probs(
+            head_input(gpt, hidden.reshape(rows * local, width)[fed.head_index]),
+            output_weight(gpt),
+            fed.targets.reshape(-1)[fed.head_index],
+            chunk_size=self.config.log_probs_chunk_size,
             vocab_start=self.tp_rank * self.vocab_local,
             vocab_size=self.shape.vocab_size,
             temperature=self.config.rollout_temperature,
             with_entropy=entropy,
             entropy_grad=entropy_grad,
+            compiled=self._compiled,
         )
 
-        if cp > 1:
-            return self._sequence_to_response(fed, log_probs), self._sequence_to_response(fed, ent)
-        valid = lambda x: None if x is None else torch.where(mb.response_valid, x, torch.zeros_like(x))  # noqa: E731
-        return valid(log_probs), valid(ent)
+        def to_sequence(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x.new_zeros(rows * local).scatter(0, fed.head_index, x).view(rows, local)
+
+        return self._sequence_to_response(fed, to_sequence(log_probs)), self._sequence_to_response(fed, to_sequence(ent))
 
     def _sequence_to_response(self, fed: _Fed, x: torch.Tensor | None) -> torch.Tensor | None:
         """[B, T] at the response positions from [B, S_local] over this rank's positions: under CP every
@@ -274,12 +304,12 @@ class MegatronBackend:
         x = x.gather(1, fed.mb.response_positions)
         return torch.where(fed.mb.response_valid, x, torch.zeros_like(x))
 
-    def _outputs(self, fed: _Fed, output: torch.Tensor, needs: frozenset[str], entropy_grad: bool) -> dict:
+    def _outputs(self, fed: _Fed, output: torch.Tensor, gpt, needs: frozenset[str], entropy_grad: bool) -> dict:
         """What a loss (or forward) asks of this micro-batch's output: values from a value head's [B, S, 1],
-        log-probs and entropy from an LM head's vocab-parallel logits."""
+        log-probs and entropy from `gpt`'s LM head on its final hidden states."""
         if self.config.head == "value":
             return {"values": self._sequence_to_response(fed, output[..., 0].float())}
-        log_probs, entropy = self._response_outputs(fed, output, "entropy" in needs, entropy_grad)
+        log_probs, entropy = self._response_outputs(fed, output, gpt, "entropy" in needs, entropy_grad)
         return {"log_probs": log_probs, "entropy": entropy, "ref_log_probs": fed.ref_log_probs}
 
     def _run(self, model, fed: list[_Fed], seq_len: int, rows: int, loss_func: Callable, forward_only: bool) -> None:
@@ -287,8 +317,8 @@ class MegatronBackend:
             item = next(data_iterator)
             extra = {"padding_mask": item.padding} if self.shape.num_experts else {}
             if self.tf_config.bf16 and model is self.model:
-                # Float16Module would cast the whole [B, S, V/TP] logits to float32 (twice their bf16 memory, and a
-                # pass over them each way); the log-softmax casts only the response positions it reads.
+                # Float16Module would cast the last stage's output (the final hidden states) to float32;
+                # the head runs in bfloat16 and the log-softmax casts what it reads.
                 extra["fp32_output"] = False
             output = net(input_ids=item.tokens, position_ids=item.positions, attention_mask=None, **extra)
             return output, functools.partial(loss_func, item)
@@ -319,6 +349,7 @@ class MegatronBackend:
 
     def forward(self, batch: TrainBatch, model: ForwardModel = "policy") -> list[torch.Tensor]:
         net = self.reference if model == "reference" else self.model
+        gpt = self.reference if model == "reference" else self.gpt
         if net is None:
             raise ValueError("forward(model='reference') needs the reference model: set MegatronConfig.ref_model=True")
         self._check_onloaded()
@@ -332,7 +363,7 @@ class MegatronBackend:
             what = "values" if self.config.head == "value" else "log_probs"
 
             def collect(item: _Fed, output: torch.Tensor):
-                result = self._outputs(item, output, frozenset({what}), entropy_grad=False)[what]
+                result = self._outputs(item, output, gpt, frozenset({what}), entropy_grad=False)[what]
                 for row, i in enumerate(item.mb.sample_indices):
                     flat[offsets[i] : offsets[i + 1]] = result[row, : batch.response_lengths[i]]
                 return output.new_zeros(()), torch.ones((), dtype=torch.int), {}
@@ -355,7 +386,7 @@ class MegatronBackend:
             sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
 
             def loss_func(item: _Fed, output: torch.Tensor):
-                outputs = self._outputs(item, output, loss.needs, loss.entropy_grad)
+                outputs = self._outputs(item, output, self.gpt, loss.needs, loss.entropy_grad)
                 value, metrics = loss(loss_inputs(item.mb, denominators, **outputs))
                 for key, metric in metrics.items():
                     sums[key] += metric.detach().float()

@@ -13,6 +13,7 @@ class MegatronConfig(BackendConfig):
     """A model trained by megatron-core: data parallel over the ranks left after TP x PP x CP."""
 
     type: Literal["megatron"] = "megatron"
+    supports_log_probs_chunk_size: ClassVar[bool] = True
     unsupported_batching_reason: ClassVar[str] = (
         "its micro-batches are padded to one shape for the pipeline schedule and its SDPA core attention has"
         " no packed-sequence (THD) path; give micro_batch_size (--micro-batch-size), or use --train-backend fsdp"
