@@ -71,16 +71,18 @@ async def test_adapter_only_weights_make_a_load_lora_adapter_from_tensors_call_s
 
 
 @pytest.mark.slow
-def test_a_lora_run_syncs_only_the_adapter_the_engine_serves_it_and_save_hf_writes_both(tiny_run_config, tmp_path):
+def test_a_lora_run_syncs_only_the_adapter_the_engine_serves_it_save_hf_writes_both_and_a_resume_serves_the_loaded_adapter(
+    tiny_run_config, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from rl_apps.metrics import read_metrics
     from rl_apps.train import run
 
-    config = tiny_run_config(tmp_path / "run", lora_rank=4, lr=5e-2, num_rollout=2, use_kl_loss=True, kl_loss_coef=0.1,
-                             update_weight_transport="disk", use_tensorboard=False, save_reward_curve=False,
-                             save_hf=str(tmp_path / "hf"))
+    flags = dict(lora_rank=4, lr=5e-2, use_kl_loss=True, kl_loss_coef=0.1, update_weight_transport="disk",
+                 use_tensorboard=False, save_reward_curve=False, save=str(tmp_path / "ckpt"))
+    config = tiny_run_config(tmp_path / "run", num_rollout=2, save_hf=str(tmp_path / "hf"), **flags)
     rows = read_metrics(run(config))
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
@@ -101,6 +103,13 @@ def test_a_lora_run_syncs_only_the_adapter_the_engine_serves_it_and_save_hf_writ
     synced_adapter = load_file(str(synced / "adapter_model.safetensors"))
     saved_adapter = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
     assert synced_adapter.keys() == saved_adapter.keys()  # the engines got the trained adapter, nothing else
+
+    # Resumed from the checkpoint (adapters and their Adam state), the fresh engine gets the loaded adapter
+    # before rollout 2: its log-probs equal the trainer's again.
+    rows = read_metrics(run(tiny_run_config(tmp_path / "run", num_rollout=3, load=str(tmp_path / "ckpt"), **flags)))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[2]["rollout/weight_version_min"] == rows[2]["rollout/weight_version_max"] == 2
+    assert rows[2]["train/train_rollout_logprob_abs_diff"] < 1e-3 and rows[2]["train/kl_loss"] != 0.0
 
 
 def trained_lora_backend(model_dir, **config) -> FSDPBackend:
