@@ -69,7 +69,7 @@ async def refused(call) -> str:
     return str(caught.value)
 
 
-async def test_an_adapter_from_tensors_is_served_merged_under_its_name_and_unloading_it_serves_the_base(
+async def test_an_adapter_from_tensors_is_served_under_its_name_as_the_merged_model_and_unloading_it_serves_the_base(
     client, model_dir, other_weights_dir, ref, tmp_path
 ):
     adapter = random_adapter(model_dir, seed=3)
@@ -92,7 +92,7 @@ async def test_an_adapter_from_tensors_is_served_merged_under_its_name_and_unloa
     assert "not loaded" in await refused(client.unload_lora_adapter("policy"))
 
 
-async def test_load_lora_adapter_reads_a_peft_folder_and_refuses_what_it_cannot_merge(client, model_dir, ref, tmp_path):
+async def test_load_lora_adapter_reads_a_peft_folder_and_refuses_what_it_cannot_serve(client, model_dir, ref, tmp_path):
     adapter = random_adapter(model_dir, seed=4)
     folder = write_adapter_folder(tmp_path / "adapter", CONFIG, adapter)
     await client.load_lora_adapter("a", str(folder))
