@@ -7,7 +7,8 @@ each the median of --syncs after one warm-up, every gather/merge included:
 - full fine-tuning: every weight, tensor transport (CUDA IPC / shared memory) and disk;
 - LoRA: the adapter alone (what rl-train sends on those transports), and the merged weights (what it sends
   over broadcast), tensor and disk.
-After the LoRA syncs the engine's log-probs of a few sampled answers are checked against the trainer's.
+After each sync the engine's log-probs of a few sampled answers are checked against the trainer's, and the
+no-grad forward of the policy and of the KL reference is timed.
 
     PYTHONPATH=packages/rl-core/src:packages/rl-fsdp/src:packages/rl-sglang/src \\
       python bench/train/bench_lora.py --out bench/train/lora_h200.json          # the H200 figure
@@ -81,8 +82,9 @@ def unload_adapter(url: str) -> None:
     asyncio.run(unload())
 
 
-def engine_log_prob_gap(backend, url: str, vocab: int) -> float:
-    """Largest |engine - trainer| log-prob over a few sampled answers served with the adapter."""
+def engine_log_prob_gap(backend, url: str, vocab: int, lora_path: str | None) -> float:
+    """Largest |engine - trainer| log-prob over a few sampled answers, served with the adapter named
+    `lora_path` (or the weights the engine holds)."""
     import asyncio
 
     from rl_core.train_batch import TrainBatch
@@ -93,7 +95,8 @@ def engine_log_prob_gap(backend, url: str, vocab: int) -> float:
     async def generate() -> list[dict]:
         client = SGLangClient(url)
         try:
-            return [await client.generate({"input_ids": p, "return_logprob": True, "lora_path": LORA_NAME,
+            extra = {} if lora_path is None else {"lora_path": lora_path}
+            return [await client.generate({"input_ids": p, "return_logprob": True, **extra,
                                            "sampling_params": {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True}})
                     for p in prompts]
         finally:
@@ -131,9 +134,13 @@ def run(model_dir: str, batch, args: argparse.Namespace, lora_rank: int) -> dict
         backend.train_step(batch, loss)
     synchronize(args.device)
     seconds = (time.perf_counter() - start) / args.steps
+    forward_s = {model: median_seconds(lambda i: (backend.forward(batch, model=model), synchronize(args.device)), 3)
+                 for model in ("policy", "reference")}
     result: dict[str, Any] = {
         "mode": f"lora rank {lora_rank} all-linear" if lora_rank else "full fine-tuning",
         "seconds_per_step": seconds, "train_tokens_per_s": sum(len(t) for t in batch.tokens) / seconds,
+        # no-grad forwards over the batch: where LoRA's extra step time goes (peft's layers, adapters off)
+        "policy_forward_s": forward_s["policy"], "reference_forward_s": forward_s["reference"],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gib_after_build": after_build / 2**30 if after_build is not None else None,
         "trainable_params": sum(p.numel() for p in backend.model.parameters() if p.requires_grad),
@@ -155,10 +162,13 @@ def run(model_dir: str, batch, args: argparse.Namespace, lora_rank: int) -> dict
                         lambda i: transport.update_adapter(LORA_NAME, backend.adapter_config(), backend.adapter_weights(),
                                                            f"{kind}-{i}"), args.syncs)
                     result[f"engine_log_prob_gap_after_{kind}_adapter_sync"] = engine_log_prob_gap(
-                        backend, engine.url, args.vocab)
+                        backend, engine.url, args.vocab, LORA_NAME)
                     unload_adapter(engine.url)  # the next transport starts from an engine without it
-                key = f"sync_merged_{kind}_s" if lora_rank else f"sync_full_{kind}_s"
-                result[key] = median_seconds(lambda i: transport.update(backend.weights(), f"{kind}-full-{i}"), args.syncs)
+                sent = "merged" if lora_rank else "full"
+                result[f"sync_{sent}_{kind}_s"] = median_seconds(
+                    lambda i: transport.update(backend.weights(), f"{kind}-full-{i}"), args.syncs)
+                result[f"engine_log_prob_gap_after_{kind}_{sent}_sync"] = engine_log_prob_gap(
+                    backend, engine.url, args.vocab, None)
         finally:
             for transport in transports.values():
                 transport.close()

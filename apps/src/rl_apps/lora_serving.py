@@ -30,7 +30,7 @@ def engine_lora_args(config: Any) -> dict[str, Any]:
 
 class LoraPathMiddleware:
     """Router middleware: names the policy's adapter in every /generate that names none, since SGLang
-    serves the base model to those (and the embedded engine refuses them while an adapter is merged)."""
+    serves the base model to those (and the embedded engine refuses them while an adapter is loaded)."""
 
     def __init__(self, lora_name: str = LORA_NAME) -> None:
         self.lora_name = lora_name

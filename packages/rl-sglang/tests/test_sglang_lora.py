@@ -56,10 +56,10 @@ def payload(lora_path: str | None = None) -> dict:
     return body if lora_path is None else {**body, "lora_path": lora_path}
 
 
-async def assert_serves(client, model_dir: Path, ref, lora_path: str | None = None) -> None:
+async def assert_serves(client, model_dir: Path, ref, lora_path: str | None = None, tolerance: float = 1e-4) -> None:
     answer = await asyncio.wait_for(client.generate(payload(lora_path)), 60)
     got = [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
-    assert got == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPT, answer["output_ids"]), abs=1e-4)
+    assert got == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPT, answer["output_ids"]), abs=tolerance)
 
 
 async def refused(call) -> str:
@@ -69,7 +69,7 @@ async def refused(call) -> str:
     return str(caught.value)
 
 
-async def test_an_adapter_from_tensors_is_served_merged_under_its_name_and_unloading_it_serves_the_base(
+async def test_an_adapter_from_tensors_is_served_under_its_name_as_the_merged_model_and_unloading_it_serves_the_base(
     client, model_dir, other_weights_dir, ref, tmp_path
 ):
     adapter = random_adapter(model_dir, seed=3)
@@ -78,7 +78,7 @@ async def test_an_adapter_from_tensors_is_served_merged_under_its_name_and_unloa
     answer = await client.load_lora_adapter_from_tensors("policy", CONFIG, [entry], load_format="flattened_bucket")
     assert answer["loaded_adapters"] == {"policy": "<tensors>"}
     await assert_serves(client, merged, ref, lora_path="policy")
-    # What it cannot serve beside the merged adapter is refused, never answered with the wrong weights.
+    # What it cannot serve beside the loaded adapter is refused, never answered with the wrong weights.
     assert "name it in lora_path" in await refused(client.generate(payload()))
     assert "'other' is not loaded" in await refused(client.generate(payload("other")))
     again = serialize_entry(flattened_bucket(adapter))  # a CPU handle opens once
@@ -92,7 +92,7 @@ async def test_an_adapter_from_tensors_is_served_merged_under_its_name_and_unloa
     assert "not loaded" in await refused(client.unload_lora_adapter("policy"))
 
 
-async def test_load_lora_adapter_reads_a_peft_folder_and_refuses_what_it_cannot_merge(client, model_dir, ref, tmp_path):
+async def test_load_lora_adapter_reads_a_peft_folder_and_refuses_what_it_cannot_serve(client, model_dir, ref, tmp_path):
     adapter = random_adapter(model_dir, seed=4)
     folder = write_adapter_folder(tmp_path / "adapter", CONFIG, adapter)
     await client.load_lora_adapter("a", str(folder))
@@ -113,6 +113,10 @@ async def test_load_lora_adapter_reads_a_peft_folder_and_refuses_what_it_cannot_
         with pytest.raises(EngineError, match=message):
             await client.load_lora_adapter_from_tensors("c", config, [entry], load_format="flattened_bucket")
     await assert_serves(client, model_dir, ref)  # nothing half-loaded
+    # An adapter on other layers than the one before: the old layers' hooks are gone, the new ones serve it.
+    q_only = [(n, t) for n, t in random_adapter(model_dir, seed=5) if ".q_proj." in n]
+    await client.load_lora_adapter("q", str(write_adapter_folder(tmp_path / "q", {**CONFIG, "target_modules": ["q_proj"]}, q_only)))
+    await assert_serves(client, merged_by_hand(model_dir, q_only, tmp_path / "merged_q"), ref, lora_path="q")
 
 
 @pytest.mark.parametrize("transport_kind", ["disk", "tensor"])
@@ -135,3 +139,29 @@ async def test_adapter_only_transports_replace_the_served_adapter_and_stamp_the_
         (folder,) = (tmp_path / "sync").iterdir()  # older versions removed
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         assert json.loads((folder / "adapter_config.json").read_text()) == CONFIG
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_on_cuda_decode_graphs_replay_each_adapter_loaded_and_the_base_after_unloading(model_dir, ref, tmp_path):
+    """The first adapter hooks the model and the decode graphs are captured again; the next one, of the same
+    shapes, is copied into the captured buffers; unloading zeroes them."""
+    from rl_sglang.client import SGLangClient
+    from rl_sglang.embedded import EmbeddedEngine
+
+    engine = EmbeddedEngine(str(model_dir), device="cuda", dtype="float32", seed=0)
+    await asyncio.wait_for(engine.start(), 120)
+    client = SGLangClient(engine.url, timeout_s=60)
+    try:
+        assert engine.runner.graphs is not None
+        for seed in (21, 22):
+            adapter = random_adapter(model_dir, seed)
+            await client.load_lora_adapter("policy", str(write_adapter_folder(tmp_path / f"a{seed}", CONFIG, adapter)))
+            assert engine.runner.graphs is not None
+            merged = merged_by_hand(model_dir, adapter, tmp_path / f"m{seed}")
+            await assert_serves(client, merged, ref, lora_path="policy", tolerance=1e-3)  # the other GPU tests' tolerance
+            await client.unload_lora_adapter("policy")
+        await assert_serves(client, model_dir, ref, tolerance=1e-3)
+    finally:
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)

@@ -1,11 +1,14 @@
 """LoRA adapters for the embedded engine: a PEFT adapter (its adapter_config.json as a dict and its tensors
-under PEFT's names) read into the weight deltas it adds to the served model.
+under PEFT's names) read, and applied beside the served weights.
 
-Why merged: the engine's forward (attention kernels, CUDA graphs) runs plain Hugging Face modules, so the one
-adapter it serves is folded into the weights (W = W_base + scale * B @ A, computed from a kept copy of the
-base, so repeated loads never drift). SGLang batches several adapters and the base together; this engine
-serves one at a time, and refuses requests for anything else while it is loaded rather than answering them
-with the wrong weights.
+Why not merged into the weights: the trainer (peft) and SGLang both compute W x + scale * B (A x), the
+adapter's path apart from the base's. In bf16 a merged W + scale * B @ A is rounded once more, to the
+base weight's precision (an update smaller than half a bf16 step of W is lost), so a merged engine's
+log-probs drift from the trainer's by about the whole bf16 error of the model, where full fine-tuning's
+engine holds the trainer's exact bf16 weights. `ServedLora` hooks each adapted linear layer instead, in the
+served dtype, with the same operations as peft's Linear. This engine serves one adapter at a time (SGLang
+batches several and the base) and refuses requests for anything else while it is loaded rather than
+answering them with the wrong weights.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,16 +40,10 @@ class LoraAdapter:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     fan_in_fan_out: bool = False
 
-    def delta(self, weight_name: str) -> torch.Tensor:
-        """scale * B @ A in float32, laid out as the served weight."""
-        a, b = self.pairs[weight_name]
-        delta = (b.float() @ a.float()) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
-
 
 def adapter_from_tensors(name: str, source: str, config: dict[str, Any],
                          tensors: Iterable[tuple[str, torch.Tensor]]) -> LoraAdapter:
-    """Read a PEFT LoRA adapter; ValueError names what this engine cannot merge."""
+    """Read a PEFT LoRA adapter; ValueError names what this engine cannot serve."""
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"peft_type {config.get('peft_type')!r}: only LORA adapters are served")
     for key in ("use_dora", "lora_bias"):
@@ -85,3 +85,61 @@ def read_adapter_folder(name: str, folder: Path) -> LoraAdapter:
         raise ValueError(f"{folder} needs {CONFIG_FILE} and {WEIGHTS_FILE} (PEFT's save_pretrained format)")
     config = json.loads(config_path.read_text())
     return adapter_from_tensors(name, str(folder), config, load_file(str(weights_path)).items())
+
+
+class ServedLora:
+    """An adapter applied beside the weights of a served model: a forward hook on each adapted module adds
+    scale * B (A x) to its output, in the module's dtype, as peft's LoRA Linear does (x through lora_A, then
+    lora_B, times the scale, added to the base output).
+
+    The factors live in buffers of this object, so a CUDA graph captured with the hooks replays whatever
+    `fill` copied in last: replacing an adapter by one of the same targets, shapes and scale (what each
+    adapter-only weight sync does) needs no new capture. `clear` zeroes B, so the hooks add exact zeros and
+    the model serves its base weights."""
+
+    def __init__(self, model: nn.Module, adapter: LoraAdapter) -> None:
+        self.scaling = adapter.scaling
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+        for weight_name, (a, b) in adapter.pairs.items():
+            module = model.get_submodule(weight_name.removesuffix(".weight"))
+            weight = module.get_parameter("weight")
+            self.pairs[weight_name] = (torch.empty(a.shape, dtype=weight.dtype, device=weight.device),
+                                       torch.empty(b.shape, dtype=weight.dtype, device=weight.device))
+            self._handles.append(module.register_forward_hook(self._hook(weight_name)))
+        self.fill(adapter)
+
+    def _hook(self, weight_name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def add_lora(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            a, b = self.pairs[weight_name]  # looked up at call time: `to` may have moved them
+            x = args[0].to(a.dtype)
+            return output + F.linear(F.linear(x, a), b) * self.scaling
+        return add_lora
+
+    def fits(self, adapter: LoraAdapter) -> bool:
+        """Whether `fill` can take `adapter`: the same adapted weights, factor shapes and scale."""
+        return adapter.scaling == self.scaling and adapter.pairs.keys() == self.pairs.keys() and all(
+            adapter.pairs[name][0].shape == a.shape and adapter.pairs[name][1].shape == b.shape
+            for name, (a, b) in self.pairs.items())
+
+    @torch.inference_mode()
+    def fill(self, adapter: LoraAdapter) -> None:
+        """Copy the adapter's factors in (copies: a tensor handed over by handle is the sender's memory,
+        valid only until the load call answers)."""
+        for name, (a, b) in self.pairs.items():
+            new_a, new_b = adapter.pairs[name]
+            a.copy_(new_a)
+            b.copy_(new_b)
+
+    @torch.inference_mode()
+    def clear(self) -> None:
+        for _, b in self.pairs.values():
+            b.zero_()
+
+    def to(self, device: torch.device) -> None:
+        self.pairs = {name: (a.to(device), b.to(device)) for name, (a, b) in self.pairs.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -17,7 +17,7 @@ from rl_sglang.embedded.cuda_graphs import DecodeGraphs, capture_sizes
 from rl_sglang.embedded.decode_kernel import triton_available
 from rl_sglang.embedded.fused_ops import fuse_rms_norms
 from rl_sglang.embedded.kv_cache import KVLayout, KVPool, pool_tokens
-from rl_sglang.embedded.lora import LoraAdapter
+from rl_sglang.embedded.lora import LoraAdapter, ServedLora
 from rl_sglang.embedded.options import EngineOptions
 from rl_sglang.embedded.prefix_cache import PrefixCache
 from rl_sglang.embedded.sampling import SamplingBatch, SamplingParams, sample
@@ -90,8 +90,8 @@ class ModelRunner:
         self.weight_generation = 0  # bumped by every weight change: cached prefixes are stale then
         self.released_tags: set[str] = set()
         self.adapter: LoraAdapter | None = None
-        """The LoRA adapter merged into the served weights (one at a time), or None: the base is served."""
-        self._base: dict[str, torch.Tensor] = {}  # the base value of each weight the adapter changes
+        """The LoRA adapter served (one at a time; its factors are those of `_lora`), or None: the base is served."""
+        self._lora: ServedLora | None = None  # kept, with zero B, after an unload: the next load refills it
         self.layout = KVLayout.of(self.model.config, self.dtype)
         self.use_decode_kernel = self.device.type == "cuda" and triton_available()
         ignored = _ignored_here(self.options, self.device, self.use_decode_kernel)
@@ -282,15 +282,11 @@ class ModelRunner:
     @torch.inference_mode()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> None:
         """Copy already-checked tensors into the live parameters and bump the weight version. With an
-        adapter loaded they are the new base: the adapter stays merged on top of them."""
+        adapter loaded they are the new base: the adapter stays applied beside them."""
         named = self._named_tensors()
         for name, tensor in named_tensors:
             target = named[name]
-            if name in self._base:
-                self._base[name].copy_(tensor.to(device=target.device, dtype=target.dtype))
-                self._merge(name, target)
-            else:
-                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
         if weight_version is not None:
             self.weight_version = weight_version
         self.weight_generation += 1
@@ -302,12 +298,9 @@ class ModelRunner:
     # ---- LoRA ---------------------------------------------------------------------------------
 
     def check_adapter(self, adapter: LoraAdapter) -> str | None:
-        """A message naming the first adapted weight this model lacks, has in another shape or ties to
-        another name (merging into a tied embedding would change both), else None."""
+        """A message naming the first adapted weight this model lacks, has in another shape or holds in a
+        layer other than a linear one (the adapter's path is x -> A -> B beside that layer), else None."""
         named = self._named_tensors()
-        owners: dict[int, int] = {}
-        for tensor in named.values():
-            owners[tensor.data_ptr()] = owners.get(tensor.data_ptr(), 0) + 1
         for name, (a, b) in adapter.pairs.items():
             target = named.get(name)
             if target is None:
@@ -315,41 +308,35 @@ class ModelRunner:
             shape = (a.shape[1], b.shape[0]) if adapter.fan_in_fan_out else (b.shape[0], a.shape[1])
             if tuple(target.shape) != shape:
                 return f"adapter {adapter.name!r}: B @ A for {name!r} is {list(shape)}, the model's weight is {list(target.shape)}"
-            if owners[target.data_ptr()] > 1:
-                return f"adapter {adapter.name!r}: {name!r} is tied to another weight (the embeddings); it cannot be merged"
+            module = self.model.get_submodule(name.removesuffix(".weight"))
+            if not (isinstance(module, torch.nn.Linear) or adapter.fan_in_fan_out and type(module).__name__ == "Conv1D"):
+                return f"adapter {adapter.name!r}: {name!r} belongs to a {type(module).__name__}, not a linear layer"
         return None
 
-    @torch.inference_mode()
     def load_adapter(self, adapter: LoraAdapter) -> None:
-        """Merge an already-checked adapter into the served weights (none may be loaded)."""
+        """Serve an already-checked adapter (none may be loaded): refill the hooks of the one before when it
+        has the same targets, shapes and scale, else hook the model anew and capture the decode graphs again
+        (they replay the hooks they were captured with)."""
         assert self.adapter is None, "unload the current adapter first"
-        named = self._named_tensors()
-        pairs = {}
-        for name, (a, b) in adapter.pairs.items():
-            target = named[name]
-            # Copies: a tensor handed over by handle is the sender's memory, valid only until this call answers.
-            pairs[name] = (a.to(target.device, copy=True), b.to(target.device, copy=True))
-        self.adapter = LoraAdapter(adapter.name, adapter.source, adapter.scaling, pairs, adapter.fan_in_fan_out)
-        for name in pairs:
-            self._base[name] = named[name].detach().clone()
-            self._merge(name, named[name])
+        if self._lora is not None and self._lora.fits(adapter):
+            self._lora.fill(adapter)
+        else:
+            if self._lora is not None:
+                self._lora.remove()
+            self._lora = ServedLora(self.model, adapter)
+            if self.graphs is not None:
+                self.graphs = None
+                self._capture_graphs()
+        self.adapter = LoraAdapter(adapter.name, adapter.source, adapter.scaling, self._lora.pairs, adapter.fan_in_fan_out)
         self.weight_generation += 1
-        logger.info("LoRA adapter %s merged into %d weights", adapter.name, len(pairs))
+        logger.info("LoRA adapter %s applied to %d weights", adapter.name, len(adapter.pairs))
 
-    @torch.inference_mode()
     def unload_adapter(self) -> None:
-        """Put the base weights back."""
-        named = self._named_tensors()
-        for name, base in self._base.items():
-            named[name].copy_(base)
-        self._base.clear()
+        """Serve the base weights again (the hooks stay, adding zeros, for the next load to refill)."""
+        assert self._lora is not None, "no adapter is loaded"
+        self._lora.clear()
         self.adapter = None
         self.weight_generation += 1
-
-    def _merge(self, name: str, target: torch.Tensor) -> None:
-        base = self._base[name]
-        assert self.adapter is not None, "merging needs a loaded adapter"
-        target.copy_((base.float() + self.adapter.delta(name)).to(target.dtype))
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -369,10 +356,11 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def _move_adapter(self, device: torch.device) -> None:
-        """The kept base weights and the adapter's factors follow the model's weights."""
-        self._base = {name: t.to(device) for name, t in self._base.items()}
-        if self.adapter is not None:
-            self.adapter.pairs = {name: (a.to(device), b.to(device)) for name, (a, b) in self.adapter.pairs.items()}
+        """The adapter's factors follow the model's weights."""
+        if self._lora is not None:
+            self._lora.to(device)
+            if self.adapter is not None:
+                self.adapter.pairs = self._lora.pairs
 
     def resume(self, tags: Iterable[str]) -> None:
         tags = set(tags)

@@ -270,11 +270,11 @@ class WeightUpdates:
 
     def check_lora_path(self, lora_path: Any) -> None:
         """What /generate's lora_path may name: the loaded adapter; None only while none is loaded (the base
-        is not served beside a merged adapter)."""
+        is not served beside a loaded adapter)."""
         loaded = self.runner.adapter
         if lora_path is None:
             if loaded is not None:
-                raise BadRequest(f"lora_path: LoRA adapter {loaded.name!r} is merged into the weights this engine serves; "
+                raise BadRequest(f"lora_path: LoRA adapter {loaded.name!r} is applied to every request this engine serves; "
                                  "name it in lora_path, or unload it to be served the base model")
             return
         if not isinstance(lora_path, str):
