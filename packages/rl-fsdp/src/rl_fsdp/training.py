@@ -23,12 +23,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def make_optimizer(model: nn.Module, config: BackendConfig) -> torch.optim.Optimizer:
     """AdamW (Megatron's adam: decoupled weight decay) or SGD with weight decay, as --optimizer says, over
-    the trainable parameters only (no optimizer state for a frozen base); on CUDA, torch's fused kernels
-    (one launch for all parameters, the same update)."""
+    the trainable parameters only (no optimizer state for a frozen base); AdamW on CUDA through torch's
+    fused kernel (one launch for all parameters, the same update)."""
     params = trainable_parameters(model)
     fused = params[0].is_cuda if params else False
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(
         params,
         lr=config.lr,
