@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rl_sglang.embedded.attention import ATTN_IMPLEMENTATION, BATCH_KWARG, ForwardBatch, build_extend_groups
+from rl_sglang.embedded.checkpoint_names import WeightTargets
 from rl_sglang.embedded.cuda_graphs import DecodeGraphs, capture_sizes
 from rl_sglang.embedded.decode_kernel import triton_available
 from rl_sglang.embedded.fused_ops import fuse_rms_norms
@@ -268,25 +269,32 @@ class ModelRunner:
         named.update((n, b) for n, b in self.model.named_buffers(remove_duplicate=False) if n in persistent)
         return named
 
+    def _weight_targets(self) -> WeightTargets:
+        return WeightTargets(self.model, self._named_tensors())
+
     def check_weights(self, items: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
-        """A message naming the first tensor whose name is unknown or whose shape differs, else None."""
-        named = self._named_tensors()
+        """A message naming the first tensor whose name is unknown or whose shape differs, else None. Names
+        are the model's in-memory ones or checkpoint ones (one expert's matrix of a stacked MoE layer)."""
+        targets = self._weight_targets()
         for name, shape in items:
-            target = named.get(name)
+            target = targets.get(name)
             if target is None:
                 return f"unknown weight name {name!r} (not a parameter of the served model)"
-            if tuple(target.shape) != tuple(shape):
-                return f"shape mismatch for {name!r}: sent {list(shape)}, model has {list(target.shape)}"
+            if target.shape != tuple(shape):
+                where = "" if target.name == name else f" at {target.describe()}"
+                return f"shape mismatch for {name!r}: sent {list(shape)}, model has {list(target.shape)}{where}"
         return None
 
     @torch.inference_mode()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None) -> None:
-        """Copy already-checked tensors into the live parameters and bump the weight version. With an
-        adapter loaded they are the new base: the adapter stays applied beside them."""
-        named = self._named_tensors()
+        """Copy already-checked tensors into the live parameters (or their expert slices) and bump the weight
+        version. With an adapter loaded they are the new base: the adapter stays applied beside them."""
+        targets = self._weight_targets()
         for name, tensor in named_tensors:
-            target = named[name]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            target = targets.get(name)
+            assert target is not None, f"{name!r} was checked before loading"
+            view = target.view()
+            view.copy_(tensor.to(device=view.device, dtype=view.dtype))
         if weight_version is not None:
             self.weight_version = weight_version
         self.weight_generation += 1
