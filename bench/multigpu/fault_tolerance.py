@@ -80,7 +80,7 @@ def main() -> None:
                    check=True, env=env)
     if gpus:
         prompts, samples, flags = 32, 8, ["--rollout-max-response-len", "64", "--micro-batch-size", "64", "--lr", "1e-5",
-                                          "--param-dtype", "bfloat16"]
+                                          "--param-dtype", "bfloat16", "--no-torch-compile"]
         flags += ["--rollout-num-gpus", "2"] if gpus >= 3 else ["--colocate", "--rollout-num-engines", "2"]
     else:
         prompts, samples, flags = 4, 4, ["--rollout-max-response-len", "8", "--lr", "1e-3", "--rollout-num-engines", "2"]

@@ -3,7 +3,7 @@ step-time breakdown of each layout from its metrics.jsonl (median over rollouts 
 key), and rl-train-async's step against max(generate, train) of the same rows (target: within 1.15x).
 
 The task and flags are bench/loop/gpu_loop.sh's (rl_apps.quickstart --size 100m, 32 prompts x 8 samples, up to
-64 new tokens, micro-batch 64, bf16), run through rl-train's own placement flags. Which layouts fit depends on
+64 new tokens, micro-batch 64, bf16, --no-torch-compile unless --compile), run through rl-train's own placement flags. Which layouts fit depends on
 the GPUs (rl-train-async refuses --colocate, so each of its engines and trainer ranks needs a GPU of its own):
 - 3 or more GPUs: 2 engines + 1 trainer and 1 engine + 2 trainer ranks, sync and async, disaggregated, weights
   over NCCL (--update-weight-transport broadcast);
@@ -79,9 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when torch sees a GPU")
-    parser.add_argument("--num-rollout", type=int, default=None, help="default 6 on GPU, 3 on CPU")
+    parser.add_argument("--num-rollout", type=int, default=None, help="default 5 on GPU, 3 on CPU")
     parser.add_argument("--only", nargs="+", default=None, help="layout names to run (default: all that fit)")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per layout")
+    parser.add_argument("--compile", action="store_true", help="keep rl-train's torch.compile on CUDA (off by default"
+                        " here: its first steps' compilation would not fit four layouts into one device call)")
     args = parser.parse_args()
     import torch
 
@@ -95,7 +97,7 @@ def main() -> None:
         if unknown:
             parser.error(f"--only {unknown}: not a layout for {gpus} GPU(s); these are {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
-    num_rollout = args.num_rollout or (6 if device == "cuda" else 3)
+    num_rollout = args.num_rollout or (5 if device == "cuda" else 3)
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     task = args.out / "task"
@@ -104,11 +106,17 @@ def main() -> None:
     common = ["--hf-checkpoint", str(task / "model"), "--prompt-data", str(task / "train.jsonl"),
               "--num-rollout", str(num_rollout), "--train-device", device, "--rollout-device", device]
     common += TASK_FLAGS + ["--param-dtype", "bfloat16"] if device == "cuda" else CPU_TASK_FLAGS
+    if device == "cuda" and not args.compile:
+        common.append("--no-torch-compile")
     result: dict = {"device": device, "gpus": gpus, "num_rollout": num_rollout, "left_out": left_out, "layouts": {}}
     for name, (module, flags) in runs.items():
         run_dir = args.out / name
-        if device == "cpu":  # rl-train refuses --colocate without GPUs: every part is a CPU process of its own
+        if device == "cpu" and "--colocate" in flags:
+            # rl-train refuses --colocate without GPUs (every part is a CPU process of its own), and the tensor
+            # transport's shared-memory handles did not reach an engine of another Ray actor on the CPU
+            # ("AuthenticationError: digest sent was rejected"): disk stands in.
             flags = [f for f in flags if f != "--colocate"]
+            flags = [*flags[:-2], "--update-weight-transport", "disk"] if flags[-2:] == ["--update-weight-transport", "tensor"] else flags
         command = [sys.executable, "-m", module, *common, *flags, "--output-dir", str(run_dir)]
         start = time.perf_counter()
         with open(args.out / f"{name}.log", "w") as log:

@@ -14,21 +14,22 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 mkdir -p "$out"
-tiny=()
-[[ " $* " == *" --device cpu "* ]] && tiny=(--tiny)
+tiny=() scale=1
+[[ " $* " == *" --device cpu "* ]] && tiny=(--tiny) scale=4  # CPU check: tiny models, 2 slow cores
 part() {  # name seconds command...
   local name=$1 limit=$2; shift 2
   [[ " ${PARTS:-$name} " == *" $name "* ]] || return 0
   local start=$SECONDS
+  limit=$((limit * scale))
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   echo "{\"part\": \"$name\", \"rc\": $rc, \"wall_s\": $((SECONDS - start)), \"limit_s\": $limit}" | tee -a "$out/parts.jsonl"
 }
 # limits (s) sum to 490 (8.2 min); expected on 2 H200s: ~1 min, ~1.5 min, ~3 min, ~1.5 min
-part sync_broadcast 90 "$py" "$here/sync_broadcast.py" "${tiny[@]}" "$@" --out "$out/sync_broadcast.json"
-part megatron_parallel 110 "$py" "$here/megatron_parallel.py" "${tiny[@]}" "$@" --timeout 50 --out "$out/megatron_parallel.json"
-part loops 190 "$py" "$here/loops.py" "$@" --timeout 45 --out "$out/loops"
-part fault_tolerance 100 "$py" "$here/fault_tolerance.py" "$@" --timeout 90 --out "$out/fault_tolerance"
+part sync_broadcast 80 "$py" "$here/sync_broadcast.py" "${tiny[@]}" "$@" --out "$out/sync_broadcast.json"
+part megatron_parallel 100 "$py" "$here/megatron_parallel.py" "${tiny[@]}" "$@" --timeout $((45 * scale)) --out "$out/megatron_parallel.json"
+part loops 210 "$py" "$here/loops.py" "$@" --timeout $((50 * scale)) --out "$out/loops"
+part fault_tolerance 100 "$py" "$here/fault_tolerance.py" "$@" --timeout $((90 * scale)) --out "$out/fault_tolerance"
 "$py" - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
