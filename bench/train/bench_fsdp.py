@@ -130,7 +130,8 @@ def fsdp_backend(config, batch, device: torch.device, dtype: str, warmup: int, s
     return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak, **chosen, "compiled": compiled}
 
 
-def main() -> None:
+def parse_arguments(phases: tuple[str, ...]) -> argparse.Namespace:
+    """The command line both train-step benches take (bench_megatron.py calls it with its phases)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on 4 x 64 tokens, on the CPU if no GPU")
     parser.add_argument("--batch", type=int, default=None)
@@ -138,19 +139,45 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--phases", nargs="+", choices=phases, default=list(phases))
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def bench_setting(args: argparse.Namespace):
+    """Device, model config, equal-length batch, compute dtype and the results' header, from the arguments."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = tiny_shape() if args.tiny else qwen3_06b_shape()
     batch_size, seq, response = (4, 64, 48) if args.tiny else (8, 2048, 1536)
     batch_size, seq, response = args.batch or batch_size, args.seq or seq, args.response or response
     batch = train_batch(batch_size, seq, response, config.vocab_size)
-    # bf16 compute on GPUs (float32 master weights in the backend); float32 on a CPU, where bf16 is slow.
+    # bf16 compute on GPUs (float32 master weights in the backends); float32 on a CPU, where bf16 is slow.
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     results: dict = {"shape": "tiny" if args.tiny else "qwen3-0.6b", "batch": batch_size, "seq": seq, "response": response,
                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": dtype}
+    return device, config, batch, dtype, results
+
+
+def run_phases(phases: dict, args: argparse.Namespace, results: dict, device: torch.device) -> None:
+    """Each phase of --phases in turn, its figures (and vs_hf) printed and written to --out as it ends."""
+    for name in args.phases:
+        try:
+            results[name] = phases[name]()
+        except Exception as error:  # noqa: BLE001 - one failed phase should not hide the others' figures
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:800]}
+            _release(device)
+        if "tokens_per_s" in results[name] and "tokens_per_s" in results.get("hf_baseline", {}):
+            results[name]["vs_hf"] = results[name]["tokens_per_s"] / results["hf_baseline"]["tokens_per_s"]
+        print(name, json.dumps(results[name]), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+def main() -> None:
+    args = parse_arguments(PHASES)
+    device, config, batch, dtype, results = bench_setting(args)
+    seq, response = results["seq"], results["response"]
     lengths = tuple(n * seq // 2048 for n in VARIED_LENGTHS)
     varied = varied_batch(lengths, seq - response, config.vocab_size)
     phases = {
@@ -163,18 +190,7 @@ def main() -> None:
         "fsdp_mbs8": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, micro_batch_size=8),
         "fsdp_mbs1": lambda: fsdp_backend(config, batch, device, dtype, args.warmup, args.steps, micro_batch_size=1),
     }
-    for name in args.phases:
-        try:
-            results[name] = phases[name]()
-        except Exception as error:  # noqa: BLE001 - one failed phase should not hide the others' figures
-            results[name] = {"error": f"{type(error).__name__}: {error}"[:800]}
-            _release(device)
-        if "hf_baseline" in results and "tokens_per_s" in results[name] and "tokens_per_s" in results["hf_baseline"]:
-            results[name]["vs_hf"] = results[name]["tokens_per_s"] / results["hf_baseline"]["tokens_per_s"]
-        print(name, json.dumps(results[name]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    run_phases(phases, args, results, device)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ reports tokens/s (B x T over the mean of the timed steps after warm-up) and, on 
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import tempfile
 
 import torch
@@ -70,28 +68,10 @@ PHASES = ("hf_baseline", "megatron_mbs8", "megatron_mbs4", "megatron_mbs8_chunke
 
 
 def main() -> None:
-    from bench_fsdp import _release, hf_baseline, tiny_shape
+    from bench_fsdp import bench_setting, hf_baseline, parse_arguments, run_phases
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on 4 x 64 tokens, on the CPU if no GPU")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--response", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = tiny_shape() if args.tiny else qwen3_06b_shape()
-    batch_size, seq, response = (4, 64, 48) if args.tiny else (8, 2048, 1536)
-    batch_size, seq, response = args.batch or batch_size, args.seq or seq, args.response or response
-    batch = train_batch(batch_size, seq, response, config.vocab_size)
-    # bf16 compute on GPUs (float32 master weights, gradients and Adam state in the backend); float32 on a CPU.
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    results: dict = {"shape": "tiny" if args.tiny else "qwen3-0.6b", "batch": batch_size, "seq": seq, "response": response,
-                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": dtype}
+    args = parse_arguments(PHASES)
+    device, config, batch, dtype, results = bench_setting(args)
     chunk = 32 if args.tiny else 4096  # as bench_fsdp.py's fsdp_chunked: 3 chunks of a micro-batch of 8 x 1536
     run = functools.partial(megatron_backend, config, batch, device, dtype, args.warmup, args.steps)
     phases = {
@@ -101,18 +81,7 @@ def main() -> None:
         "megatron_mbs8_chunked": lambda: run(micro_batch_size=8, log_probs_chunk_size=chunk),
         "megatron_mbs8_eager": lambda: run(micro_batch_size=8, torch_compile=False),
     }
-    for name in args.phases:
-        try:
-            results[name] = phases[name]()
-        except Exception as error:  # noqa: BLE001 - one failed phase should not hide the others' figures
-            results[name] = {"error": f"{type(error).__name__}: {error}"[:800]}
-            _release(device)
-        if "tokens_per_s" in results[name] and "tokens_per_s" in results.get("hf_baseline", {}):
-            results[name]["vs_hf"] = results[name]["tokens_per_s"] / results["hf_baseline"]["tokens_per_s"]
-        print(name, json.dumps(results[name]), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    run_phases(phases, args, results, device)
 
 
 if __name__ == "__main__":
