@@ -32,21 +32,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+from bench_lora import synchronize, tiny_shape  # type: ignore[import-not-found]  # noqa: E402
 from bench_megatron import qwen3_06b_shape  # type: ignore[import-not-found]  # noqa: E402
 
 NCCL_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-def tiny_shape():
-    from transformers import Qwen3Config
-
-    return Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def served_version(url: str) -> str:
