@@ -2,8 +2,8 @@
 
 Each engine TP rank gets one entry: the base64 of torch's multiprocessing pickler output
 (`MultiprocessingSerializer` in SGLang). Storage is shared, not copied: a CUDA tensor becomes a
-CUDA-IPC handle, a CPU tensor a file descriptor handed over by the sender's resource sharer (so a
-CPU entry can be opened once, by a process on the same host). CUDA handles name the GPU by UUID,
+CUDA-IPC handle, a CPU tensor the name of a shared-memory file (so a CPU entry can be opened once,
+by any process on the same host). CUDA handles name the GPU by UUID,
 not index, because the engine's processes number their visible devices differently (SGLang patches
 torch's reduction the same way). The sender must keep the tensors alive until the engine answers.
 
@@ -41,13 +41,26 @@ def _reduce_tensor_with_uuid(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]
     return rebuild, args
 
 
+def _reduce_cpu_storage_by_name(storage: torch.UntypedStorage) -> tuple[Any, tuple[Any, ...]]:
+    """CPU memory goes as a shared-memory file name (torch's file_system strategy), never as a file
+    descriptor: a descriptor is handed over by the sender's resource sharer, which admits only processes
+    holding the sender's multiprocessing authkey (its own children), and an engine is seldom one."""
+    if storage.device.type != "cpu" or storage.size() == 0:
+        return reductions.reduce_storage(storage)
+    metadata = storage._share_filename_cpu_()
+    storage._shared_incref()  # the receiver's rebuild takes this reference over
+    reductions.shared_cache[metadata[1]] = reductions.StorageWeakRef(storage)
+    return reductions.rebuild_storage_filename, (type(storage), *metadata)
+
+
 class _HandlePickler(ForkingPickler):
-    """torch's multiprocessing pickler, CUDA devices named by UUID."""
+    """torch's multiprocessing pickler, CUDA devices named by UUID, CPU memory by shared-memory file name."""
 
     def __init__(self, file: io.BytesIO):
         super().__init__(file)
         self.dispatch_table[torch.Tensor] = _reduce_tensor_with_uuid
         self.dispatch_table[torch.nn.Parameter] = _reduce_tensor_with_uuid
+        self.dispatch_table[torch.UntypedStorage] = _reduce_cpu_storage_by_name
 
 
 def serialize_entry(obj: Any) -> str:

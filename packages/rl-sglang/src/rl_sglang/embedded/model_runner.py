@@ -93,6 +93,7 @@ class ModelRunner:
         self.adapter: LoraAdapter | None = None
         """The LoRA adapter served (one at a time; its factors are those of `_lora`), or None: the base is served."""
         self._lora: ServedLora | None = None  # kept, with zero B, after an unload: the next load refills it
+        self._targets: WeightTargets | None = None
         self.layout = KVLayout.of(self.model.config, self.dtype)
         self.use_decode_kernel = self.device.type == "cuda" and triton_available()
         ignored = _ignored_here(self.options, self.device, self.use_decode_kernel)
@@ -270,7 +271,11 @@ class ModelRunner:
         return named
 
     def _weight_targets(self) -> WeightTargets:
-        return WeightTargets(self.model, self._named_tensors())
+        """Built once and kept (walking the model costs milliseconds, and each update bucket asks twice);
+        dropped when the model's tensors become other objects (`release`/`resume` move them)."""
+        if self._targets is None:
+            self._targets = WeightTargets(self.model, self._named_tensors())
+        return self._targets
 
     def check_weights(self, items: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
         """A message naming the first tensor whose name is unknown or whose shape differs, else None. Names
@@ -290,15 +295,20 @@ class ModelRunner:
         """Copy already-checked tensors into the live parameters (or their expert slices) and bump the weight
         version. With an adapter loaded they are the new base: the adapter stays applied beside them."""
         targets = self._weight_targets()
+        views, sources = [], []
         for name, tensor in named_tensors:
             target = targets.get(name)
             assert target is not None, f"{name!r} was checked before loading"
             view = target.view()
-            view.copy_(tensor.to(device=view.device, dtype=view.dtype))
+            views.append(view)
+            sources.append(tensor.to(device=view.device, dtype=view.dtype))
+        if views:
+            torch._foreach_copy_(views, sources)  # one launch per group of like tensors, not one per tensor
+        if self.device.type == "cuda":  # a sender may reuse memory handed over by handle once this answers
+            torch.cuda.current_stream(self.device).synchronize()
         if weight_version is not None:
             self.weight_version = weight_version
         self.weight_generation += 1
-        logger.info("weights updated, weight_version=%s", self.weight_version)
 
     def set_weight_version(self, weight_version: str) -> None:
         self.weight_version = weight_version
@@ -353,6 +363,7 @@ class ModelRunner:
         survive until resume); the KV pool (emptied by the scheduler before this runs) and the CUDA
         graphs, which point at both, are dropped and rebuilt at resume."""
         tags = set(tags)
+        self._targets = None
         if "kv_cache" in tags:
             self._drop_cache()
         if "weights" in tags and "weights" not in self.released_tags and self.device.type == "cuda":
@@ -372,6 +383,7 @@ class ModelRunner:
 
     def resume(self, tags: Iterable[str]) -> None:
         tags = set(tags)
+        self._targets = None
         if "weights" in tags and "weights" in self.released_tags and self.device.type == "cuda":
             self.model.to(self.device)
             self._move_adapter(self.device)

@@ -7,6 +7,8 @@ for the requests in flight and holds new ones (`UpdateLock`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +25,8 @@ from rl_sglang.embedded.scheduler import Scheduler
 from rl_sglang.embedded.update_lock import UpdateLock
 from rl_sglang.embedded.weight_group import WeightUpdateGroup
 from rl_sglang.tensor_handoff import LOAD_FORMATS, load_entry, named_tensors_of
+
+logger = logging.getLogger(__name__)
 
 SESSION_REQUIRED = "{route} must run between begin_weight_update() and end_weight_update()"
 NOT_FLUSHED = (
@@ -178,19 +182,27 @@ class WeightUpdates:
         if load_format not in LOAD_FORMATS:
             return weights_answer(False, f"Unknown load_format={load_format}; the embedded engine reads {list(LOAD_FORMATS)}")
         async with self._updating(body):
+            started = time.perf_counter()
             try:
                 tensors = await asyncio.to_thread(lambda: named_tensors_of(load_entry(entries[0]), load_format))
             except Exception as exc:  # a payload that does not unpickle or has the wrong shape
                 return weights_answer(False, f"cannot read serialized_named_tensors[0]: {type(exc).__name__}: {exc}")
-            return await self._apply_weights(tensors, body)
+            return await self._apply_weights(tensors, body, opened_s=time.perf_counter() - started)
 
-    async def _apply_weights(self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any], **extra: Any) -> web.Response:
+    async def _apply_weights(
+        self, tensors: list[tuple[str, torch.Tensor]], body: dict[str, Any], *, opened_s: float | None = None, **extra: Any
+    ) -> web.Response:
+        started = time.perf_counter()
         problem = self.runner.check_weights((name, tuple(t.shape)) for name, t in tensors)
         if problem is not None:
             return weights_answer(False, problem, **extra)
         weight_version = body.get("weight_version")
         version = None if weight_version is None else str(weight_version)
+        checked = time.perf_counter()
         await self.scheduler.on_model_thread(self.runner.load_weights, tensors, version)
+        opened = "" if opened_s is None else f"handles opened in {opened_s * 1e3:.1f} ms, "
+        logger.info("weights updated (%d tensors; %schecked in %.1f ms, loaded in %.1f ms), weight_version=%s", len(tensors), opened,
+                    (checked - started) * 1e3, (time.perf_counter() - checked) * 1e3, self.runner.weight_version)
         if body.get("flush_cache", True) and self._busy():  # paused with requests kept: SGLang's flush refuses
             return weights_answer(False, NOT_FLUSHED, **extra)
         return weights_answer(True, f"updated {len(tensors)} tensors, weight_version={self.runner.weight_version}", **extra)

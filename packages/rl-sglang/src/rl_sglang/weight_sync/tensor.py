@@ -31,7 +31,7 @@ async def _answered(calls: list[Coroutine[Any, Any, Any]], keep_alive: list[Any]
 
 class TensorWeightTransport(_SessionTransport):
     """Colocated sync: hands the engines the trainer's tensors by handle (CUDA IPC on GPU, shared
-    memory file descriptors on CPU) through /update_weights_from_tensor, one serialized entry per
+    memory files on CPU) through /update_weights_from_tensor, one serialized entry per
     engine TP rank, in buckets of about `bucket_bytes` in the dtype sent (`load_format="flattened_bucket"`:
     one uint8 tensor per bucket), inside a weight-update session. Each bucket stays referenced until
     every engine has answered, since the engines read the memory in place."""
