@@ -3,9 +3,10 @@
 A Hugging Face model takes it as an attention implementation registered with transformers'
 AttentionInterface. Which samples a packed row holds is set by `packed_samples(mb)` around the forward
 and backward passes, not passed through the model's keyword arguments: a compiled decoder layer would
-otherwise specialise (and recompile) on every micro-batch's sample bounds. The attention is an opaque
-`torch.library` op (`rl_fsdp::packed_attention`) that reads the layout inside, so a compiled layer is one
-graph with the op in it; its backward recomputes the attention from q, k and v and differentiates that.
+otherwise specialise (and recompile) on every micro-batch's sample bounds. Compiled, the attention is an
+opaque `torch.library` op (`rl_fsdp::packed_attention`) that reads the layout inside, so a compiled layer is
+one graph with the op in it; its backward recomputes the attention from q, k and v and differentiates that.
+Eager, the same kernels run with their own backward passes.
 
 Kernels, fastest first: flash-attn's variable-length kernel where installed (CUDA, half precision);
 samples of one length as one batched causal SDPA call (SDPA's flash kernel on a GPU, no [N, N] mask);
@@ -106,7 +107,11 @@ def packed_attention(
         raise ValueError("packed attention has no logit soft-capping: turn off use_dynamic_batch_size (--micro-batch-size)")
     if dropout and module.training:
         raise ValueError(_DROPOUT_REFUSED.format(dropout))
-    return torch.ops.rl_fsdp.packed_attention(query, key, value, scaling, kwargs.get("sliding_window")), None
+    window = kwargs.get("sliding_window")
+    if torch.compiler.is_compiling():
+        return torch.ops.rl_fsdp.packed_attention(query, key, value, scaling, window), None
+    # Eager: the kernels' own backward passes, no recomputation.
+    return _attend(query[0], key[0], value[0], _open_layout(query, window), scaling).unsqueeze(0), None
 
 
 _DROPOUT_REFUSED = (
