@@ -93,8 +93,8 @@ def test_packed_attention_kernels_and_their_gradients_equal_a_float32_per_sample
     ], dim=1)
     want_grads = torch.autograd.grad((want * weights).sum(), reference)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g.float(), w, atol=0.1, rtol=0.02)
+    for g, w in zip(got_grads, want_grads):  # within 2% of the largest gradient (bf16 has 8 significant bits)
+        torch.testing.assert_close(g.float(), w, atol=0.02 * w.abs().max().item(), rtol=0)
 
 
 def packed_row(lengths: list[int], device: str):
