@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from rl_core.algorithms.policy_loss import PolicyLossConfig
 from rl_core.losses import PolicyLoss
@@ -62,10 +63,10 @@ def step_and_log_probs(model_dir, batch, **flags):
 def test_compiled_layers_and_log_probs_agree_with_eager_ones(tied_dir, make_batch, flags):
     batch = make_batch(6, seed=4)
     eager = step_and_log_probs(tied_dir, batch, torch_compile=False, **flags)
-    torch._dynamo.utils.counters.clear()
+    counters.clear()
     compiled = step_and_log_probs(tied_dir, batch, torch_compile=True, **flags)
     # Packed attention is an op inside the compiled layers' graphs, not a break out of them.
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for want, got in zip(eager[0] + eager[2], compiled[0] + compiled[2]):
         torch.testing.assert_close(got, want, atol=0.05, rtol=0)
     for key in ("loss", "entropy", "grad_norm"):
