@@ -50,7 +50,17 @@ def _token_log_probs(
     return log_probs, entropy
 
 
-_compiled_token_log_probs = torch.compile(_token_log_probs)
+_compiled = torch.compile(_token_log_probs)
+
+
+def _compiled_token_log_probs(
+    head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_token_log_probs` compiled for any number of tokens from the first call on (not once for the first
+    micro-batch's count and again, shape-dynamic, at the second)."""
+    torch._dynamo.maybe_mark_dynamic(hidden, 0)
+    torch._dynamo.maybe_mark_dynamic(tokens, 0)
+    return _compiled(head, hidden, tokens, temperature, with_entropy, entropy_grad)
 
 
 def chunked_log_probs(

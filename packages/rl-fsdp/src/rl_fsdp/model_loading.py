@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -60,7 +61,8 @@ def shard_model(
     model's `_no_split_modules` (a wrapper such as the critic passes its body's).
 
     `compile_layers`: each decoder layer's forward goes through torch.compile, which fuses its norms,
-    rotary embedding, activation and residual adds; FSDP's hooks (gathering the layer's weights) stay eager."""
+    rotary embedding, activation and residual adds; FSDP's hooks (gathering the layer's weights) stay eager.
+    Its token dimension is dynamic from the first call (`mark_tokens_dynamic`)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if layer_classes is None:
         layer_classes = set(getattr(model, "_no_split_modules", None) or ())
@@ -71,5 +73,20 @@ def shard_model(
             if compile_layers:
                 module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
             fully_shard(module, mesh=mesh, mp_policy=policy)
+            if compile_layers:
+                module.register_forward_pre_hook(mark_tokens_dynamic, with_kwargs=True)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def mark_tokens_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a compiled decoder layer: every input dimension as long as the hidden states'
+    token dimension becomes dynamic before dynamo first sees it. Micro-batches differ in length, and a graph
+    compiled for the first length alone would be compiled again, shape-dynamic, at the second."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    tokens = hidden.shape[-2]
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            for dim, size in enumerate(leaf.shape):
+                if size == tokens:
+                    torch._dynamo.maybe_mark_dynamic(leaf, dim)
