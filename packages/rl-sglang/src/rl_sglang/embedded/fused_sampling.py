@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-# Vocabulary entries per loop step of a program, as four chunks that share one Philox call (it yields
-# four numbers per counter). 4096 bf16 logits = 8 KiB in flight per program per step.
-_CHUNK = 1024
+# Philox counters per loop step of a program; each yields four numbers, so a step covers 4 * _CHUNK
+# vocabulary entries (2048 bf16 logits = 4 KiB per program per step, 8 per thread at 8 warps).
+_CHUNK = 512
 _SEED_HIGH = 1 << 62
 
 
@@ -44,33 +44,13 @@ try:
     import triton.language as tl
 
     @triton.jit
-    def _chunk_scores(z, u, valid, sampled, RACE: tl.constexpr):
-        """A chunk's race scores: z - log(E) with E = -log(u) on sampled rows, z itself on greedy ones."""
-        if RACE:
-            race = z - tl.log(-tl.log(u))
-            score = tl.where(sampled, race, z)
-        else:
-            score = z
-        return tl.where(valid, score, float("-inf"))
-
-    @triton.jit
-    def _merge_winner(score, z, chunk_start, best, best_idx, best_z):
-        """Keep the chunk's winner if it beats the running one (ties: the lower index, as torch.argmax)."""
-        value, index = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
-        won_z = tl.sum(tl.where(tl.arange(0, score.shape[0]) == index, z, 0.0), 0)
-        take = value > best
-        return tl.where(take, value, best), tl.where(take, chunk_start + index, best_idx), tl.where(take, won_z, best_z)
-
-    @triton.jit
-    def _online_logsumexp(z, m, s):
-        new_m = tl.maximum(m, tl.max(z, 0))
-        return new_m, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), 0)
-
-    @triton.jit
     def _sample_kernel(
         Logits, stride_row, Temps, Sampled, Seed, Tokens, LogProbs, vocab,
         RACE: tl.constexpr, CHUNK: tl.constexpr,
     ):  # fmt: skip
+        """A step reads a [CHUNK, 4] tile of the row (entry start + 4 i + k): the four Philox outputs of
+        counter (row, start + 4 i) serve its row i. Each tile position keeps its own running max, sum of
+        exponentials and race winner, so the loop has no cross-thread reduction; one at the end."""
         row = tl.program_id(0).to(tl.int64)
         base = Logits + row * stride_row
         temperature = tl.load(Temps + row)
@@ -79,43 +59,40 @@ try:
         if RACE:
             sampled = tl.load(Sampled + row) != 0
             seed = tl.load(Seed)
-        lanes = tl.arange(0, CHUNK)
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.full((), 0.0, tl.float32)
-        best = tl.full((), float("-inf"), tl.float32)
-        best_idx = tl.full((), 0, tl.int32)
-        best_z = tl.full((), float("-inf"), tl.float32)
-        steps = tl.cdiv(vocab, 4 * CHUNK)
-        for step in range(0, steps):
-            start = step * (4 * CHUNK)  # within a row: int32 is enough
-            o0 = start + lanes
-            o1 = o0 + CHUNK
-            o2 = o1 + CHUNK
-            o3 = o2 + CHUNK
-            z0 = tl.load(base + o0, mask=o0 < vocab, other=float("-inf")).to(tl.float32) / temperature
-            z1 = tl.load(base + o1, mask=o1 < vocab, other=float("-inf")).to(tl.float32) / temperature
-            z2 = tl.load(base + o2, mask=o2 < vocab, other=float("-inf")).to(tl.float32) / temperature
-            z3 = tl.load(base + o3, mask=o3 < vocab, other=float("-inf")).to(tl.float32) / temperature
-            u0 = z0  # unread without the race
-            u1 = z0
-            u2 = z0
-            u3 = z0
-            if RACE:  # one Philox call per four entries; its counter: the row and the step's first entry
-                r0, r1, r2, r3 = tl.randint4x(seed, row * vocab + o0)
-                u0 = tl.uint_to_uniform_float(r0)
-                u1 = tl.uint_to_uniform_float(r1)
-                u2 = tl.uint_to_uniform_float(r2)
-                u3 = tl.uint_to_uniform_float(r3)
-            m, s = _online_logsumexp(z0, m, s)
-            m, s = _online_logsumexp(z1, m, s)
-            m, s = _online_logsumexp(z2, m, s)
-            m, s = _online_logsumexp(z3, m, s)
-            best, best_idx, best_z = _merge_winner(_chunk_scores(z0, u0, o0 < vocab, sampled, RACE), z0, start + 0 * CHUNK, best, best_idx, best_z)
-            best, best_idx, best_z = _merge_winner(_chunk_scores(z1, u1, o1 < vocab, sampled, RACE), z1, start + 1 * CHUNK, best, best_idx, best_z)
-            best, best_idx, best_z = _merge_winner(_chunk_scores(z2, u2, o2 < vocab, sampled, RACE), z2, start + 2 * CHUNK, best, best_idx, best_z)
-            best, best_idx, best_z = _merge_winner(_chunk_scores(z3, u3, o3 < vocab, sampled, RACE), z3, start + 3 * CHUNK, best, best_idx, best_z)
-        tl.store(Tokens + row, best_idx)
-        tl.store(LogProbs + row, best_z - m - tl.log(s))
+        quad = 4 * tl.arange(0, CHUNK)
+        k = tl.arange(0, 4)[None, :]
+        tile = quad[:, None] + k
+        m = tl.full((CHUNK, 4), -3.0e38, tl.float32)  # finite: a masked -inf entry then adds exp(-inf) = 0
+        s = tl.zeros((CHUNK, 4), tl.float32)
+        best = tl.full((CHUNK, 4), float("-inf"), tl.float32)
+        best_idx = tl.full((CHUNK, 4), 2147483647, tl.int32)
+        best_z = tl.zeros((CHUNK, 4), tl.float32)
+        for start in range(0, vocab, 4 * CHUNK):
+            offs = start + tile
+            valid = offs < vocab
+            z = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) / temperature
+            # online log-sum-exp with one exp per entry: e = exp(-|z - m|) scales whichever side is smaller
+            e = tl.exp(-tl.abs(z - m))
+            s = tl.where(z > m, s * e + 1.0, s + e)
+            m = tl.maximum(m, z)
+            score = z
+            if RACE:
+                r0, r1, r2, r3 = tl.randint4x(seed, row * vocab + start + quad)
+                bits = tl.where(k == 0, r0[:, None], tl.where(k == 1, r1[:, None], tl.where(k == 2, r2[:, None], r3[:, None])))
+                u = tl.uint_to_uniform_float(bits)  # [0, 1): u = 0 gives E = inf, a score of -inf
+                score = tl.where(sampled, z - tl.log(-tl.log(u)), z)  # Gumbel-max: argmax(log p - log E)
+            score = tl.where(valid, score, float("-inf"))
+            take = score > best  # strict: a position's earlier (lower) index wins a tie, as torch.argmax
+            best = tl.where(take, score, best)
+            best_idx = tl.where(take, offs, best_idx)
+            best_z = tl.where(take, z, best_z)
+        top = tl.max(tl.max(m, 1), 0)
+        total = tl.sum(tl.sum(s * tl.exp(m - top), 1), 0)
+        winner = tl.max(tl.max(best, 1), 0)
+        token = tl.min(tl.min(tl.where(best == winner, best_idx, 2147483647), 1), 0)
+        token_z = tl.max(tl.max(tl.where(best_idx == token, best_z, float("-inf")), 1), 0)
+        tl.store(Tokens + row, token)
+        tl.store(LogProbs + row, token_z - top - tl.log(total))
 
 except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
     pass
