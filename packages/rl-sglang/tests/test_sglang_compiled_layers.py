@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend
 from transformers import AutoModelForCausalLM, Qwen3Config
 
+from rl_sglang import conformance
 from rl_sglang.embedded.__main__ import options_from_args, parse_args
 from rl_sglang.embedded.model_runner import ModelRunner
 from rl_sglang.embedded.options import EngineOptions
@@ -92,6 +93,7 @@ def test_the_compile_flags_reach_the_engine_and_bad_values_are_refused():
     assert options.enable_torch_compile and options.torch_compile_max_bs == 64
     argv = build_embedded_argv("m", "127.0.0.1", 1, {"enable_torch_compile": True, "torch_compile_max_bs": 64})
     assert argv[-3:] == ["--enable-torch-compile", "--torch-compile-max-bs", "64"]  # --sglang-* passed on, not skipped
+    assert conformance.argv_problems(argv[3:]) == []  # SGLang's own flag names and arities
     with pytest.raises(ValueError, match="--torch-compile-max-bs 8 has no effect without --enable-torch-compile"):
         EngineOptions(torch_compile_max_bs=8)
     with pytest.raises(ValueError, match="--torch-compile-max-bs must be >= 2, got 1"):

@@ -139,10 +139,12 @@ class ModelRunner:
     @torch.inference_mode()
     def _compile_layers(self) -> None:
         """Compile the layers with one decode step on the sink row (before any graph is captured, so the
-        graphs record the compiled kernels); an odd batch size, so that no size of the model's own tensors
-        is mistaken for the batch dimension."""
+        graphs record the compiled kernels), at the largest odd batch they serve: inductor tunes its kernels
+        for the batch it is compiled at, and an odd size is none of the model's own (even) sizes, which
+        would otherwise be taken for the same dimension."""
         assert self.compiled is not None
-        n = 3 if self.compiled.max_bs >= 3 else 2
+        most = self.compiled.max_bs
+        n = max(2, most if most % 2 else most - 1)
         started = time.monotonic()
         try:
             self._decode_logits([0] * n, [0] * n, [0] * n, torch.zeros(n, dtype=torch.int64))
