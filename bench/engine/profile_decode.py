@@ -88,6 +88,24 @@ def profile(runner: ModelRunner, variant: str, batches: list[int], fused_samplin
     return rows_out
 
 
+def sweep_sampler(batches: list[int], vocab: int) -> list[dict]:
+    """The fused sampler alone at other tile sizes and warp counts (temperature 1), to tune its defaults."""
+    from rl_sglang.embedded.fused_sampling import fused_sample
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    out = []
+    for bs in batches:
+        logits = torch.randn(bs, vocab, device="cuda").to(torch.bfloat16)
+        temps, sampled = torch.ones(bs, device="cuda"), torch.ones(bs, dtype=torch.bool, device="cuda")
+        timings = {
+            f"chunk{chunk}_warps{warps}": round(timed(lambda: fused_sample(logits, temps, sampled, generator, chunk, warps)), 3)
+            for chunk in (256, 512, 1024) for warps in (4, 8, 16)
+        }  # fmt: skip
+        out.append({"batch": bs, "fused_sample_ms": timings})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512, 1024])
@@ -105,6 +123,7 @@ def main() -> None:
         else:
             report["rows"] += profile(runner, "baseline", args.batches, fused_sampling=False)
             report["rows"] += profile(runner, "fused_sampler", args.batches, fused_sampling=True)
+            report["sampler_sweep"] = sweep_sampler(args.batches, runner.vocab_size)
             runner.close()
             del runner
             torch.cuda.empty_cache()

@@ -14,14 +14,21 @@ import torch
 # Philox counters per loop step of a program; each yields four numbers, so a step covers 4 * _CHUNK
 # vocabulary entries (2048 bf16 logits = 4 KiB per program per step, 8 per thread at 8 warps).
 _CHUNK = 512
+_WARPS = 8
 _SEED_HIGH = 1 << 62
 
 
 def fused_sample(
-    logits: torch.Tensor, temperatures: torch.Tensor, sampled: torch.Tensor | None, generator: torch.Generator, chunk: int = _CHUNK
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    sampled: torch.Tensor | None,
+    generator: torch.Generator,
+    chunk: int = _CHUNK,
+    num_warps: int = _WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logits` [B, V] (any float dtype, unit last stride), `temperatures` [B] float32 (1.0 on greedy
-    rows), `sampled` [B] bool or None (all greedy). Returns (tokens [B] int64, log-probs [B] float32)."""
+    rows), `sampled` [B] bool or None (all greedy). Returns (tokens [B] int64, log-probs [B] float32).
+    `chunk` (a power of two) and `num_warps` tune the kernel (bench/engine/profile_decode.py sweeps them)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows, vocab = logits.shape
@@ -34,7 +41,7 @@ def fused_sample(
         sampled_flags = sampled
     _sample_kernel[(rows,)](
         logits, logits.stride(0), temperatures, sampled_flags, seed, tokens, logprobs, vocab,
-        RACE=sampled is not None, CHUNK=chunk, num_warps=8,
+        RACE=sampled is not None, CHUNK=chunk, num_warps=num_warps,
     )  # fmt: skip
     return tokens, logprobs
 
