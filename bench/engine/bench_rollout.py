@@ -90,6 +90,7 @@ async def engine_bench(model_dir: str, counts: list[int], args) -> tuple[list[di
     flags = {
         "device": "cuda", "dtype": "bfloat16", "max_running_requests": args.max_running_requests,
         "cuda_graph_max_bs": args.cuda_graph_max_bs, "mem_fraction_static": args.mem_fraction_static,
+        "enable_torch_compile": args.enable_torch_compile, "torch_compile_max_bs": args.torch_compile_max_bs,
     }  # fmt: skip
     started = time.perf_counter()
     engine = launch_engine("embedded", model_dir, sglang_args=flags)
@@ -121,10 +122,13 @@ def main() -> None:
     parser.add_argument("--max-running-requests", type=int, default=1024)
     parser.add_argument("--cuda-graph-max-bs", type=int, default=1024)
     parser.add_argument("--mem-fraction-static", type=float, default=0.85)
+    parser.add_argument("--enable-torch-compile", action="store_true", help="the engine's compiled decoder layers")
+    parser.add_argument("--torch-compile-max-bs", type=int, default=None, help="with --enable-torch-compile (engine default 32)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "enable_torch_compile": args.enable_torch_compile, "torch_compile_max_bs": args.torch_compile_max_bs}  # fmt: skip
     with tempfile.TemporaryDirectory() as model_dir:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(qwen3_0p6b_config(), dtype=torch.bfloat16).cuda().eval()

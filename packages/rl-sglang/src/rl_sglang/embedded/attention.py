@@ -8,11 +8,18 @@ each token belongs to. Two ways to attend:
   slots through the request-to-token table without copying them (graph-safe: no host values);
 - extend (prefill chunks, and decode anywhere else): the context is gathered into padded groups and
   attended with SDPA's grouped-query path (`enable_gqa`, no `repeat_kv`) under a causal/length mask.
+
+Under torch.compile (`compiled_layers`) both are one opaque custom op, `rl_sglang::layer_attention`, whose
+inputs are only the layer's q/k/v: the layer and the batch come from `layer_cursor`, set outside the
+compiled region, so one compiled graph serves every layer and every batch size.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +52,7 @@ class ForwardBatch:
     rows: torch.Tensor | None = None  # decode: [B] int32 table rows
     seq_lens: torch.Tensor | None = None  # decode: [B] int32 context length including the new token
     groups: list[ExtendGroup] = field(default_factory=list)
+    compiled_layers: bool = False  # the layers run compiled: attention goes through `layer_attention`
 
 
 def build_extend_groups(
@@ -102,22 +110,66 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} runs only inside the embedded engine's forward")
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the embedded engine's attention has no sliding window, soft-capping or sinks")
-    k_cache, v_cache = batch.pool.layer(module.layer_idx)
+    q = query[0].transpose(0, 1)  # [N, Hq, D]
+    if batch.compiled_layers:
+        out = layer_attention(q, key[0], value[0])  # the scaling comes with the cursor: no float in the graph
+    else:
+        out = attend(batch, module.layer_idx, q, key[0], value[0], scaling)
+    return out.unsqueeze(0), None
+
+
+def attend(batch: ForwardBatch, layer: int, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Store the new key/value [Hkv, N, D] in layer `layer` of the pool; attend q [N, Hq, D] over the context."""
+    k_cache, v_cache = batch.pool.layer(layer)
     if batch.fused:
         from rl_sglang.embedded.fused_ops import store_kv
 
-        store_kv(k_cache, v_cache, batch.out_slots, key[0], value[0])
+        store_kv(k_cache, v_cache, batch.out_slots, key, value)
     else:
-        k_cache[batch.out_slots] = key[0].transpose(0, 1).to(k_cache.dtype)
-        v_cache[batch.out_slots] = value[0].transpose(0, 1).to(v_cache.dtype)
-    q = query[0].transpose(0, 1)  # [N, Hq, D]
+        k_cache[batch.out_slots] = key.transpose(0, 1).to(k_cache.dtype)
+        v_cache[batch.out_slots] = value.transpose(0, 1).to(v_cache.dtype)
     if batch.decode:
         from rl_sglang.embedded.decode_kernel import decode_attention
 
-        out = decode_attention(q, k_cache, v_cache, batch.pool.req_to_token, batch.rows, batch.seq_lens, scaling)
-    else:
-        out = _extend_attention(q, k_cache, v_cache, batch.groups, scaling)
-    return out.unsqueeze(0), None
+        assert batch.rows is not None and batch.seq_lens is not None, "a decode batch carries its rows and lengths"
+        return decode_attention(q, k_cache, v_cache, batch.pool.req_to_token, batch.rows, batch.seq_lens, scaling)
+    return _extend_attention(q, k_cache, v_cache, batch.groups, scaling)
+
+
+class _Cursor(threading.local):
+    batch: ForwardBatch | None = None
+    layer: int = -1
+    scaling: float | None = None
+
+
+_CURSOR = _Cursor()
+
+
+@contextmanager
+def layer_cursor(batch: ForwardBatch, layer: int, scaling: float | None) -> Iterator[None]:
+    """While a compiled layer runs: the batch, the pool layer and the softmax scale of its `layer_attention` call."""
+    _CURSOR.batch, _CURSOR.layer, _CURSOR.scaling = batch, layer, scaling
+    try:
+        yield
+    finally:
+        _CURSOR.batch, _CURSOR.layer, _CURSOR.scaling = None, -1, None
+
+
+@torch.library.custom_op("rl_sglang::layer_attention", mutates_args=())
+def layer_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`attend` on the cursor's batch and layer; opaque to torch.compile, so the kernels inside (and the
+    batch-size-dependent split choice of the decode kernel) never enter a graph. It writes the KV pool,
+    which is no input of it: nothing else in a layer's graph reads the pool, so no order is lost."""
+    batch = _CURSOR.batch
+    if batch is None:
+        raise RuntimeError("rl_sglang::layer_attention runs only inside a compiled layer of the embedded engine")
+    q, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, key, value))
+    return attend(batch, _CURSOR.layer, q, key, value, _CURSOR.scaling)
+
+
+@layer_attention.register_fake
+def _(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 def _extend_attention(q, k_cache, v_cache, groups: list[ExtendGroup], scaling) -> torch.Tensor:

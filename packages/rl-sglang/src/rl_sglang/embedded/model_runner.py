@@ -6,14 +6,16 @@ change always lands between two forward passes."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rl_sglang.embedded.attention import ATTN_IMPLEMENTATION, BATCH_KWARG, ForwardBatch, build_extend_groups
 from rl_sglang.embedded.checkpoint_names import WeightTargets
+from rl_sglang.embedded.compiled_layers import DEFAULT_MAX_BS, CompiledLayers
 from rl_sglang.embedded.cuda_graphs import DecodeGraphs, capture_sizes
 from rl_sglang.embedded.decode_kernel import triton_available
 from rl_sglang.embedded.fused_ops import fuse_rms_norms
@@ -64,7 +66,9 @@ class ModelRunner:
         seed: int = 0,
         max_running_requests: int = 64,
         options: EngineOptions | None = None,
+        compile_backend: str | Callable[..., Any] = "inductor",
     ):
+        """`compile_backend`: torch.compile's backend for `--enable-torch-compile` (tests pass a cheap one)."""
         self.model_path = str(model_path)
         self.options = options or EngineOptions()
         self.device = resolve_device(device)
@@ -101,6 +105,13 @@ class ModelRunner:
             logger.warning("ignored on %s: %s", self.device.type, ", ".join(ignored))
         if self.use_decode_kernel:
             logger.info("fused %d RMSNorm modules into one-kernel forwards", fuse_rms_norms(self.model))
+        self.compiled: CompiledLayers | None = None
+        """The decoder layers' compiled forwards (--enable-torch-compile), used by decode steps they apply to."""
+        self.compile_seconds: float | None = None
+        if self.options.enable_torch_compile:
+            self.compiled = CompiledLayers(self.model, self.options.torch_compile_max_bs or DEFAULT_MAX_BS, compile_backend)
+        self.fused_sampling = True
+        """Sample with the one-kernel sampler where it applies (`sampling.fused_sampler_applies`); a bench knob."""
         self.pool: KVPool | None = None
         self.prefix_cache: PrefixCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -122,7 +133,31 @@ class ModelRunner:
         self.pool = KVPool(self.layout, tokens, self.max_running_requests, self.context_length, self.device)
         self.prefix_cache = PrefixCache(self.pool.allocator, enabled=not self.options.disable_radix_cache)
         self._probe()
+        if self.compiled is not None and self.compile_seconds is None:
+            self._compile_layers()
         self._capture_graphs()
+
+    @torch.inference_mode()
+    def _compile_layers(self) -> None:
+        """Compile the layers with one decode step on the sink row (before any graph is captured, so the
+        graphs record the compiled kernels), at the largest odd batch they serve: inductor tunes its kernels
+        for the batch it is compiled at, and an odd size is none of the model's own (even) sizes, which
+        would otherwise be taken for the same dimension."""
+        assert self.compiled is not None
+        most = self.compiled.max_bs
+        n = max(2, most if most % 2 else most - 1)
+        started = time.monotonic()
+        try:
+            self._decode_logits([0] * n, [0] * n, [0] * n, torch.zeros(n, dtype=torch.int64))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            raise RuntimeError(f"--enable-torch-compile: compiling the decoder layers failed ({exc}); run without it") from exc
+        self.compile_seconds = time.monotonic() - started
+        logger.info(
+            "torch.compile of %d decoder layers for decode batches 2..%d took %.1f s",
+            self.compiled.layers, self.compiled.max_bs, self.compile_seconds,
+        )  # fmt: skip
 
     def _capture_graphs(self) -> None:
         if self.use_decode_kernel and not self.options.disable_cuda_graph:
@@ -176,7 +211,7 @@ class ModelRunner:
             self._extend_logits(rows, prefix_lens, chunks, slots, [])
             return [], []
         logits = self._extend_logits(rows, prefix_lens, chunks, slots, sample_at)
-        tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator)
+        tokens, logprobs = sample(logits, SamplingBatch(params, self.device), self.generator, self.fused_sampling)
         return self._to_host(tokens, logprobs)
 
     def _to_host(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -209,10 +244,15 @@ class ModelRunner:
         if batch_key is None or self._sampling[0] != batch_key:
             self._sampling = (batch_key, SamplingBatch(params, self.device))
         assert self._sampling[1] is not None, "set above on the first step"
-        tokens, logprobs = sample(logits, self._sampling[1], self.generator)
+        tokens, logprobs = sample(logits, self._sampling[1], self.generator, self.fused_sampling)
         return self._to_host(tokens, logprobs)
 
-    def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at) -> torch.Tensor:
+    def _compiled_for(self, batch_size: int) -> bool:
+        """Whether a decode step of `batch_size` rows runs the compiled layers (not with a LoRA adapter's
+        hooks in the layers: they are not part of the compiled graph)."""
+        return self.compiled is not None and self._lora is None and self.compiled.applies(batch_size)
+
+    def _extend_logits(self, rows, prefix_lens, chunks, slots, sample_at, decode_step: bool = False) -> torch.Tensor:
         assert self.pool is not None, "generation runs only while the KV pool exists"
         q_lens = [len(c) for c in chunks]
         ids = [t for c in chunks for t in c]
@@ -228,7 +268,8 @@ class ModelRunner:
         slots_d = slots.to(self.device, non_blocking=True)
         self.pool.req_to_token[row_d, pos_d] = slots_d.to(torch.int32)
         groups = build_extend_groups(self.pool, rows, prefix_lens, q_lens, self.device)
-        batch = ForwardBatch(self.pool, slots_d, fused=self.use_decode_kernel, groups=groups)
+        compiled = decode_step and self._compiled_for(len(rows))
+        batch = ForwardBatch(self.pool, slots_d, fused=self.use_decode_kernel, groups=groups, compiled_layers=compiled)
         keep_d = torch.tensor(keep, dtype=torch.int64).to(self.device, non_blocking=True)
         out = self.model(
             input_ids=ids_d[None], position_ids=pos_d[None], use_cache=False, logits_to_keep=keep_d, **{BATCH_KWARG: batch}
@@ -237,7 +278,7 @@ class ModelRunner:
 
     def _decode_logits(self, rows, positions, last_tokens, slots) -> torch.Tensor:
         if not self.use_decode_kernel:  # the gather + SDPA path, one query per row
-            return self._extend_logits(rows, positions, [[t] for t in last_tokens], slots, list(range(len(rows))))
+            return self._extend_logits(rows, positions, [[t] for t in last_tokens], slots, list(range(len(rows))), decode_step=True)
         host = torch.cat([torch.tensor([last_tokens, positions, rows], dtype=torch.int64), slots.view(1, -1)])
         if self.graphs is not None and len(rows) <= self.graphs.max_bs:
             return self.graphs.replay(host)
@@ -248,7 +289,8 @@ class ModelRunner:
         """The decode step as a pure function of device tensors (what a CUDA graph captures)."""
         assert self.pool is not None, "generation runs only while the KV pool exists"
         self.pool.req_to_token[rows.long(), positions] = slots.to(torch.int32)
-        batch = ForwardBatch(self.pool, slots, decode=True, fused=True, rows=rows, seq_lens=seq_lens)
+        compiled = self._compiled_for(ids.shape[0])
+        batch = ForwardBatch(self.pool, slots, decode=True, fused=True, rows=rows, seq_lens=seq_lens, compiled_layers=compiled)
         out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch})
         return out.logits[0]
 
@@ -342,6 +384,8 @@ class ModelRunner:
             if self._lora is not None:
                 self._lora.remove()
             self._lora = ServedLora(self.model, adapter)
+            if self.compiled is not None:
+                logger.warning("LoRA adapter %s: decode steps run the eager layers from now on (--enable-torch-compile)", adapter.name)
             if self.graphs is not None:
                 self.graphs = None
                 self._capture_graphs()

@@ -15,6 +15,8 @@ class EngineOptions:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int | None = None
 
     def __post_init__(self) -> None:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -23,6 +25,13 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.torch_compile_max_bs is not None:
+            if not self.enable_torch_compile:
+                raise ValueError(f"--torch-compile-max-bs {self.torch_compile_max_bs} has no effect without --enable-torch-compile")
+            if self.torch_compile_max_bs < 2:
+                raise ValueError(
+                    f"--torch-compile-max-bs must be >= 2, got {self.torch_compile_max_bs} (a batch of one decodes with the eager layers)"
+                )
         if self.chunked_prefill_size < 1:
             raise ValueError(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
 
@@ -35,5 +44,7 @@ FLAG_HELP = {
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: min(max_running_requests, 512))",
     "disable_cuda_graph": "decode eagerly instead of under captured CUDA graphs",
     "disable_radix_cache": "no prefix cache: every request prefills its whole prompt",
+    "enable_torch_compile": "torch.compile the decoder layers for decode steps of 2..--torch-compile-max-bs requests (compiled at start, before the CUDA graphs)",
+    "torch_compile_max_bs": "largest decode batch run through the compiled layers (default 32, SGLang's); larger ones run the eager layers",
 }
 assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rl_sglang.embedded.decode_kernel import triton_available
 
 # SGLang fields the embedded engine does not implement: accepted only at their neutral value.
 _NEUTRAL_FIELDS: dict[str, Any] = {
@@ -91,8 +94,15 @@ class SamplingBatch:
             self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_sampler_applies(device: torch.device, batch: SamplingBatch) -> bool:
+    """Whether `sample` takes the one-kernel path: CUDA with Triton, and no row truncated by top-k/top-p."""
+    return device.type == "cuda" and not batch.truncated and _triton()
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits` [B, V] on their device; return (tokens [B], log-probs [B]).
+    `fused`: allow `fused_sampling`'s kernel where `fused_sampler_applies` (the same draws in law,
+    not the same random numbers as the PyTorch path).
 
     The log-prob is log_softmax(logits / temperature) at the chosen token, taken before top-k/top-p
     truncation, so at temperature 1 it is the model's own distribution (what a trainer recomputes).
@@ -100,6 +110,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     runs them at temperature 1 with top_k 1). Sampling is an exponential race, argmax(p / E) with
     E ~ Exp(1), which draws from p exactly without a cumulative sum or a sort.
     """
+    if fused and fused_sampler_applies(logits.device, batch):
+        from rl_sglang.embedded.fused_sampling import fused_sample
+
+        return fused_sample(logits, batch.temperatures, None if batch.greedy else batch.sampled, generator)
     logits = logits.float()
     log_probs = torch.log_softmax(logits / batch.temperatures[:, None], dim=-1)
     tokens = logits.argmax(dim=-1)
@@ -112,6 +126,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
         tokens = torch.where(batch.sampled, drawn, tokens)
     chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
     return tokens, chosen
+
+
+@functools.cache
+def _triton() -> bool:  # looked up once, not on every step
+    return triton_available()
 
 
 def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
