@@ -72,8 +72,11 @@ class SchedulerCounters:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     step_s: float = 0.0  # prefill and decode steps, the scheduler's bookkeeping for them included
     model_s: float = 0.0  # of which on the model thread (forward, sampling, the wait for the device)
+    answer_s: float = 0.0  # of which building finished requests' answers (text, ids, log-probs)
     idle_s: float = 0.0  # waiting for requests (or for KV slots)
+    respond_s: float = 0.0  # the server serialising /generate answers to JSON (on the event loop, outside steps)
     last_submit_monotonic_s: float = 0.0  # time.monotonic() of the latest request's arrival
+    last_finish_monotonic_s: float = 0.0  # time.monotonic() of the latest answer's completion
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
@@ -453,6 +456,7 @@ class Scheduler:
     def _finish(self, request: Request, finish_reason: dict[str, Any]) -> None:
         if request.done:
             return
+        started = time.perf_counter()
         request.finished = True
         meta_info: dict[str, Any] = {
             "id": request.rid,
@@ -473,6 +477,8 @@ class Scheduler:
                 "meta_info": meta_info,
             }
         )
+        self.counters.answer_s += time.perf_counter() - started
+        self.counters.last_finish_monotonic_s = time.monotonic()
 
 
 def _ready_slots(entry: PrefixEntry | None) -> torch.Tensor:
