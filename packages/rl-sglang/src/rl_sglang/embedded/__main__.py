@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help=FLAG_HELP["cuda_graph_max_bs"])
     parser.add_argument("--disable-cuda-graph", action="store_true", help=FLAG_HELP["disable_cuda_graph"])
     parser.add_argument("--disable-radix-cache", action="store_true", help=FLAG_HELP["disable_radix_cache"])
+    parser.add_argument("--disable-overlap-schedule", action="store_true", help=FLAG_HELP["disable_overlap_schedule"])
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 

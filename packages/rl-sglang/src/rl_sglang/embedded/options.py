@@ -15,6 +15,7 @@ class EngineOptions:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -35,5 +36,6 @@ FLAG_HELP = {
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: min(max_running_requests, 512))",
     "disable_cuda_graph": "decode eagerly instead of under captured CUDA graphs",
     "disable_radix_cache": "no prefix cache: every request prefills its whole prompt",
+    "disable_overlap_schedule": "run each decode step after the last one's results are processed, not while they are",
 }
 assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}

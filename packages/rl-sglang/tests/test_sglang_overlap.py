@@ -1,0 +1,68 @@
+"""The embedded engine's overlapped decode schedule (step k+1 queued before step k's results are processed)
+against the serial one (`--disable-overlap-schedule`) and against a plain HF forward of each request alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rl_sglang.client import SGLangClient
+from rl_sglang.embedded import EmbeddedEngine
+from rl_sglang.embedded.options import EngineOptions
+
+PROMPTS = [[5, 9, 14, 3], [7, 8], [20, 21, 22, 23, 24], [11], [30, 2, 17]]
+LENGTHS = [14, 6, 11, 9, 1]
+
+
+async def _run(model_dir, stops: list[list[int]], **options) -> tuple[list[dict], dict, int]:
+    """Every prompt at once (greedy, log-probs on); the answers, the counters they took and the KV slots
+    free afterwards."""
+    engine = EmbeddedEngine(
+        str(model_dir), device="cpu", dtype="float32", max_running_requests=8,
+        options=EngineOptions(disable_radix_cache=True, **options),
+    )  # fmt: skip
+    await asyncio.wait_for(engine.start(), 60)
+    client = SGLangClient(engine.url, timeout_s=60)
+    try:
+        before = engine.scheduler.counters_now()
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    client.generate({
+                        "input_ids": prompt, "return_logprob": True,
+                        "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": n, "stop_token_ids": stop},
+                    })  # fmt: skip
+                    for prompt, n, stop in zip(PROMPTS, LENGTHS, stops)
+                )
+            ),
+            60,
+        )
+        after = engine.scheduler.counters_now()
+        free = engine.runner.pool.allocator.available
+        return answers, {k: after[k] - before[k] for k in after}, engine.runner.pool.tokens - free
+    finally:
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)
+
+
+async def test_the_overlapped_schedule_gives_the_serial_greedy_tokens_and_logprobs_and_stops_without_an_extra_token(model_dir, ref):
+    free_runs = [ref.greedy(model_dir, p, n) for p, n in zip(PROMPTS, LENGTHS)]
+    # request 0 and 2 end on a stop token mid-way (the token they would emit at step 3 and 5), the others by length
+    stops = [[free_runs[0][3]], [], [free_runs[2][5]], [], []]
+    overlapped, counts_overlapped, held_overlapped = await _run(model_dir, stops)
+    serial, counts_serial, held_serial = await _run(model_dir, stops, disable_overlap_schedule=True)
+    for prompt, free_run, stop, a, b in zip(PROMPTS, free_runs, stops, overlapped, serial):
+        expected = free_run[: free_run.index(stop[0]) + 1] if stop else free_run
+        assert a["output_ids"] == b["output_ids"] == expected
+        assert a["meta_info"]["completion_tokens"] == len(expected)
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+        assert [e[1] for e in a["meta_info"]["output_token_logprobs"]] == expected
+        lp_a = [e[0] for e in a["meta_info"]["output_token_logprobs"]]
+        lp_b = [e[0] for e in b["meta_info"]["output_token_logprobs"]]
+        assert lp_a == pytest.approx(lp_b, abs=1e-6)
+        assert lp_a == pytest.approx(ref.teacher_forced_logprobs(model_dir, prompt, expected), abs=1e-4)
+    # the overlap runs one row more for each request a stop token ended (found a step late), none for lengths
+    assert counts_overlapped["decode_rows"] - counts_serial["decode_rows"] == 2
+    assert counts_overlapped["decode_steps"] == counts_serial["decode_steps"]
+    assert held_overlapped == held_serial == 0  # every slot, the extra rows' ones included, is back in the pool
