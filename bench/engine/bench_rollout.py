@@ -144,8 +144,10 @@ async def engine_run(
     return {**row, **split(before, after, started, elapsed, max(arrivals))}
 
 
-async def engine_bench(model_dir: str, counts: list[int], args) -> tuple[list[dict], str]:
+async def engine_bench(model_dir: str, counts: list[int], args, schedule: str) -> tuple[list[dict], str]:
     flags: dict = {"device": args.device, "max_running_requests": args.max_running_requests}
+    if schedule == "serial":
+        flags["disable_overlap_schedule"] = True
     if args.device == "cuda":
         flags.update(dtype="bfloat16", cuda_graph_max_bs=args.cuda_graph_max_bs, mem_fraction_static=args.mem_fraction_static)
     else:  # the pool is sized by its token count on a CPU
@@ -164,7 +166,7 @@ async def engine_bench(model_dir: str, counts: list[int], args) -> tuple[list[di
             for index, count in enumerate(counts):
                 row = await engine_run(client, prompts(count, seed=count, vocab=vocab), keep=kept if index == 0 else None)
                 results.append(row)
-                print(" ".join(f"{k}={row[k]}" for k in ("requests", *SPLIT_COLUMNS)), flush=True)
+                print(f"{schedule}: " + " ".join(f"{k}={row[k]}" for k in ("requests", *SPLIT_COLUMNS)), flush=True)
             first_8 = prompts(counts[0], seed=counts[0], vocab=vocab)[:8]
             results.append({"logprob_gap_first_8": await asyncio.to_thread(logprob_gap, model_dir, kept[:8], first_8, args.device)})
             if not args.skip_extras:
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="no HF generate baseline (always skipped on a CPU)")
     parser.add_argument("--skip-extras", action="store_true", help="no one-payload and 64x4 prefix-cache runs")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--schedules", nargs="+", choices=["overlap", "serial"], default=["overlap"],
+                        help="one engine each: the overlapped decode schedule, the serial one (--disable-overlap-schedule)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Qwen3 with 1,024 tokens, not 0.6B-shaped")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -207,9 +211,17 @@ def main() -> None:
         del model
         if on_gpu:
             torch.cuda.empty_cache()
-        report["engine"], tail = asyncio.run(engine_bench(model_dir, args.requests, args))
+        tails = {}
+        for schedule in args.schedules:
+            report[f"engine_{schedule}"], tails[schedule] = asyncio.run(engine_bench(model_dir, args.requests, args, schedule))
     print(json.dumps(report, indent=1), flush=True)
-    print("---- engine stderr tail ----\n" + tail, flush=True)
+    for schedule, tail in tails.items():
+        print(f"---- engine stderr tail ({schedule}) ----\n" + tail, flush=True)
+    print(f"{'schedule':<10}{'requests':>9}" + "".join(f"{c:>14}" for c in SPLIT_COLUMNS))
+    for schedule in args.schedules:
+        for row in report[f"engine_{schedule}"]:
+            if "requests" in row and "one_payload" not in row and "prompts_x_samples" not in row:
+                print(f"{schedule:<10}{row['requests']:>9}" + "".join(f"{row[c]:>14}" for c in SPLIT_COLUMNS))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=1)

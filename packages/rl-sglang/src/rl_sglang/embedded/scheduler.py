@@ -372,7 +372,7 @@ class Scheduler:
             request.table_pending = False
         sample_at = [i for i, (r, take) in enumerate(batch) if r.kv_len + take == len(r.input_ids)]
         params = [batch[i][0].params for i in sample_at]
-        for request, take in batch:
+        for request, _ in batch:
             request.busy += 1
         try:
             tokens, logprobs = await self._model_step(
@@ -409,7 +409,8 @@ class Scheduler:
             return False
         slots = self._alloc(len(batch))
         self._reserved -= len(batch)
-        rows = [r.row for r in batch]
+        rows = [r.row for r in batch if r.row is not None]
+        assert len(rows) == len(batch), "a decoding request holds a row until it is released"
         positions = [r.kv_len + r.busy for r in batch]  # each queued step adds one position
         pool.assign(torch.tensor(rows, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), slots)
         before = self._queued[-1] if self._queued else None
