@@ -104,3 +104,31 @@ async def test_a_decode_step_that_fails_fails_its_requests_returns_their_slots_a
     finally:
         await client.close()
         await asyncio.wait_for(engine.stop(), 60)
+
+
+async def test_pausing_in_place_mid_decode_stops_after_the_queued_steps_and_continuing_gives_the_same_tokens(model_dir, ref):
+    engine = EmbeddedEngine(str(model_dir), device="cpu", dtype="float32", max_running_requests=8)
+    await asyncio.wait_for(engine.start(), 60)
+    client = SGLangClient(engine.url, timeout_s=60)
+    payload = {"input_ids": PROMPTS[0], "rid": "p", "return_logprob": True,
+               "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": 40}}  # fmt: skip
+    try:
+        task = asyncio.create_task(client.generate(payload))
+        while len(getattr(engine.scheduler._by_rid.get("p"), "output_ids", ())) < 5:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(client.pause_generation(mode="in_place"), 10)
+        while engine.scheduler._queued:  # the steps queued at the pause are collected
+            await asyncio.sleep(0.001)
+        held = engine.scheduler._by_rid["p"]
+        paused_at, steps = len(held.output_ids), engine.scheduler.counters.decode_steps
+        await asyncio.sleep(0.2)  # and no new one starts
+        assert (len(held.output_ids), engine.scheduler.counters.decode_steps) == (paused_at, steps) and paused_at < 40
+        assert not engine.scheduler._queued
+        await asyncio.wait_for(client.continue_generation(), 10)
+        answer = await asyncio.wait_for(task, 60)
+    finally:
+        await client.close()
+        await asyncio.wait_for(engine.stop(), 60)
+    assert answer["output_ids"] == ref.greedy(model_dir, PROMPTS[0], 40)
+    served = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
+    assert served == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPTS[0], answer["output_ids"]), abs=1e-4)
