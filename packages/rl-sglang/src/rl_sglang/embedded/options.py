@@ -17,6 +17,7 @@ class EngineOptions:
     disable_radix_cache: bool = False
     enable_torch_compile: bool = False
     torch_compile_max_bs: int | None = None
+    disable_overlap_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -46,5 +47,6 @@ FLAG_HELP = {
     "disable_radix_cache": "no prefix cache: every request prefills its whole prompt",
     "enable_torch_compile": "torch.compile the decoder layers for decode steps of 2..--torch-compile-max-bs requests (compiled at start, before the CUDA graphs)",
     "torch_compile_max_bs": "largest decode batch run through the compiled layers (default 32, SGLang's); larger ones run the eager layers",
+    "disable_overlap_schedule": "run each decode step after the last one's results are processed, not while they are",
 }
 assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}

@@ -6,7 +6,11 @@ Requests join at the next iteration and leave as soon as they finish, freeing th
 
 Model work runs on one model thread, strictly one step at a time; the event loop stays free for
 /health, /abort_request and weight updates. All bookkeeping (slots, rows, prefix cache) happens on
-the event loop, between steps.
+the event loop. Decode steps overlap it (SGLang's overlap schedule): step k+1 is queued on the model
+thread, its input tokens taken there from step k's output, before the loop processes step k's
+results (stop checks, answers), so that work hides behind the forward. A request that a stop token
+ends at step k is found one step late; its token of step k+1 is dropped. One that reaches its
+length is left out of steps beyond it, so it costs no extra step.
 """
 
 from __future__ import annotations
@@ -53,10 +57,21 @@ class Request:
     need: int = 0  # slots reserved at admission: its new prompt tokens and its most output tokens
     stops: frozenset[int] = frozenset()  # tokens that end it (EOS unless ignore_eos, and stop_token_ids)
     finished: bool = False  # set with the future's result (or its cancellation): cheap to test per step
+    busy: int = 0  # queued steps that include it: its row and slots stay until they are collected
 
     @property
     def done(self) -> bool:
         return self.future.done()
+
+
+@dataclass(eq=False)
+class DecodeStep:
+    """A decode step queued on the model thread; `tokens` is set there when it is done, for the next
+    step's inputs."""
+
+    batch: list[Request]
+    result: asyncio.Future[tuple[list[int], list[float]]] | None = None
+    tokens: list[int] | None = None
 
 
 @dataclass
@@ -72,8 +87,11 @@ class SchedulerCounters:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     step_s: float = 0.0  # prefill and decode steps, the scheduler's bookkeeping for them included
     model_s: float = 0.0  # of which on the model thread (forward, sampling, the wait for the device)
+    answer_s: float = 0.0  # of which building finished requests' answers (text, ids, log-probs)
     idle_s: float = 0.0  # waiting for requests (or for KV slots)
+    respond_s: float = 0.0  # the server serialising /generate answers to JSON (on the event loop, outside steps)
     last_submit_monotonic_s: float = 0.0  # time.monotonic() of the latest request's arrival
+    last_finish_monotonic_s: float = 0.0  # time.monotonic() of the latest answer's completion
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
@@ -89,9 +107,12 @@ class Scheduler:
         self._prefilling: list[Request] = []
         self._decoding: list[Request] = []
         self._reserved = 0  # slots admitted requests may still take
-        self._decode_version = 0  # bumped whenever the decoding set changes
+        self._depth = 1 if runner.options.disable_overlap_schedule else 2  # decode steps queued at once
+        self._queued: deque[DecodeStep] = deque()  # decode steps on the model thread, oldest first
+        self._last_batch: list[Request] = []  # the requests of the latest decode step queued, in order
+        self._batch_key = 0  # bumped whenever a decode step's batch differs from the one before
+        self._ended: list[Request] = []  # finished since the last reap
         self._weight_generation = runner.weight_generation
-        self._stepping = False
         self._by_rid: dict[str, Request] = {}
         self._holds: set[str] = set()
         self._not_held = asyncio.Event()
@@ -126,7 +147,10 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _model_step(self, fn: Callable[..., T], *args: Any) -> T:
-        """`on_model_thread` for a generation step, its time on the thread counted in `model_s`."""
+        return await self._queue_model_step(fn, *args)
+
+    def _queue_model_step(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a generation step on the model thread now, its time there counted in `model_s`."""
 
         def timed() -> T:
             started = time.perf_counter()
@@ -135,7 +159,7 @@ class Scheduler:
             finally:
                 self.counters.model_s += time.perf_counter() - started
 
-        return await self.on_model_thread(timed)
+        return asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -158,6 +182,7 @@ class Scheduler:
 
     def _forget(self, request: Request) -> None:
         request.finished = True
+        self._ended.append(request)  # also reached when its future is cancelled, not finished here
         if self._by_rid.get(request.rid) is request:
             del self._by_rid[request.rid]
 
@@ -168,8 +193,7 @@ class Scheduler:
         for request in targets:
             self._finish(request, {"type": "abort", "message": "Abort in waiting queue" if not request.output_ids else "Abort request"})
         self._waiting = deque(r for r in self._waiting if not r.done)
-        if not self._stepping:
-            self._reap()
+        self._reap()
         return len(targets)
 
     def flush_cache(self) -> None:
@@ -201,14 +225,18 @@ class Scheduler:
         for request in self._prefilling + self._decoding:
             if not request.done:
                 self._finish(request, {"type": "abort", "message": "Abort to release memory"})
-        if not self._stepping:
-            self._reap()
+        self._reap()
         await self._batch_empty.wait()
 
     # ---- the loop -----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
         while True:
+            if self._holds:  # steps already queued finish before generation is held
+                started = time.perf_counter()
+                while self._queued:
+                    await self._run(self._collect_decode)
+                self.counters.step_s += time.perf_counter() - started
             await self._not_held.wait()
             self._admit()
             if not self._prefilling and not self._decoding:
@@ -218,12 +246,16 @@ class Scheduler:
                 else:  # nothing fits until something else changes (an abort, a resume)
                     await self._wait_for_work(0.05)
                 continue
-            started = time.perf_counter()
+            started, steps = time.perf_counter(), self.counters.prefill_steps + self.counters.decode_steps
             if self._prefilling:
                 await self._run(self._prefill_step)
-            if self._decoding and not self._holds:
-                await self._run(self._decode_step)
+            await self._run(self._queue_decodes)
+            if self._queued:
+                await self._run(self._collect_decode)
             self.counters.step_s += time.perf_counter() - started
+            if steps == self.counters.prefill_steps + self.counters.decode_steps:
+                await asyncio.sleep(0)  # only ended requests left: let their done callbacks run, then reap them
+                self._reap()
             self._log_stats()
 
     def counters_now(self) -> dict[str, float]:
@@ -245,16 +277,16 @@ class Scheduler:
             self._idle_since = None
 
     async def _run(self, step: Callable[[], Any]) -> None:
-        self._stepping = True
         try:
             await step()
         except Exception as exc:  # a failed forward fails its requests, not the server
             logger.exception("generation step failed")
             for request in self._prefilling + self._decoding:
                 if not request.done:
+                    request.finished = True
                     request.future.set_exception(exc)
+                    self._ended.append(request)
         finally:
-            self._stepping = False
             self._reap()
 
     def _admit(self) -> None:
@@ -340,13 +372,18 @@ class Scheduler:
             request.table_pending = False
         sample_at = [i for i, (r, take) in enumerate(batch) if r.kv_len + take == len(r.input_ids)]
         params = [batch[i][0].params for i in sample_at]
-        tokens, logprobs = await self._model_step(
-            self.runner.extend, rows, prefix_lens, chunks, slots, sample_at, params, table_writes
-        )
+        for request, _ in batch:
+            request.busy += 1
+        try:
+            tokens, logprobs = await self._model_step(
+                self.runner.extend, rows, prefix_lens, chunks, slots, sample_at, params, table_writes
+            )
+        finally:
+            for request, take in batch:
+                request.busy -= 1
+                request.kv_len += take
         self.counters.prefill_steps += 1
         self.counters.prefill_tokens += len(slots)
-        for request, take in batch:
-            request.kv_len += take
         for i, token, logprob in zip(sample_at, tokens, logprobs):
             request = batch[i][0]
             if request.filling and not request.done:
@@ -357,27 +394,79 @@ class Scheduler:
             self._absorb(request, token, logprob)
             self._prefilling.remove(request)
             self._decoding.append(request)
-            self._decode_version += 1
 
-    async def _decode_step(self) -> None:
+    async def _queue_decodes(self) -> None:
+        while not self._holds and len(self._queued) < self._depth and self._queue_decode():
+            pass
+
+    def _queue_decode(self) -> bool:
+        """Queue one decode step over the running requests that may still need a token (those queued
+        steps do not already take to their length); False when there is none. A request in the step
+        queued before takes that step's token, read on the model thread once it is there."""
         pool, _ = self._kv()
-        batch = [r for r in self._decoding if not r.finished]
+        batch = [r for r in self._decoding if not r.finished and len(r.output_ids) + r.busy < r.limit]
         if not batch:
-            return
+            return False
         slots = self._alloc(len(batch))
         self._reserved -= len(batch)
-        rows = [r.row for r in batch]
-        positions = [r.kv_len for r in batch]
+        rows = [r.row for r in batch if r.row is not None]
+        assert len(rows) == len(batch), "a decoding request holds a row until it is released"
+        positions = [r.kv_len + r.busy for r in batch]  # each queued step adds one position
         pool.assign(torch.tensor(rows, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), slots)
-        tokens, logprobs = await self._model_step(
-            self.runner.decode, rows, positions, [r.output_ids[-1] for r in batch], slots,
-            [r.params for r in batch], (self._decode_version, len(batch)),
-        )  # fmt: skip
+        before = self._queued[-1] if self._queued else None
+        same = batch == self._last_batch
+        if not same:
+            self._batch_key += 1
+            self._last_batch = batch
+        if before is None:
+            known: list[int] | None = [r.output_ids[-1] for r in batch]
+            take_from: list[int] = []
+        elif same:
+            known, take_from = None, []  # the step before's tokens, as they are
+        else:
+            index = {id(r): j for j, r in enumerate(before.batch)}
+            take_from = [index.get(id(r), -1) for r in batch]  # -1: no queued step has it, its last token is known
+            known = [r.output_ids[-1] if j < 0 else 0 for r, j in zip(batch, take_from)]
+        for request in batch:
+            request.busy += 1
+        step = DecodeStep(batch)
+        params, key = [r.params for r in batch], (self._batch_key, len(batch))
+
+        def run() -> tuple[list[int], list[float]]:
+            if known is None or take_from:
+                previous = before.tokens if before is not None else None
+                if previous is None:
+                    raise RuntimeError("the decode step before this one failed")
+                last = previous if known is None else [previous[j] if j >= 0 else t for j, t in zip(take_from, known)]
+            else:
+                last = known
+            tokens, logprobs = self.runner.decode(rows, positions, last, slots, params, key)
+            step.tokens = tokens
+            return tokens, logprobs
+
+        step.result = self._queue_model_step(run)
+        self._queued.append(step)
+        return True
+
+    async def _collect_decode(self) -> None:
+        """Wait for the oldest queued decode step and take its tokens (the next one runs meanwhile)."""
+        step = self._queued[0]
+        assert step.result is not None, "a queued step has its result future"
+        try:
+            tokens, logprobs = await step.result
+        except BaseException:
+            for request in step.batch:  # its slot is in the table: freed with the rest at release
+                request.busy -= 1
+                request.kv_len += 1
+            raise
+        finally:
+            self._queued.popleft()
         self.counters.decode_steps += 1
-        self.counters.decode_rows += len(batch)
-        for request, token, logprob in zip(batch, tokens, logprobs):  # the hot loop: kept lean
+        self.counters.decode_rows += len(step.batch)
+        for request, token, logprob in zip(step.batch, tokens, logprobs):  # the hot loop: kept lean
+            request.busy -= 1
             request.kv_len += 1
-            if request.finished:  # aborted while the step ran
+            if request.finished:  # ended by an earlier step's stop token, or aborted while this one ran
                 continue
             output = request.output_ids
             output.append(token)
@@ -400,14 +489,20 @@ class Scheduler:
             self._finish(request, {"type": "length", "length": len(request.output_ids)})
 
     def _reap(self) -> None:
-        """Give the slots, rows and prefix references of finished requests back."""
-        ended = [r for r in self._prefilling if r.done] + [r for r in self._decoding if r.done]
-        if ended:
+        """Give the slots, rows and prefix references of finished requests back, once no queued step
+        uses them (the rest wait for the next reap)."""
+        if self._ended:
+            ended, self._ended = self._ended, []
+            released = False
             for request in ended:
-                self._release(request)
-            self._prefilling = [r for r in self._prefilling if r.row is not None]
-            self._decoding = [r for r in self._decoding if r.row is not None]
-            self._decode_version += 1
+                if request.busy:
+                    self._ended.append(request)
+                elif request.row is not None:
+                    self._release(request)
+                    released = True
+            if released:
+                self._prefilling = [r for r in self._prefilling if r.row is not None]
+                self._decoding = [r for r in self._decoding if r.row is not None]
         if not self._prefilling and not self._decoding:
             self._batch_empty.set()
         else:
@@ -453,7 +548,9 @@ class Scheduler:
     def _finish(self, request: Request, finish_reason: dict[str, Any]) -> None:
         if request.done:
             return
+        started = time.perf_counter()
         request.finished = True
+        self._ended.append(request)
         meta_info: dict[str, Any] = {
             "id": request.rid,
             "finish_reason": finish_reason,
@@ -473,6 +570,8 @@ class Scheduler:
                 "meta_info": meta_info,
             }
         )
+        self.counters.answer_s += time.perf_counter() - started
+        self.counters.last_finish_monotonic_s = time.monotonic()
 
 
 def _ready_slots(entry: PrefixEntry | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, TypeVar
 
@@ -158,7 +159,10 @@ class EmbeddedEngine:
                 for r in submitted:
                     self.scheduler.abort(r.rid)
                 raise
-        return web.json_response(answers if batched else answers[0])
+        started = time.perf_counter()
+        response = web.json_response(answers if batched else answers[0])
+        self.scheduler.counters.respond_s += time.perf_counter() - started
+        return response
 
     def _submit(self, rid: str, prompt: list[int], params: SamplingParams, return_logprob: bool) -> Any:
         request = parse(lambda: self.scheduler.submit(rid, prompt, params, return_logprob))
