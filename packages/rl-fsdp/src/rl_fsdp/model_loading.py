@@ -52,6 +52,12 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants dynamo keeps of one decoder layer's forward before it runs the rest eagerly. Every model of
+an architecture in the process (policy, reference, critic) shares the layer's code, and grad mode, activation
+checkpointing and packed-or-padded rows each double the variants: eight, dynamo's default, is soon reached."""
+
+
 def shard_model(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, layer_classes: set[str] | None = None,
     compile_layers: bool = False,
@@ -68,6 +74,8 @@ def shard_model(
         layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     if not layer_classes:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    if compile_layers:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for module in model.modules():
         if type(module).__name__ in layer_classes:
             if compile_layers:
