@@ -150,8 +150,10 @@ async def engine_bench(model_dir: str, counts: list[int], args, schedule: str) -
         flags["enable_torch_compile"] = True
         if args.torch_compile_max_bs is not None:
             flags["torch_compile_max_bs"] = args.torch_compile_max_bs
-    if schedule == "serial":
+    if schedule == "serial" and args.device == "cpu":
         flags["disable_overlap_schedule"] = True
+    if schedule == "overlap" and args.device == "cuda":
+        flags["enable_overlap_schedule"] = True
     if args.device == "cuda":
         flags.update(dtype="bfloat16", cuda_graph_max_bs=args.cuda_graph_max_bs, mem_fraction_static=args.mem_fraction_static)
     else:  # the pool is sized by its token count on a CPU
@@ -196,8 +198,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="no HF generate baseline (always skipped on a CPU)")
     parser.add_argument("--skip-extras", action="store_true", help="no one-payload and 64x4 prefix-cache runs")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--schedules", nargs="+", choices=["overlap", "serial"], default=["overlap"],
-                        help="one engine each: the overlapped decode schedule, the serial one (--disable-overlap-schedule)")
+    parser.add_argument("--schedules", nargs="+", choices=["overlap", "serial"], default=["serial"],
+                        help="one engine each: the serial decode schedule (the CUDA default), the overlapped one (the CPU default)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Qwen3 with 1,024 tokens, not 0.6B-shaped")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

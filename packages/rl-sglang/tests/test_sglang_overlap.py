@@ -58,7 +58,8 @@ async def test_the_overlapped_schedule_gives_the_serial_greedy_tokens_and_logpro
     free_runs = [ref.greedy(model_dir, p, n) for p, n in zip(PROMPTS, LENGTHS)]
     # request 0 and 2 end on a stop token mid-way (the token they would emit at step 3 and 5), the others by length
     stops = [[free_runs[0][3]], [], [free_runs[2][5]], [], []]
-    overlapped, counts_overlapped, held_overlapped = await _run(model_dir, device, stops)
+    on = {"enable_overlap_schedule": True} if device == "cuda" else {}  # serial is CUDA's default
+    overlapped, counts_overlapped, held_overlapped = await _run(model_dir, device, stops, **on)
     serial, counts_serial, held_serial = await _run(model_dir, device, stops, disable_overlap_schedule=True)
     for prompt, free_run, stop, a, b in zip(PROMPTS, free_runs, stops, overlapped, serial):
         expected = free_run[: free_run.index(stop[0]) + 1] if stop else free_run
@@ -132,3 +133,11 @@ async def test_pausing_in_place_mid_decode_stops_after_the_queued_steps_and_cont
     assert answer["output_ids"] == ref.greedy(model_dir, PROMPTS[0], 40)
     served = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
     assert served == pytest.approx(ref.teacher_forced_logprobs(model_dir, PROMPTS[0], answer["output_ids"]), abs=1e-4)
+
+
+def test_the_overlapped_schedule_is_the_cpu_default_and_on_cuda_only_asked_for():
+    assert EngineOptions().overlap_schedule("cpu") and not EngineOptions().overlap_schedule("cuda")
+    assert EngineOptions(enable_overlap_schedule=True).overlap_schedule("cuda")
+    assert not EngineOptions(disable_overlap_schedule=True).overlap_schedule("cpu")
+    with pytest.raises(ValueError, match="contradict"):
+        EngineOptions(disable_overlap_schedule=True, enable_overlap_schedule=True)

@@ -31,7 +31,7 @@ EMBEDDED_FLAGS = (
     "device", "dtype", "max_running_requests", "random_seed", "seed", "mem_fraction_static", "max_total_tokens",
     "context_length", "chunked_prefill_size", "cuda_graph_max_bs", "disable_cuda_graph", "disable_radix_cache",
     "enable_torch_compile", "torch_compile_max_bs",
-    "disable_overlap_schedule",
+    "disable_overlap_schedule", "enable_overlap_schedule",
 )
 _STDERR_TAIL_CHARS = 4000
 

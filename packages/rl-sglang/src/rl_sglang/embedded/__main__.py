@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enable-torch-compile", action="store_true", help=FLAG_HELP["enable_torch_compile"])
     parser.add_argument("--torch-compile-max-bs", type=int, default=None, help=FLAG_HELP["torch_compile_max_bs"])
     parser.add_argument("--disable-overlap-schedule", action="store_true", help=FLAG_HELP["disable_overlap_schedule"])
+    parser.add_argument("--enable-overlap-schedule", action="store_true", help=FLAG_HELP["enable_overlap_schedule"])
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 

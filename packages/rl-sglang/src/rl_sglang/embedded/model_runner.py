@@ -443,6 +443,10 @@ class ModelRunner:
 def _ignored_here(options: EngineOptions, device: torch.device, graphs_possible: bool) -> list[str]:
     """The flags given that mean nothing on this device (no GPU memory to share, no CUDA graphs)."""
     ignored = []
+    if device.type == "cuda" and options.disable_overlap_schedule:
+        ignored.append("--disable-overlap-schedule (decode steps run serially on CUDA already; --enable-overlap-schedule overlaps them)")
+    if device.type != "cuda" and options.enable_overlap_schedule:
+        ignored.append("--enable-overlap-schedule (a CPU engine overlaps decode steps already)")
     if device.type != "cuda" and options.mem_fraction_static is not None:
         ignored.append(f"--mem-fraction-static {options.mem_fraction_static} (the pool is sized by --max-total-tokens)")
     if not graphs_possible:

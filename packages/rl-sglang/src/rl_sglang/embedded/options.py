@@ -8,6 +8,10 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """SGLang's defaults, except the overlapped decode schedule: on by default on a CPU only, where host work is
+    most of a step; on CUDA the event loop's work then competes with the model thread for the GIL, and a rollout
+    of 256 requests measured 12% slower overlapped than serial on an H200."""
+
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     context_length: int | None = None
@@ -18,6 +22,13 @@ class EngineOptions:
     enable_torch_compile: bool = False
     torch_compile_max_bs: int | None = None
     disable_overlap_schedule: bool = False
+    enable_overlap_schedule: bool = False
+
+    def overlap_schedule(self, device_type: str) -> bool:
+        """Whether decode steps overlap their results' processing on this device."""
+        if self.disable_overlap_schedule:
+            return False
+        return self.enable_overlap_schedule or device_type != "cuda"
 
     def __post_init__(self) -> None:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -33,6 +44,8 @@ class EngineOptions:
                 raise ValueError(
                     f"--torch-compile-max-bs must be >= 2, got {self.torch_compile_max_bs} (a batch of one decodes with the eager layers)"
                 )
+        if self.disable_overlap_schedule and self.enable_overlap_schedule:
+            raise ValueError("--disable-overlap-schedule and --enable-overlap-schedule contradict each other; give one")
         if self.chunked_prefill_size < 1:
             raise ValueError(f"--chunked-prefill-size must be >= 1, got {self.chunked_prefill_size}")
 
@@ -47,6 +60,8 @@ FLAG_HELP = {
     "disable_radix_cache": "no prefix cache: every request prefills its whole prompt",
     "enable_torch_compile": "torch.compile the decoder layers for decode steps of 2..--torch-compile-max-bs requests (compiled at start, before the CUDA graphs)",
     "torch_compile_max_bs": "largest decode batch run through the compiled layers (default 32, SGLang's); larger ones run the eager layers",
-    "disable_overlap_schedule": "run each decode step after the last one's results are processed, not while they are",
+    "disable_overlap_schedule": "run each decode step after the last one's results are processed, not while they are (the default on CUDA)",
+    "enable_overlap_schedule": "embedded engine only: overlap decode steps with their results' processing on CUDA too (the CPU default;"
+    " on an H200 it measured slower, bench/engine/README.md)",
 }
 assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}

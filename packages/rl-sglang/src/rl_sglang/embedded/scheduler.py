@@ -6,7 +6,8 @@ Requests join at the next iteration and leave as soon as they finish, freeing th
 
 Model work runs on one model thread, strictly one step at a time; the event loop stays free for
 /health, /abort_request and weight updates. All bookkeeping (slots, rows, prefix cache) happens on
-the event loop. Decode steps overlap it (SGLang's overlap schedule): step k+1 is queued on the model
+the event loop. Decode steps may overlap it (SGLang's overlap schedule; `EngineOptions.overlap_schedule`
+says where it is on): step k+1 is queued on the model
 thread, its input tokens taken there from step k's output, before the loop processes step k's
 results (stop checks, answers), so that work hides behind the forward. A request that a stop token
 ends at step k is found one step late; its token of step k+1 is dropped. One that reaches its
@@ -107,7 +108,7 @@ class Scheduler:
         self._prefilling: list[Request] = []
         self._decoding: list[Request] = []
         self._reserved = 0  # slots admitted requests may still take
-        self._depth = 1 if runner.options.disable_overlap_schedule else 2  # decode steps queued at once
+        self._depth = 2 if runner.options.overlap_schedule(runner.device.type) else 1  # decode steps queued at once
         self._queued: deque[DecodeStep] = deque()  # decode steps on the model thread, oldest first
         self._last_batch: list[Request] = []  # the requests of the latest decode step queued, in order
         self._batch_key = 0  # bumped whenever a decode step's batch differs from the one before
