@@ -58,6 +58,12 @@ an architecture in the process (policy, reference, critic) shares the layer's co
 checkpointing and packed-or-padded rows each double the variants: eight, dynamo's default, is soon reached."""
 
 
+def _raise_recompile_limit(limit: int) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def shard_model(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, layer_classes: set[str] | None = None,
     compile_layers: bool = False,
@@ -75,7 +81,7 @@ def shard_model(
     if not layer_classes:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
     if compile_layers:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _raise_recompile_limit(RECOMPILE_LIMIT)
     for module in model.modules():
         if type(module).__name__ in layer_classes:
             if compile_layers:
