@@ -117,16 +117,16 @@ def test_compiled_decoder_layers_are_one_graph_for_every_packed_length_and_equal
             torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def test_sharding_compiled_layers_lets_dynamo_keep_every_variant_a_process_compiles(tied_dir, monkeypatch):
+def test_sharding_compiled_layers_lets_dynamo_keep_every_variant_a_process_compiles(tied_dir):
     """Grad mode x checkpointing x packed-or-padded rows, for each model sharing the layer's code: eight variants,
     dynamo's default limit, were reached by one process of the GPU tests, and the rest ran eagerly."""
     from rl_fsdp.distributed import join_world
     from rl_fsdp.model_loading import RECOMPILE_LIMIT, shard_model
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     world = join_world("cpu")
     try:
-        shard_model(AutoModelForCausalLM.from_pretrained(tied_dir), world.mesh, torch.float32, compile_layers=True)
+        with torch._dynamo.config.patch(recompile_limit=8):  # restored on exit, for the tests after this one
+            shard_model(AutoModelForCausalLM.from_pretrained(tied_dir), world.mesh, torch.float32, compile_layers=True)
+            assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 2 * 2 * 2 * 3
     finally:
         world.leave()
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 2 * 2 * 2 * 3
