@@ -360,7 +360,7 @@ class ModelRunner:
     def check_adapter(self, adapter: LoraAdapter) -> str | None:
         """A message naming the first adapted weight this model lacks, has in another shape or holds in a
         layer other than a linear one (the adapter's path is x -> A -> B beside that layer), else None."""
-        named = self._named_tensors()
+        named = self._weight_targets().named
         for name, (a, b) in adapter.pairs.items():
             target = named.get(name)
             if target is None:

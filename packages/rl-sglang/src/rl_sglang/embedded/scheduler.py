@@ -147,11 +147,9 @@ class Scheduler:
         """Run `fn` on the model thread, i.e. strictly between two generation steps."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _model_step(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._queue_model_step(fn, *args)
-
-    def _queue_model_step(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Queue a generation step on the model thread now, its time there counted in `model_s`."""
+    def _model_step(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a generation step on the model thread now (await the future for its result), its time
+        there counted in `model_s`."""
 
         def timed() -> T:
             started = time.perf_counter()
@@ -445,7 +443,7 @@ class Scheduler:
             step.tokens = tokens
             return tokens, logprobs
 
-        step.result = self._queue_model_step(run)
+        step.result = self._model_step(run)
         self._queued.append(step)
         return True
 
