@@ -10,7 +10,8 @@ and after) and the client's clock (`time.monotonic`, shared with the engine proc
 decode / prefill steps, model (the model thread), sched (the scheduler's bookkeeping in those steps, of
 which answer: building the answers), idle (waiting for requests), rest (the engine's event loop outside
 steps: HTTP, admission, JSON), ramp (until the engine has the last request), and tail (from the engine
-finishing its last request until the client has parsed that answer: serialising, sending, parsing).
+finishing its last request until the client has parsed that answer: serialising, sending, parsing), of which
+client_gc is the client's own garbage collector.
 
     python bench/engine/bench_rollout.py [--requests 64 256 1024] [--out results.json]
     python bench/engine/bench_rollout.py --device cpu --tiny --requests 256 256   # the host side alone
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import tempfile
 import time
@@ -34,7 +36,7 @@ PROMPT, NEW = 128, 256
 TINY_VOCAB = 1024
 SPLIT_COLUMNS = (
     "seconds", "new_tok_s", "decode_steps", "mean_batch", "prefill_steps", "model_s", "sched_s", "answer_s",
-    "idle_s", "rest_s", "respond_s", "ramp_s", "tail_s",
+    "idle_s", "rest_s", "respond_s", "ramp_s", "tail_s", "client_gc_s",
 )  # fmt: skip
 
 
@@ -115,6 +117,26 @@ def split(before: dict[str, float], after: dict[str, float], started: float, sec
     }  # fmt: skip
 
 
+class CollectorClock:
+    """Seconds this process spends in the garbage collector between `start` and `stop` (client-side pauses)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._since = 0.0, 0.0
+
+    def _on_gc(self, phase: str, _info: dict) -> None:
+        if phase == "start":
+            self._since = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._since
+
+    def __enter__(self) -> CollectorClock:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
 async def engine_run(
     client: SGLangClient, batch: list[list[int]], *, one_payload: bool = False, keep: list | None = None
 ) -> dict:
@@ -128,19 +150,21 @@ async def engine_run(
 
     before = await counters(client)
     started, start = time.monotonic(), time.perf_counter()
-    if one_payload:
-        answers = await generate({"input_ids": batch, "sampling_params": params, "return_logprob": True})
-    else:
-        answers = await asyncio.gather(
-            *(generate({"input_ids": p, "sampling_params": params, "return_logprob": True}) for p in batch)
-        )
+    with CollectorClock() as collector:
+        if one_payload:
+            answers = await generate({"input_ids": batch, "sampling_params": params, "return_logprob": True})
+        else:
+            answers = await asyncio.gather(
+                *(generate({"input_ids": p, "sampling_params": params, "return_logprob": True}) for p in batch)
+            )
     elapsed = time.perf_counter() - start
     after = await counters(client)
     if keep is not None:
         keep.extend(answers)
     new = sum(a["meta_info"]["completion_tokens"] for a in answers)
     assert all(len(a["meta_info"]["output_token_logprobs"]) == NEW for a in answers)
-    row = {"requests": len(batch), "seconds": round(elapsed, 3), "new_tok_s": round(new / elapsed)}
+    row = {"requests": len(batch), "seconds": round(elapsed, 3), "new_tok_s": round(new / elapsed),
+           "client_gc_s": round(collector.seconds, 3)}
     return {**row, **split(before, after, started, elapsed, max(arrivals))}
 
 
@@ -170,9 +194,11 @@ async def engine_bench(model_dir: str, counts: list[int], args, schedule: str) -
             await engine_run(client, prompts(16, seed=99, vocab=vocab))  # first prefill shapes, not counted
             kept: list[dict] = []
             for index, count in enumerate(counts):
-                row = await engine_run(client, prompts(count, seed=count, vocab=vocab), keep=kept if index == 0 else None)
-                results.append(row)
-                print(f"{schedule}: " + " ".join(f"{k}={row[k]}" for k in ("requests", *SPLIT_COLUMNS)), flush=True)
+                for run in range(args.passes):  # new prompts each pass: no prefix-cache hits
+                    batch = prompts(count, seed=count + 100_000 * run, vocab=vocab)
+                    row = {"pass": run + 1, **await engine_run(client, batch, keep=kept if index == run == 0 else None)}
+                    results.append(row)
+                    print(f"{schedule}: " + " ".join(f"{k}={row[k]}" for k in ("pass", "requests", *SPLIT_COLUMNS)), flush=True)
             first_8 = prompts(counts[0], seed=counts[0], vocab=vocab)[:8]
             results.append({"logprob_gap_first_8": await asyncio.to_thread(logprob_gap, model_dir, kept[:8], first_8, args.device)})
             if not args.skip_extras:
@@ -197,6 +223,9 @@ def main() -> None:
     parser.add_argument("--torch-compile-max-bs", type=int, default=None, help="with --enable-torch-compile (engine default 32)")
     parser.add_argument("--skip-hf", action="store_true", help="no HF generate baseline (always skipped on a CPU)")
     parser.add_argument("--skip-extras", action="store_true", help="no one-payload and 64x4 prefix-cache runs")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="runs of each request count: the first opens the client's connections, the next find them open, "
+                             "as a rollout manager's do after its first rollout")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--schedules", nargs="+", choices=["overlap", "serial"], default=["serial"],
                         help="one engine each: the serial decode schedule (the CUDA default), the overlapped one (the CPU default)")
@@ -220,17 +249,22 @@ def main() -> None:
         del model
         if on_gpu:
             torch.cuda.empty_cache()
+        # What is made before the runs (torch, transformers, the baseline) is out of the collector's reach, so a full
+        # collection while answers are parsed does not walk it; client_gc_s is what is left of the client's pauses.
+        gc.collect()
+        gc.freeze()
         tails = {}
         for schedule in args.schedules:
             report[f"engine_{schedule}"], tails[schedule] = asyncio.run(engine_bench(model_dir, args.requests, args, schedule))
+        gc.unfreeze()  # collectable again at exit, as the extensions' leak checks expect
     print(json.dumps(report, indent=1), flush=True)
     for schedule, tail in tails.items():
         print(f"---- engine stderr tail ({schedule}) ----\n" + tail, flush=True)
-    print(f"{'schedule':<10}{'requests':>9}" + "".join(f"{c:>14}" for c in SPLIT_COLUMNS))
+    print(f"{'schedule':<10}{'pass':>5}{'requests':>9}" + "".join(f"{c:>14}" for c in SPLIT_COLUMNS))
     for schedule in args.schedules:
         for row in report[f"engine_{schedule}"]:
-            if "requests" in row and "one_payload" not in row and "prompts_x_samples" not in row:
-                print(f"{schedule:<10}{row['requests']:>9}" + "".join(f"{row[c]:>14}" for c in SPLIT_COLUMNS))
+            if "pass" in row:
+                print(f"{schedule:<10}{row['pass']:>5}{row['requests']:>9}" + "".join(f"{row[c]:>14}" for c in SPLIT_COLUMNS))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -110,6 +112,20 @@ async def test_generation_after_release_and_resume_is_unchanged(client, engine, 
     assert [e[0] for e in after["meta_info"]["output_token_logprobs"]] == pytest.approx(
         [e[0] for e in before["meta_info"]["output_token_logprobs"]], abs=1e-5
     )
+
+
+async def test_a_kv_cache_release_frees_the_pool_without_the_garbage_collector(client, engine):
+    # The engine's own process freezes its start-up objects out of the collector (`__main__.serve`): what a release
+    # drops must go by reference counting alone, or its memory would stay held until the process ends.
+    await asyncio.wait_for(client.generate({"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4}}), 30)
+    pool, cache = weakref.ref(engine.runner.pool), weakref.ref(engine.runner.prefix_cache)
+    gc.disable()
+    try:
+        await asyncio.wait_for(client.release_memory_occupation(["kv_cache"]), 30)
+        assert pool() is None and cache() is None
+    finally:
+        gc.enable()
+        await asyncio.wait_for(client.resume_memory_occupation(["kv_cache"]), 30)
 
 
 async def test_releasing_memory_or_flushing_while_requests_run_is_refused_with_400_and_they_finish(client, engine):

@@ -8,7 +8,7 @@ log-softmax and the gather fuse into the head's output, so no float32 copy of th
 
 from __future__ import annotations
 
-import warnings
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -27,14 +27,21 @@ def model_inputs(mb: MicroBatch) -> dict:
 
 def response_hidden_states(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """[M, hidden] final hidden states (after the last norm) at the positions predicting the M valid
-    response tokens of `mb`, row by row. The model's own LM head runs on one position only."""
-    with warnings.catch_warnings():
-        # FSDP2 warns that one of the outputs (the embeddings' hidden state) is a view, which an in-place op
-        # would detach from its backward hook; only the last hidden state is used, out of place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    response tokens of `mb`, row by row. The model's own LM head runs on one position only.
+
+    The hidden states are taken from the decoder body's output by a hook, not asked for with
+    `output_hidden_states`: that makes transformers hook every layer and attention module, and inside a
+    compiled layer those hooks read a ContextVar, which dynamo cannot trace (a graph break in each layer)."""
+    captured: list[torch.Tensor] = []
+    get_decoder = cast(Callable[[], nn.Module], model.get_decoder)  # a Hugging Face model's body, without the head
+    decoder = get_decoder()
+    handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
         with packed_samples(mb):
-            out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=1)
-    return mb.at_responses(out.hidden_states[-1])[mb.response_valid]
+            model(**model_inputs(mb), logits_to_keep=1)
+    finally:
+        handle.remove()
+    return mb.at_responses(captured[0])[mb.response_valid]
 
 
 def _token_log_probs(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
+import sys
 
 from rl_sglang.embedded.options import FLAG_HELP, EngineOptions
 from rl_sglang.embedded.server import EmbeddedEngine
@@ -35,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+SWITCH_INTERVAL_S = 2e-4
+"""How long a thread holding the GIL runs before a waiting one may take it. The event loop (HTTP, scheduling) and the
+model thread (launching steps) share the GIL; at Python's default, 5 ms, as long as a whole decode step, a stretch
+of pure Python on either side holds up the other that long."""
+
+
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(**{name: getattr(args, name) for name in FLAG_HELP})
 
@@ -54,11 +62,18 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     await engine.start()
+    # What start-up made (torch, transformers, the model, compiled graphs) lives as long as the engine: out of the
+    # collector's reach, a full collection does not walk it while the event loop waits (a memory release drops only
+    # what reference counting frees: test_a_kv_cache_release_frees_the_pool_without_the_garbage_collector).
+    gc.collect()
+    gc.freeze()
     try:
         await stopping.wait()
     finally:
         await engine.stop()
+        gc.unfreeze()  # collectable again at exit, as the extensions' leak checks expect
 
 
 def main(argv: list[str] | None = None) -> None:

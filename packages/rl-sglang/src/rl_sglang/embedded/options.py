@@ -9,8 +9,9 @@ from dataclasses import dataclass, fields
 @dataclass(frozen=True)
 class EngineOptions:
     """SGLang's defaults, except the overlapped decode schedule: on by default on a CPU only, where host work is
-    most of a step; on CUDA the event loop's work then competes with the model thread for the GIL, and a rollout
-    of 256 requests measured 12% slower overlapped than serial on an H200."""
+    most of a step. On an H200 a rollout of 256 requests measures the same either way (33.5-33.9k new tok/s
+    overlapped, 31.7-34.3k serial, bench/engine/README.md): the event loop's work then competes with the model
+    thread for the GIL, which costs about what the overlap saves."""
 
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
@@ -62,6 +63,6 @@ FLAG_HELP = {
     "torch_compile_max_bs": "largest decode batch run through the compiled layers (default 32, SGLang's); larger ones run the eager layers",
     "disable_overlap_schedule": "run each decode step after the last one's results are processed, not while they are (the default on CUDA)",
     "enable_overlap_schedule": "embedded engine only: overlap decode steps with their results' processing on CUDA too (the CPU default;"
-    " on an H200 it measured slower, bench/engine/README.md)",
+    " on an H200 it measures the same as serial, bench/engine/README.md)",
 }
 assert set(FLAG_HELP) == {f.name for f in fields(EngineOptions)}
