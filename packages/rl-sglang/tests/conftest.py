@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -96,6 +97,20 @@ async def bounded(awaitable: Any, timeout_s: float = STEP_TIMEOUT_S) -> Any:
     return await asyncio.wait_for(awaitable, timeout_s)
 
 
+@contextlib.asynccontextmanager
+async def serving(model_dir: Path, **engine_kwargs: Any) -> AsyncIterator[tuple[EmbeddedEngine, SGLangClient]]:
+    """An embedded engine started over `model_dir` (on the CPU in float32 unless told) and a client of it, both
+    closed on leaving."""
+    engine = EmbeddedEngine(str(model_dir), **{"device": "cpu", "dtype": "float32", "seed": 0, **engine_kwargs})
+    await bounded(engine.start(), 2 * STEP_TIMEOUT_S)
+    client = SGLangClient(engine.url, timeout_s=STEP_TIMEOUT_S)
+    try:
+        yield engine, client
+    finally:
+        await client.close()
+        await bounded(engine.stop())
+
+
 @pytest.fixture
 async def engine(model_dir: Path) -> AsyncIterator[EmbeddedEngine]:
     engine = EmbeddedEngine(str(model_dir), device="cpu", dtype="float32", max_running_requests=8, seed=0)
@@ -124,6 +139,7 @@ class Reference:
     teacher_forced_logprobs = staticmethod(teacher_forced_logprobs)
     greedy = staticmethod(greedy_reference)
     make_model = staticmethod(make_model)
+    serving = staticmethod(serving)
 
 
 @pytest.fixture(scope="session")

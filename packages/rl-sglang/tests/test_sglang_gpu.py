@@ -18,15 +18,9 @@ PAYLOAD = {"input_ids": PROMPT, "sampling_params": {"temperature": 0, "max_new_t
 
 
 @pytest.fixture
-async def cuda_engine(model_dir):
-    engine = EmbeddedEngine(str(model_dir), device="cuda", dtype="float32", seed=0)
-    await asyncio.wait_for(engine.start(), 120)
-    client = SGLangClient(engine.url, timeout_s=60)
-    try:
-        yield engine, client
-    finally:
-        await client.close()
-        await asyncio.wait_for(engine.stop(), 60)
+async def cuda_engine(model_dir, ref):
+    async with ref.serving(model_dir, device="cuda") as pair:
+        yield pair
 
 
 async def test_cuda_generation_matches_the_reference_model(cuda_engine, model_dir, ref):

@@ -84,15 +84,9 @@ def arch(request, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-async def served(arch) -> AsyncIterator[tuple[EmbeddedEngine, SGLangClient]]:
-    engine = EmbeddedEngine(str(arch[1]), device="cpu", dtype="float32", max_running_requests=4, seed=0)
-    await asyncio.wait_for(engine.start(), 60)
-    client = SGLangClient(engine.url, timeout_s=60)
-    try:
-        yield engine, client
-    finally:
-        await client.close()
-        await asyncio.wait_for(engine.stop(), 60)
+async def served(arch, ref) -> AsyncIterator[tuple[EmbeddedEngine, SGLangClient]]:
+    async with ref.serving(arch[1], max_running_requests=4) as pair:
+        yield pair
 
 
 async def _assert_serves(client: SGLangClient, model_dir: Path, ref) -> list[float]:
