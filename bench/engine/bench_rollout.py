@@ -118,7 +118,7 @@ def split(before: dict[str, float], after: dict[str, float], started: float, sec
 
 
 class CollectorClock:
-    """Seconds this process spends in the garbage collector between `start` and `stop` (client-side pauses)."""
+    """Seconds this process spends in the garbage collector while the clock is entered (client-side pauses)."""
 
     def __init__(self) -> None:
         self.seconds, self._since = 0.0, 0.0
@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide Qwen3 with 1,024 tokens, not 0.6B-shaped")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.passes < 1:
+        parser.error(f"--passes must be >= 1, got {args.passes}")
     on_gpu = args.device == "cuda"
     report: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "tiny": args.tiny,
                     "enable_torch_compile": args.enable_torch_compile, "torch_compile_max_bs": args.torch_compile_max_bs}
